@@ -1,0 +1,46 @@
+// The engine's backend interface: a backend accepts pieces and eventually reports each one to its
+// request. Both native backends keep at most queue_depth pieces in flight.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "piece.h"
+
+namespace memfit::aio {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual void submit(std::vector<Piece>&& pieces) = 0;
+  virtual const char* name() const = 0;
+};
+
+std::unique_ptr<Backend> make_thread_backend(std::size_t block_size, int queue_depth);
+// Throws std::system_error when the kernel refuses io_uring (old kernel, seccomp, sysctl).
+std::unique_ptr<Backend> make_uring_backend(std::size_t block_size, int queue_depth);
+bool uring_available();
+
+// Stages a piece's next system call: returns the address to transfer from or into, copying the
+// caller's bytes into the bounce buffer first for a write.
+char* stage_piece(Piece& piece, char* bounce);
+// Completes a staged call: copies bytes read into the bounce buffer back, then advances the piece.
+Progress finish_call(Piece& piece, char* bounce, long result, int* err);
+
+class Engine {
+ public:
+  Engine(const std::string& backend, std::size_t block_size, int queue_depth);
+  std::shared_ptr<Request> submit(const Transfer& transfer, bool allow_short);
+  const char* backend_name() const { return backend_->name(); }
+  std::size_t block_size() const { return block_size_; }
+  int queue_depth() const { return queue_depth_; }
+
+ private:
+  std::size_t block_size_;
+  int queue_depth_;
+  std::unique_ptr<Backend> backend_;
+};
+
+}  // namespace memfit::aio

@@ -1,0 +1,256 @@
+// io_uring backend through raw syscalls (no liburing). One service thread owns the ring: it moves
+// queued pieces into free slots (at most queue_depth in flight), submits them, and reaps
+// completions in the same io_uring_enter call. A slot owns the piece and its bounce buffer until
+// the piece is done, so short transfers are resubmitted from the same slot.
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <system_error>
+#include <thread>
+
+#include "backend.h"
+
+#if __has_include(<linux/io_uring.h>) && defined(__NR_io_uring_setup)
+#include <linux/io_uring.h>
+#define MEMFIT_HAVE_URING 1
+#endif
+
+namespace memfit::aio {
+
+#ifdef MEMFIT_HAVE_URING
+
+namespace {
+
+int sys_uring_setup(unsigned entries, io_uring_params* params) {
+  return static_cast<int>(::syscall(__NR_io_uring_setup, entries, params));
+}
+
+int sys_uring_enter(int ring_fd, unsigned to_submit, unsigned min_complete, unsigned flags) {
+  return static_cast<int>(::syscall(__NR_io_uring_enter, ring_fd, to_submit, min_complete, flags, nullptr, 0));
+}
+
+// The mapped submission and completion rings.
+class Ring {
+ public:
+  explicit Ring(unsigned entries) {
+    io_uring_params params;
+    std::memset(&params, 0, sizeof(params));
+    fd_ = sys_uring_setup(entries, &params);
+    if (fd_ < 0) throw std::system_error(errno, std::generic_category(), "io_uring_setup");
+    if (!(params.features & IORING_FEAT_RW_CUR_POS)) {  // kernels before 5.6 lack IORING_OP_READ/WRITE
+      ::close(fd_);
+      throw std::system_error(ENOSYS, std::generic_category(), "io_uring without IORING_OP_READ");
+    }
+    sq_bytes_ = params.sq_off.array + params.sq_entries * sizeof(unsigned);
+    cq_bytes_ = params.cq_off.cqes + params.cq_entries * sizeof(io_uring_cqe);
+    single_mmap_ = params.features & IORING_FEAT_SINGLE_MMAP;
+    if (single_mmap_) sq_bytes_ = cq_bytes_ = std::max(sq_bytes_, cq_bytes_);
+    sq_ring_ = map(sq_bytes_, IORING_OFF_SQ_RING);
+    cq_ring_ = single_mmap_ ? sq_ring_ : map(cq_bytes_, IORING_OFF_CQ_RING);
+    sqes_bytes_ = params.sq_entries * sizeof(io_uring_sqe);
+    sqes_ = static_cast<io_uring_sqe*>(map(sqes_bytes_, IORING_OFF_SQES));
+
+    auto* sq = static_cast<char*>(sq_ring_);
+    sq_tail_ = reinterpret_cast<unsigned*>(sq + params.sq_off.tail);
+    sq_mask_ = *reinterpret_cast<unsigned*>(sq + params.sq_off.ring_mask);
+    sq_array_ = reinterpret_cast<unsigned*>(sq + params.sq_off.array);
+    auto* cq = static_cast<char*>(cq_ring_);
+    cq_head_ = reinterpret_cast<unsigned*>(cq + params.cq_off.head);
+    cq_tail_ = reinterpret_cast<unsigned*>(cq + params.cq_off.tail);
+    cq_mask_ = *reinterpret_cast<unsigned*>(cq + params.cq_off.ring_mask);
+    cqes_ = reinterpret_cast<io_uring_cqe*>(cq + params.cq_off.cqes);
+  }
+
+  ~Ring() {
+    ::munmap(sqes_, sqes_bytes_);
+    if (!single_mmap_) ::munmap(cq_ring_, cq_bytes_);
+    ::munmap(sq_ring_, sq_bytes_);
+    ::close(fd_);
+  }
+
+  // Only the service thread produces submissions, so the tail needs no read barrier.
+  void push(const Piece& piece, char* address, std::uint64_t user_data) {
+    unsigned tail = *sq_tail_;
+    unsigned index = tail & sq_mask_;
+    io_uring_sqe* sqe = &sqes_[index];
+    std::memset(sqe, 0, sizeof(*sqe));
+    sqe->opcode = piece.is_read ? IORING_OP_READ : IORING_OP_WRITE;
+    sqe->fd = piece.fd;
+    sqe->addr = reinterpret_cast<std::uint64_t>(address);
+    sqe->len = static_cast<unsigned>(piece.remaining());
+    sqe->off = piece.cursor_offset();
+    sqe->user_data = user_data;
+    sq_array_[index] = index;
+    __atomic_store_n(sq_tail_, tail + 1, __ATOMIC_RELEASE);
+  }
+
+  // Submits to_submit entries and, if wait is set, blocks for at least one completion.
+  void enter(unsigned to_submit, bool wait) {
+    for (;;) {
+      int rc = sys_uring_enter(fd_, to_submit, wait ? 1 : 0, wait ? IORING_ENTER_GETEVENTS : 0);
+      if (rc >= 0) {
+        to_submit -= static_cast<unsigned>(rc);
+        if (to_submit == 0) return;
+        continue;
+      }
+      if (errno != EINTR && errno != EAGAIN && errno != EBUSY) {
+        throw std::system_error(errno, std::generic_category(), "io_uring_enter");
+      }
+    }
+  }
+
+  template <typename Fn>
+  void reap(Fn&& on_completion) {
+    unsigned head = *cq_head_;
+    unsigned tail = __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE);
+    for (; head != tail; ++head) {
+      const io_uring_cqe& cqe = cqes_[head & cq_mask_];
+      on_completion(cqe.user_data, cqe.res);
+    }
+    __atomic_store_n(cq_head_, head, __ATOMIC_RELEASE);
+  }
+
+ private:
+  void* map(std::size_t num_bytes, off_t offset) {
+    void* ptr = ::mmap(nullptr, num_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, offset);
+    if (ptr == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "io_uring mmap");
+    return ptr;
+  }
+
+  int fd_ = -1;
+  bool single_mmap_ = false;
+  std::size_t sq_bytes_ = 0, cq_bytes_ = 0, sqes_bytes_ = 0;
+  void *sq_ring_ = nullptr, *cq_ring_ = nullptr;
+  io_uring_sqe* sqes_ = nullptr;
+  unsigned *sq_tail_ = nullptr, *sq_array_ = nullptr, sq_mask_ = 0;
+  unsigned *cq_head_ = nullptr, *cq_tail_ = nullptr, cq_mask_ = 0;
+  io_uring_cqe* cqes_ = nullptr;
+};
+
+struct Slot {
+  Piece piece;
+  char* bounce = nullptr;
+  int err = 0;
+};
+
+class UringBackend final : public Backend {
+ public:
+  UringBackend(std::size_t block_size, int queue_depth)
+      : block_size_(block_size), ring_(static_cast<unsigned>(queue_depth)), slots_(queue_depth) {
+    for (int i = queue_depth - 1; i >= 0; --i) free_slots_.push_back(i);
+    service_ = std::thread([this] { serve(); });
+  }
+
+  ~UringBackend() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    service_.join();
+    for (auto& slot : slots_) std::free(slot.bounce);
+  }
+
+  void submit(std::vector<Piece>&& pieces) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& piece : pieces) queue_.push_back(std::move(piece));
+    }
+    cv_.notify_all();
+  }
+
+  const char* name() const override { return "io_uring"; }
+
+ private:
+  void serve() {
+    std::vector<int> resubmit;
+    for (;;) {
+      unsigned to_submit = 0;
+      for (int index : resubmit) to_submit += push_slot(index);
+      resubmit.clear();
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        if (in_flight_ == 0 && to_submit == 0) {
+          cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+          if (queue_.empty()) return;  // stopping with nothing left
+        }
+        while (!queue_.empty() && !free_slots_.empty()) {
+          int index = free_slots_.back();
+          free_slots_.pop_back();
+          slots_[index].piece = std::move(queue_.front());
+          slots_[index].err = 0;
+          queue_.pop_front();
+          to_submit += push_slot(index);
+        }
+      }
+      ring_.enter(to_submit, in_flight_ > 0);
+      ring_.reap([&](std::uint64_t index, int res) { on_completion(static_cast<int>(index), res, resubmit); });
+    }
+  }
+
+  unsigned push_slot(int index) {
+    Slot& slot = slots_[index];
+    if (slot.piece.needs_bounce && slot.bounce == nullptr) slot.bounce = alloc_aligned(block_size_);
+    ring_.push(slot.piece, stage_piece(slot.piece, slot.bounce), static_cast<std::uint64_t>(index));
+    ++in_flight_;
+    return 1;
+  }
+
+  void on_completion(int index, int res, std::vector<int>& resubmit) {
+    --in_flight_;
+    Slot& slot = slots_[index];
+    if (finish_call(slot.piece, slot.bounce, res, &slot.err) == Progress::kContinue) {
+      resubmit.push_back(index);
+      return;
+    }
+    auto request = std::move(slot.piece.request);
+    request->piece_done(slot.piece.num_done, slot.err);
+    std::lock_guard<std::mutex> lock(mu_);
+    free_slots_.push_back(index);
+  }
+
+  const std::size_t block_size_;
+  Ring ring_;
+  std::vector<Slot> slots_;
+  std::vector<int> free_slots_;
+  int in_flight_ = 0;  // touched by the service thread only
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Piece> queue_;
+  bool stopping_ = false;
+  std::thread service_;
+};
+
+}  // namespace
+
+bool uring_available() {
+  try {
+    Ring ring(4);
+    return true;
+  } catch (const std::system_error&) {
+    return false;
+  }
+}
+
+std::unique_ptr<Backend> make_uring_backend(std::size_t block_size, int queue_depth) {
+  return std::make_unique<UringBackend>(block_size, queue_depth);
+}
+
+#else  // no io_uring headers at build time
+
+bool uring_available() { return false; }
+
+std::unique_ptr<Backend> make_uring_backend(std::size_t, int) {
+  throw std::system_error(ENOSYS, std::generic_category(), "memfit was built without io_uring");
+}
+
+#endif
+
+}  // namespace memfit::aio

@@ -1,0 +1,114 @@
+"""Pure-Python I/O engine: the same contract and the same piece plan as csrc/aio, with os.preadv /
+os.pwritev on a thread pool. Used when MEMFIT_NO_EXT=1 or the extension is missing, and as the
+executable model of the C++ code in the tests."""
+
+import errno
+import mmap
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from memfit.io.buffers import memory_at
+
+ALIGNMENT = 4096
+
+
+class PieceSpec:
+    __slots__ = ("fd", "fallback_fd", "address", "file_offset", "num_bytes", "direct")
+
+    def __init__(self, fd, fallback_fd, address, file_offset, num_bytes, direct):
+        self.fd, self.fallback_fd, self.address = fd, fallback_fd, address
+        self.file_offset, self.num_bytes, self.direct = file_offset, num_bytes, direct
+
+
+def plan_pieces(direct_fd, buffered_fd, address, num_bytes, file_offset, block_size):
+    """Aligned middle on the direct fd in block_size pieces; unaligned head and tail buffered."""
+    end = file_offset + num_bytes
+    mid_begin = -(-file_offset // ALIGNMENT) * ALIGNMENT
+    mid_end = end // ALIGNMENT * ALIGNMENT
+    if direct_fd < 0 or mid_end <= mid_begin:
+        ranges = [(file_offset, end, False)]
+    else:
+        ranges = [(file_offset, mid_begin, False), (mid_begin, mid_end, True), (mid_end, end, False)]
+    pieces = []
+    for begin, stop, direct in ranges:
+        for offset in range(begin, stop, block_size):
+            pieces.append(
+                PieceSpec(
+                    direct_fd if direct else buffered_fd,
+                    buffered_fd,
+                    address + (offset - file_offset),
+                    offset,
+                    min(block_size, stop - offset),
+                    direct,
+                )
+            )
+    return pieces
+
+
+class PyRequest:
+    def __init__(self, futures, num_bytes, is_read, allow_short):
+        self._futures, self._num_bytes = futures, num_bytes
+        self._is_read, self._allow_short = is_read, allow_short
+
+    def done(self) -> bool:
+        return all(future.done() for future in self._futures)
+
+    def wait(self) -> int:
+        """Bytes transferred, or -errno, like the native Request."""
+        total, first_error = 0, 0
+        for future in self._futures:
+            num_done, error = future.result()
+            total += num_done
+            first_error = first_error or error
+        if first_error:
+            return -first_error
+        if total < self._num_bytes and not (self._is_read and self._allow_short):
+            return -errno.ENODATA
+        return total
+
+
+class PyEngine:
+    backend = "python"
+
+    def __init__(self, block_size: int, queue_depth: int):
+        self.block_size, self.queue_depth = block_size, queue_depth
+        self._pool = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="memfit-io")
+        self._local = threading.local()
+
+    def submit(self, direct_fd, buffered_fd, address, num_bytes, file_offset, is_read, allow_short):
+        pieces = plan_pieces(direct_fd, buffered_fd, address, num_bytes, file_offset, self.block_size)
+        futures = [self._pool.submit(self._run_piece, piece, is_read) for piece in pieces]
+        return PyRequest(futures, num_bytes, is_read, allow_short)
+
+    def _bounce(self) -> memoryview:
+        if getattr(self._local, "bounce", None) is None:
+            self._local.bounce = memoryview(mmap.mmap(-1, self.block_size))  # page aligned
+        return self._local.bounce
+
+    def _run_piece(self, piece: PieceSpec, is_read: bool) -> tuple[int, int]:
+        user = memory_at(piece.address, piece.num_bytes)
+        num_done, fd, direct = 0, piece.fd, piece.direct
+        while num_done < piece.num_bytes:
+            remaining = piece.num_bytes - num_done
+            bounce = direct and (piece.address + num_done) % ALIGNMENT != 0
+            target = self._bounce()[:remaining] if bounce else user[num_done:]
+            if bounce and not is_read:
+                target[:] = user[num_done:]
+            try:
+                if is_read:
+                    result = os.preadv(fd, [target], piece.file_offset + num_done)
+                else:
+                    result = os.pwritev(fd, [target], piece.file_offset + num_done)
+            except InterruptedError:
+                continue
+            except OSError as error:
+                return num_done, error.errno or errno.EIO
+            if result == 0:
+                return num_done, 0 if is_read else errno.EIO
+            if bounce and is_read:
+                user[num_done : num_done + result] = target[:result]
+            num_done += result
+            if direct and ((piece.file_offset + num_done) % ALIGNMENT or (piece.num_bytes - num_done) % ALIGNMENT):
+                fd, direct = piece.fallback_fd, False  # short direct transfer: finish buffered
+        return num_done, 0

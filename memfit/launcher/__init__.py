@@ -1,0 +1,1 @@
+"""The `memfit` command line: run (over torch.distributed.run), config check/schema, bench."""
