@@ -4,4 +4,16 @@ Importing memfit initializes no CUDA context and compiles nothing; the native ex
 (memfit._C) is built at install time and loaded on first use of memfit.io.
 """
 
+from memfit.config import ConfigError
+
 __version__ = "0.1.0"
+
+
+def initialize(model, config, *, optimizer=None, lr_scheduler=None):
+    """Builds a training engine; see memfit.runtime.build.initialize."""
+    from memfit.runtime.build import initialize as build
+
+    return build(model, config, optimizer=optimizer, lr_scheduler=lr_scheduler)
+
+
+__all__ = ["ConfigError", "__version__", "initialize"]

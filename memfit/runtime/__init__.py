@@ -1,0 +1,1 @@
+"""The training engine, ZeRO sharding, precision and schedules."""

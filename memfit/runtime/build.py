@@ -1,0 +1,80 @@
+"""memfit.initialize: the ordered build of an engine from a model and a config."""
+
+import inspect
+
+import torch
+import torch.distributed as dist
+
+from memfit.config import load_config
+from memfit.optim.registry import build_optimizer
+from memfit.runtime.distributed import init_distributed, seed_everything
+from memfit.runtime.engine import Engine
+from memfit.runtime.precision import MasterWeights
+from memfit.runtime.schedulers import build_scheduler
+from memfit.runtime.zero.buckets import build_buckets
+from memfit.runtime.zero.ownership import plan_ownership
+
+
+def initialize(model: torch.nn.Module, config, *, optimizer=None, lr_scheduler=None) -> Engine:
+    """Wraps model for data-parallel training with sharded optimizer state.
+
+    config: a JSON file path, a dict or a MemfitConfig. optimizer: a torch.optim.Optimizer
+    subclass (given config optimizer.params as keyword arguments), a factory params -> Optimizer,
+    or None for the config's optimizer (AdamW by default). lr_scheduler: a factory
+    optimizer -> scheduler, or None for the config's scheduler, if any.
+    """
+    cfg = load_config(config)
+    rank, world_size, device = init_distributed()
+    _, micro_batch_size, accumulation_steps = cfg.batch_sizes(world_size)
+    seed_everything(cfg.seed + rank)
+
+    model = prepare_model(model, device, cfg.bf16.enabled, world_size)
+    named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    stage = cfg.zero_optimization.stage
+    plan = plan_ownership(named_params, world_size if stage > 0 else 1)
+    owned_names = set(plan.owned(rank)) if stage > 0 else set(plan.names)
+    buckets = build_buckets(named_params, plan, cfg.zero_optimization.reduce_bucket_size)
+    masters = MasterWeights([(n, p) for n, p in named_params if n in owned_names], keep_fp32_copy=cfg.bf16.enabled)
+    opt = make_optimizer(optimizer, cfg, masters.masters)
+    scheduler = make_scheduler(lr_scheduler, cfg, opt)
+    return Engine(
+        model=model, config=cfg, rank=rank, world_size=world_size, device=device, named_params=named_params,
+        plan=plan, buckets=buckets, masters=masters, optimizer=opt, lr_scheduler=scheduler,
+        micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps,
+    )
+
+
+def prepare_model(model, device, bf16: bool, world_size: int):
+    model.to(device)
+    if bf16:
+        model.to(torch.bfloat16)
+    if world_size > 1:
+        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(tensor.data, src=0)
+    return model
+
+
+def make_optimizer(optimizer, cfg, params):
+    config_params = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
+    if optimizer is None:
+        name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
+        return build_optimizer(name, params, config_params)
+    if inspect.isclass(optimizer) and issubclass(optimizer, torch.optim.Optimizer):
+        return optimizer(params, **config_params)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "optimizer: pass the class or a factory params -> Optimizer, not an instance; memfit builds it over "
+            "the parameters this rank owns"
+        )
+    if callable(optimizer):
+        return optimizer(params)
+    raise TypeError(f"optimizer: expected an Optimizer subclass or a factory, got {type(optimizer).__name__}")
+
+
+def make_scheduler(lr_scheduler, cfg, optimizer):
+    if lr_scheduler is not None:
+        return lr_scheduler(optimizer)
+    if cfg.scheduler is not None:
+        return build_scheduler(cfg.scheduler.type, optimizer, dict(cfg.scheduler.params))
+    return None

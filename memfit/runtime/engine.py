@@ -1,0 +1,165 @@
+"""The training engine: micro-steps, gradient reduction, the sharded optimizer step.
+
+Design note. A step has four phases:
+  1. Micro-steps: forward and backward; gradients accumulate in each parameter's .grad locally.
+  2. On the boundary micro-step, gradients are reduced bucket by bucket, owner-major: from
+     post-accumulate-grad hooks as buckets fill (overlap_comm), or all at once in step().
+     Stage 0/1 all-reduce; stage 2 reduces to the owner and non-owners drop the gradient.
+  3. The owner clips with the global norm (one scalar all-reduce), then steps its optimizer on
+     the fp32 masters of the tensors it owns and writes them back into the compute parameters.
+  4. Owners broadcast their updated parameters (stage 1/2); the scheduler steps.
+Invariant: between steps, every rank holds identical compute parameters and no gradients.
+"""
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from memfit.runtime.precision import MasterWeights
+from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params, start_reduce
+
+logger = logging.getLogger("memfit")
+
+
+class Engine:
+    def __init__(self, *, model, config, rank, world_size, device, named_params, plan, buckets, masters, optimizer,
+                 lr_scheduler, micro_batch_size, accumulation_steps):
+        self.module = model
+        self.config = config
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.stage = config.zero_optimization.stage
+        self._named_params = named_params
+        self._plan = plan
+        self._buckets = buckets
+        self.masters = masters
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.micro_batch_size = micro_batch_size
+        self.gradient_accumulation_steps = accumulation_steps
+        self.global_step = 0
+        self.micro_step = 0
+        self._boundary_backward = False
+        self.grad_bytes_after_reduce = 0  # gradient bytes this rank held after the last reduction
+        self._pending = []
+        self._ready_count = {}
+        if config.zero_optimization.overlap_comm and world_size > 1:
+            self._install_hooks()
+
+    # ---- phase 1: micro-steps -------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def is_boundary(self) -> bool:
+        return (self.micro_step + 1) % self.gradient_accumulation_steps == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of loss / accumulation steps; reduction starts only on the boundary micro-step."""
+        self._boundary_backward = self.is_boundary()
+        (loss / self.gradient_accumulation_steps).backward()
+        self._boundary_backward = False
+
+    # ---- phase 2: reduction ---------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        bucket_of = {id(p): index for index, bucket in enumerate(self._buckets) for p in bucket.params}
+        for _, param in self._named_params:
+            param.register_post_accumulate_grad_hook(lambda p, i=bucket_of[id(param)]: self._grad_ready(i))
+
+    def _grad_ready(self, bucket_index: int) -> None:
+        if not self._boundary_backward:
+            return
+        count = self._ready_count.get(bucket_index, 0) + 1
+        self._ready_count[bucket_index] = count
+        if count == len(self._buckets[bucket_index].params):
+            self._pending.append(start_reduce(self._buckets[bucket_index], self.stage, self.rank, self.world_size))
+
+    def _reduce_gradients(self) -> None:
+        started = {id(p.bucket) for p in self._pending}
+        for bucket in self._buckets:
+            if id(bucket) not in started:  # no overlap, or tensors that got no gradient this step
+                self._pending.append(start_reduce(bucket, self.stage, self.rank, self.world_size))
+        for pending in self._pending:
+            pending.finish(self.world_size)
+        self._pending, self._ready_count = [], {}
+        self.grad_bytes_after_reduce = sum(
+            p.grad.numel() * p.grad.element_size() for _, p in self._named_params if p.grad is not None
+        )
+
+    # ---- phase 3 and 4: the optimizer step ------------------------------------------------------
+    def step(self) -> None:
+        """At an accumulation boundary: reduce, clip, step, synchronise. Otherwise only counts."""
+        boundary = self.is_boundary()
+        self.micro_step += 1
+        if not boundary:
+            return
+        if self.world_size > 1:
+            self._reduce_gradients()
+        owned = {id(p) for p in self.masters.compute}
+        for _, param in self._named_params:
+            if id(param) not in owned:
+                param.grad = None
+        self.masters.take_grads()
+        self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.masters.write_back()
+        for param in self.masters.compute:
+            param.grad = None
+        if self.stage > 0 and self.world_size > 1:
+            broadcast_params(self._buckets, self.rank)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.global_step += 1
+        if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
+            logger.info("step %d lr %s", self.global_step, [g["lr"] for g in self.optimizer.param_groups])
+
+    def _clip_gradients(self) -> float | None:
+        max_norm = self.config.gradient_clipping
+        if max_norm <= 0:
+            return None
+        grads = self.masters.grads()
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for grad in grads:
+            squares += grad.float().pow(2).sum()
+        if self.stage > 0:
+            all_reduce_scalar(squares, self.world_size)  # owners hold disjoint parts of the gradient
+        total_norm = squares.sqrt()
+        clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(clip_coef.to(grad.dtype))
+        return float(total_norm)
+
+    # ---- inspection -----------------------------------------------------------------------------
+    def ownership(self) -> dict:
+        """The plan: which rank owns each parameter, and the elements per rank."""
+        return self._plan.summary()
+
+    def memory_report(self) -> dict:
+        """Bytes held by this rank, per category."""
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        grads = [p.grad for _, p in self._named_params if p.grad is not None] + self.masters.grads()
+        return {
+            "params": nbytes(p for _, p in self._named_params),
+            "grads": nbytes(grads),
+            "optimizer_state": nbytes(state),
+            "master_weights": self.masters.num_bytes,
+        }
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None) -> str:
+        from memfit.runtime.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, save_dir, tag, client_state or {})
+
+    def load_checkpoint(self, load_dir, tag=None) -> dict:
+        """Restores parameters, optimizer state, scheduler, step counters and RNG; returns the
+        client_state saved with the checkpoint."""
+        from memfit.runtime.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, load_dir, tag)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

@@ -1,0 +1,38 @@
+"""fp32 master weights for the parameters a rank owns, when compute runs in bfloat16."""
+
+import torch
+
+
+class MasterWeights:
+    """Maps owned compute parameters to the tensors the optimizer updates: fp32 copies under bf16,
+    the parameters themselves otherwise."""
+
+    def __init__(self, owned: list[tuple[str, torch.nn.Parameter]], keep_fp32_copy: bool):
+        self.names = [name for name, _ in owned]
+        self.compute = [param for _, param in owned]
+        self.separate = keep_fp32_copy
+        if keep_fp32_copy:
+            self.masters = [torch.nn.Parameter(p.detach().float().clone()) for p in self.compute]
+        else:
+            self.masters = self.compute
+
+    def take_grads(self) -> None:
+        """Moves the reduced gradients onto the masters (as fp32)."""
+        if not self.separate:
+            return
+        for master, param in zip(self.masters, self.compute):
+            master.grad = None if param.grad is None else param.grad.float()
+            param.grad = None
+
+    def write_back(self) -> None:
+        if self.separate:
+            with torch.no_grad():
+                for master, param in zip(self.masters, self.compute):
+                    param.copy_(master)
+
+    def grads(self) -> list[torch.Tensor]:
+        return [m.grad for m in self.masters if m.grad is not None]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self.masters) if self.separate else 0
