@@ -9,7 +9,7 @@ from memfit.config import ConfigError
 __version__ = "0.1.0"
 
 
-def initialize(model, config, *, optimizer=None, lr_scheduler=None):
+def initialize(model, config=None, *, optimizer=None, lr_scheduler=None):
     """Builds a training engine; see memfit.runtime.build.initialize."""
     from memfit.runtime.build import initialize as build
 

@@ -1,6 +1,7 @@
 """memfit.initialize: the ordered build of an engine from a model and a config."""
 
 import inspect
+import os
 
 import torch
 import torch.distributed as dist
@@ -15,14 +16,19 @@ from memfit.runtime.zero.buckets import build_buckets
 from memfit.runtime.zero.ownership import plan_ownership
 
 
-def initialize(model: torch.nn.Module, config, *, optimizer=None, lr_scheduler=None) -> Engine:
+def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_scheduler=None) -> Engine:
     """Wraps model for data-parallel training with sharded optimizer state.
 
-    config: a JSON file path, a dict or a MemfitConfig. optimizer: a torch.optim.Optimizer
+    config: a JSON file path, a dict or a MemfitConfig; None reads the file named by MEMFIT_CONFIG
+    (set by `memfit run --config`). optimizer: a torch.optim.Optimizer
     subclass (given config optimizer.params as keyword arguments), a factory params -> Optimizer,
     or None for the config's optimizer (AdamW by default). lr_scheduler: a factory
     optimizer -> scheduler, or None for the config's scheduler, if any.
     """
+    if config is None:
+        if "MEMFIT_CONFIG" not in os.environ:
+            raise ValueError("config: none given and MEMFIT_CONFIG is not set (use memfit run --config FILE)")
+        config = os.environ["MEMFIT_CONFIG"]
     cfg = load_config(config)
     rank, world_size, device = init_distributed()
     _, micro_batch_size, accumulation_steps = cfg.batch_sizes(world_size)
