@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -12,7 +13,8 @@ from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
 from memfit.runtime.precision import MasterWeights
 from memfit.runtime.schedulers import build_scheduler
-from memfit.runtime.zero.buckets import build_buckets
+from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flatten_params
+from memfit.runtime.zero.collectives import GradientReducer
 from memfit.runtime.zero.ownership import plan_ownership
 
 
@@ -40,12 +42,19 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     plan = plan_ownership(named_params, world_size if stage > 0 else 1)
     owned_names = set(plan.owned(rank)) if stage > 0 else set(plan.names)
     buckets = build_buckets(named_params, plan, cfg.zero_optimization.reduce_bucket_size)
+    if not cfg.zero_optimization.contiguous_gradients:
+        warnings.warn("zero_optimization.contiguous_gradients=false is ignored: memfit always keeps gradients in "
+                      "contiguous buckets", UserWarning, stacklevel=2)
+    if world_size > 1 and stage > 0:
+        flatten_params(buckets)  # owners broadcast each bucket in place
+    attach_grad_buffers([b for b in buckets if stage < 2 or b.owner_rank == rank])
+    reducer = GradientReducer(stage, rank, max(b.numel for b in buckets))
     masters = MasterWeights([(n, p) for n, p in named_params if n in owned_names], keep_fp32_copy=cfg.bf16.enabled)
     opt = make_optimizer(optimizer, cfg, masters.masters)
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     return Engine(
         model=model, config=cfg, rank=rank, world_size=world_size, device=device, named_params=named_params,
-        plan=plan, buckets=buckets, masters=masters, optimizer=opt, lr_scheduler=scheduler,
+        plan=plan, buckets=buckets, reducer=reducer, masters=masters, optimizer=opt, lr_scheduler=scheduler,
         micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps,
     )
 

@@ -5,6 +5,9 @@ Design note. A step has four phases:
   2. On the boundary micro-step, gradients are reduced bucket by bucket, owner-major: from
      post-accumulate-grad hooks as buckets fill (overlap_comm), or all at once in step().
      Stage 0/1 all-reduce; stage 2 reduces to the owner and non-owners drop the gradient.
+     The loss is scaled by 1 / (accumulation steps x world size), so the reduced sum is the mean.
+Memory reuse: parameters and the gradients a rank keeps are views into flat per-bucket buffers
+allocated once, so reductions and broadcasts run in place.
   3. The owner clips with the global norm (one scalar all-reduce), then steps its optimizer on
      the fp32 masters of the tensors it owns and writes them back into the compute parameters.
   4. Owners broadcast their updated parameters (stage 1/2); the scheduler steps.
@@ -17,14 +20,15 @@ import torch
 import torch.distributed as dist
 
 from memfit.runtime.precision import MasterWeights
-from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params, start_reduce
+from memfit.runtime.zero.buckets import reset_grads
+from memfit.runtime.zero.collectives import GradientReducer, all_reduce_scalar, broadcast_params
 
 logger = logging.getLogger("memfit")
 
 
 class Engine:
-    def __init__(self, *, model, config, rank, world_size, device, named_params, plan, buckets, masters, optimizer,
-                 lr_scheduler, micro_batch_size, accumulation_steps):
+    def __init__(self, *, model, config, rank, world_size, device, named_params, plan, buckets, reducer, masters,
+                 optimizer, lr_scheduler, micro_batch_size, accumulation_steps):
         self.module = model
         self.config = config
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -32,6 +36,7 @@ class Engine:
         self._named_params = named_params
         self._plan = plan
         self._buckets = buckets
+        self._reducer = reducer
         self.masters = masters
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -56,7 +61,7 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of loss / accumulation steps; reduction starts only on the boundary micro-step."""
         self._boundary_backward = self.is_boundary()
-        (loss / self.gradient_accumulation_steps).backward()
+        (loss / (self.gradient_accumulation_steps * self.world_size)).backward()
         self._boundary_backward = False
 
     # ---- phase 2: reduction ---------------------------------------------------------------------
@@ -71,15 +76,15 @@ class Engine:
         count = self._ready_count.get(bucket_index, 0) + 1
         self._ready_count[bucket_index] = count
         if count == len(self._buckets[bucket_index].params):
-            self._pending.append(start_reduce(self._buckets[bucket_index], self.stage, self.rank, self.world_size))
+            self._pending.append(self._reducer.start(self._buckets[bucket_index]))
 
     def _reduce_gradients(self) -> None:
         started = {id(p.bucket) for p in self._pending}
         for bucket in self._buckets:
             if id(bucket) not in started:  # no overlap, or tensors that got no gradient this step
-                self._pending.append(start_reduce(bucket, self.stage, self.rank, self.world_size))
+                self._pending.append(self._reducer.start(bucket))
         for pending in self._pending:
-            pending.finish(self.world_size)
+            pending.finish()
         self._pending, self._ready_count = [], {}
         self.grad_bytes_after_reduce = sum(
             p.grad.numel() * p.grad.element_size() for _, p in self._named_params if p.grad is not None
@@ -94,19 +99,16 @@ class Engine:
             return
         if self.world_size > 1:
             self._reduce_gradients()
-        owned = {id(p) for p in self.masters.compute}
-        for _, param in self._named_params:
-            if id(param) not in owned:
-                param.grad = None
         self.masters.take_grads()
         self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.masters.write_back()
-        for param in self.masters.compute:
-            param.grad = None
+        for bucket in self._buckets:
+            if bucket.grad_buffer is not None:
+                reset_grads(bucket)
         if self.stage > 0 and self.world_size > 1:
-            broadcast_params(self._buckets, self.rank)
+            broadcast_params(self._buckets)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_step += 1
@@ -140,7 +142,11 @@ class Engine:
             return sum(t.numel() * t.element_size() for t in tensors)
 
         state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        grads = [p.grad for _, p in self._named_params if p.grad is not None] + self.masters.grads()
+        buffered = {id(p) for bucket in self._buckets if bucket.grad_buffer is not None for p in bucket.params}
+        grads = [bucket.grad_buffer for bucket in self._buckets if bucket.grad_buffer is not None]
+        grads += [p.grad for _, p in self._named_params if p.grad is not None and id(p) not in buffered]
+        if self.masters.separate:
+            grads += self.masters.grads()
         return {
             "params": nbytes(p for _, p in self._named_params),
             "grads": nbytes(grads),

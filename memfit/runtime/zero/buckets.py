@@ -1,6 +1,9 @@
-"""Owner-major gradient buckets: parameters sorted by owner, then model order, packed into buckets
-of at most reduce_bucket_size elements that never span two owners, so a stage-2 bucket is one
-reduce to one destination. A tensor larger than the bucket size gets a bucket of its own."""
+"""Owner-major buckets: parameters sorted by owner, then model order, packed into buckets of at
+most reduce_bucket_size elements that never span two owners, so a stage-2 bucket is one reduce to
+one destination. A tensor larger than the bucket size gets a bucket of its own.
+
+With contiguous gradients a bucket's parameters and gradients are views into one flat buffer
+each, so collectives run in place: no flattening copies on the step's critical path."""
 
 from dataclasses import dataclass
 
@@ -12,10 +15,15 @@ class Bucket:
     owner_rank: int
     params: list[torch.nn.Parameter]
     names: list[str]
+    param_buffer: torch.Tensor | None = None  # flat storage the params view (multi-tensor buckets)
+    grad_buffer: torch.Tensor | None = None  # flat storage the grads view, kept across steps
 
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def flat_params(self) -> torch.Tensor:
+        return self.param_buffer if self.param_buffer is not None else self.params[0].data.view(-1)
 
 
 def build_buckets(named_params, plan, bucket_numel: int) -> list[Bucket]:
@@ -31,3 +39,39 @@ def build_buckets(named_params, plan, bucket_numel: int) -> list[Bucket]:
             current.params.append(param)
             current.names.append(name)
     return buckets
+
+
+def _views(flat: torch.Tensor, params) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for param in params:
+        views.append(flat[offset : offset + param.numel()].view_as(param))
+        offset += param.numel()
+    return views
+
+
+def flatten_params(buckets: list[Bucket]) -> None:
+    """Moves each multi-tensor bucket's parameters into one flat buffer they then view."""
+    for bucket in buckets:
+        if len(bucket.params) > 1:
+            first = bucket.params[0]
+            bucket.param_buffer = torch.empty(bucket.numel, dtype=first.dtype, device=first.device)
+            for param, view in zip(bucket.params, _views(bucket.param_buffer, bucket.params)):
+                view.copy_(param.data)
+                param.data = view
+
+
+def attach_grad_buffers(buckets: list[Bucket]) -> None:
+    """Gives each bucket a zeroed flat gradient buffer and points every .grad into it; autograd
+    then accumulates in place."""
+    for bucket in buckets:
+        first = bucket.params[0]
+        bucket.grad_buffer = torch.zeros(bucket.numel, dtype=first.dtype, device=first.device)
+        reset_grads(bucket)
+
+
+def reset_grads(bucket: Bucket) -> None:
+    """Zeroes the bucket's gradient buffer and re-points .grad at it (an optimizer's
+    zero_grad(set_to_none=True) may have dropped the views)."""
+    bucket.grad_buffer.zero_()
+    for param, view in zip(bucket.params, _views(bucket.grad_buffer, bucket.params)):
+        param.grad = view

@@ -1,8 +1,9 @@
 """Bucketed gradient reduction and parameter synchronisation over torch.distributed.
 
-A bucket's gradients are flattened into one buffer, reduced with a single asynchronous call, and
-copied back once the call completes. Stage 0 and 1 all-reduce; stage 2 reduces to the owner and
-the other ranks drop the gradient."""
+Gradients arrive pre-divided by the world size (the engine scales the loss), so a sum is the
+mean. A bucket with a gradient buffer is reduced in place; a stage-2 bucket this rank does not
+own has none: a single tensor is sent from its .grad, several are staged through one reusable
+buffer, and the gradients are dropped once sent."""
 
 import torch
 import torch.distributed as dist
@@ -11,56 +12,73 @@ from memfit.runtime.zero.buckets import Bucket
 
 
 class PendingReduce:
-    def __init__(self, bucket: Bucket, flat: torch.Tensor, work, keep_grads: bool):
-        self.bucket, self.flat, self.work, self.keep_grads = bucket, flat, work, keep_grads
+    def __init__(self, bucket: Bucket, work, drop_grads: bool):
+        self.bucket, self.work, self.drop_grads = bucket, work, drop_grads
+        self.done = False
 
-    def finish(self, world_size: int) -> None:
-        if self.work is not None:
-            self.work.wait()
-        if not self.keep_grads:
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.work.wait()
+        self.done = True
+        if self.drop_grads:
             for param in self.bucket.params:
                 param.grad = None  # stage 2, not the owner: this rank never needs the gradient
-            return
-        self.flat.div_(world_size)
-        offset = 0
-        for param in self.bucket.params:
-            count = param.numel()
-            param.grad.copy_(self.flat[offset : offset + count].view_as(param.grad))
-            offset += count
 
 
-def start_reduce(bucket: Bucket, stage: int, rank: int, world_size: int) -> PendingReduce:
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-    for param, grad in zip(bucket.params, grads):
-        if param.grad is None:
-            param.grad = grad  # a parameter unused this step still takes part, with zeros
-    flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1).clone()
-    if world_size == 1:
-        return PendingReduce(bucket, flat, None, True)
-    if stage == 2:
-        work = dist.reduce(flat, dst=bucket.owner_rank, async_op=True)
-        return PendingReduce(bucket, flat, work, keep_grads=rank == bucket.owner_rank)
-    work = dist.all_reduce(flat, async_op=True)
-    return PendingReduce(bucket, flat, work, keep_grads=True)
+class GradientReducer:
+    def __init__(self, stage: int, rank: int, staging_numel: int):
+        self.stage, self.rank = stage, rank
+        self._staging_numel = staging_numel
+        self._staging: torch.Tensor | None = None
+        self._staged: PendingReduce | None = None  # the reduce currently sending from staging
 
-
-def broadcast_params(buckets: list[Bucket], rank: int) -> None:
-    """Every rank receives each owner's updated parameters (one broadcast per bucket)."""
-    pending = []
-    for bucket in buckets:
-        if len(bucket.params) == 1:
-            flat = bucket.params[0].data.view(-1)  # in place, no copy
+    def start(self, bucket: Bucket) -> PendingReduce:
+        staged = False
+        if bucket.grad_buffer is not None:
+            flat = bucket.grad_buffer
+        elif len(bucket.params) == 1:
+            param = bucket.params[0]
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)  # unused this step: still takes part, with zeros
+            flat = param.grad.view(-1)
         else:
-            flat = torch.cat([p.data.reshape(-1) for p in bucket.params])
-        pending.append((bucket, flat, dist.broadcast(flat, src=bucket.owner_rank, async_op=True)))
-    for bucket, flat, work in pending:
+            flat, staged = self._stage(bucket), True
+        if self.stage == 2:
+            work = dist.reduce(flat, dst=bucket.owner_rank, async_op=True)
+            pending = PendingReduce(bucket, work, drop_grads=self.rank != bucket.owner_rank)
+        else:
+            pending = PendingReduce(bucket, dist.all_reduce(flat, async_op=True), drop_grads=False)
+        if staged:
+            self._staged = pending
+        return pending
+
+    def _stage(self, bucket: Bucket) -> torch.Tensor:
+        """Copies a non-owned bucket's gradients into the staging buffer, after the previous staged
+        reduce has finished sending from it."""
+        if self._staged is not None:
+            self._staged.finish()
+            self._staged = None
+        first = bucket.params[0]
+        if self._staging is None or self._staging.dtype != first.dtype:
+            self._staging = torch.empty(self._staging_numel, dtype=first.dtype, device=first.device)
+        flat = self._staging[: bucket.numel]
+        offset = 0
+        for param in bucket.params:
+            count = param.numel()
+            if param.grad is None:
+                flat[offset : offset + count].zero_()
+            else:
+                flat[offset : offset + count].copy_(param.grad.view(-1))
+            offset += count
+        return flat
+
+
+def broadcast_params(buckets: list[Bucket]) -> None:
+    """Every rank receives each owner's updated parameters, in place, one broadcast per bucket."""
+    works = [dist.broadcast(bucket.flat_params(), src=bucket.owner_rank, async_op=True) for bucket in buckets]
+    for work in works:
         work.wait()
-        if len(bucket.params) > 1 and rank != bucket.owner_rank:
-            offset = 0
-            for param in bucket.params:
-                count = param.numel()
-                param.data.copy_(flat[offset : offset + count].view_as(param))
-                offset += count
 
 
 def all_reduce_scalar(value: torch.Tensor, world_size: int) -> torch.Tensor:
