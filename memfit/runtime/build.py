@@ -50,7 +50,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     attach_grad_buffers([b for b in buckets if stage < 2 or b.owner_rank == rank])
     reducer = GradientReducer(stage, rank, max(b.numel for b in buckets))
     masters = MasterWeights([(n, p) for n, p in named_params if n in owned_names], keep_fp32_copy=cfg.bf16.enabled)
-    opt = make_optimizer(optimizer, cfg, masters.masters)
+    opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)))
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     return Engine(
         model=model, config=cfg, rank=rank, world_size=world_size, device=device, named_params=named_params,
@@ -70,11 +70,12 @@ def prepare_model(model, device, bf16: bool, world_size: int):
     return model
 
 
-def make_optimizer(optimizer, cfg, params):
+def make_optimizer(optimizer, cfg, named_params):
     config_params = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
     if optimizer is None:
         name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
-        return build_optimizer(name, params, config_params)
+        return build_optimizer(name, named_params, config_params)
+    params = [p for _, p in named_params]
     if inspect.isclass(optimizer) and issubclass(optimizer, torch.optim.Optimizer):
         return optimizer(params, **config_params)
     if isinstance(optimizer, torch.optim.Optimizer):

@@ -1,0 +1,179 @@
+"""FRUGAL: AdamW on a subspace of each projectable gradient, a state-free step on the rest.
+
+Groups with `projectable=True` (see frugal_param_groups) are split; other groups (embeddings,
+norms, the output layer) run full AdamW. The subspace is renewed every update_gap steps.
+
+proj_type:
+  blockwise   whole tensors are Adam-active, the rest take signSGD (or SGD). The active set is
+              chosen by bytes: a window over the group's tensors, walking backwards from the last
+              one, takes tensors while the active bytes stay within density x the group's bytes;
+              the next renewal's window starts where this one stopped, so all take turns. Inside memfit's engine each rank's optimizer holds only
+              the tensors that rank owns, so every rank keeps at most density x its own bytes of
+              Adam state: the shares are as balanced as the ownership plan itself. At a renewal,
+              reset_state_on_refresh (the reference's behaviour) restarts every active tensor's
+              moments; with it off, a tensor that stays active keeps them.
+  svd, randomized, random
+              a rank round(density x side) basis per matrix (GaLore-style side choice); Adam on the
+              projection, the state-free step on the residual G - back(project(G)).
+The Adam part moves by lr x proj_scale, the state-free part by lr x proj_scale x
+state_free_lr_scale; weight decay is decoupled and applied to every parameter first.
+"""
+
+import math
+
+import torch
+
+from memfit.optim.galore import adamw_step, param_seed
+from memfit.optim.projectors import basis_rank, choose_side, compute_basis, project, project_back, random_basis
+
+PROJ_TYPES = ("blockwise", "svd", "randomized", "random")
+STATE_FREE = ("signsgd", "sgd")
+
+
+class FRUGAL(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, density=0.25,
+                 update_gap=200, proj_type="blockwise", state_free="signsgd", state_free_lr_scale=1.0, proj_scale=1.0,
+                 reset_state_on_refresh=True, seed=0):
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"Invalid density: {density} (expected 0 to 1)")
+        if not isinstance(update_gap, int) or update_gap < 1:
+            raise ValueError(f"Invalid update_gap: {update_gap!r}")
+        if proj_type not in PROJ_TYPES:
+            raise ValueError(f"Invalid proj_type: {proj_type!r} (expected one of {PROJ_TYPES})")
+        if state_free not in STATE_FREE:
+            raise ValueError(f"Invalid state_free: {state_free!r} (expected one of {STATE_FREE})")
+        if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas}")
+        if weight_decay < 0 or eps < 0:
+            raise ValueError(f"Invalid weight_decay or eps: {weight_decay}, {eps}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density,
+                        update_gap=update_gap, proj_type=proj_type, state_free=state_free,
+                        state_free_lr_scale=state_free_lr_scale, proj_scale=proj_scale,
+                        reset_state_on_refresh=reset_state_on_refresh, projectable=False)
+        super().__init__(params, defaults)
+        self.seed = seed
+        for group in self.param_groups:
+            group.setdefault("frugal_step", 0)
+            group.setdefault("block_pointer", -1)
+            if group["projectable"] and group["proj_type"] != "blockwise":
+                for param in group["params"]:
+                    if param.dim() != 2:
+                        raise ValueError(f"proj_type {group['proj_type']!r} needs 2-D tensors, got {tuple(param.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group_index, group in enumerate(self.param_groups):
+            if not group["projectable"]:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        adamw_step(param, param.grad, self.state[param], group)
+                continue
+            refresh = group["frugal_step"] % group["update_gap"] == 0
+            group["frugal_step"] += 1
+            if group["proj_type"] == "blockwise":
+                if refresh:
+                    self._choose_blocks(group)
+                self._blockwise_step(group)
+            else:
+                for param_index, param in enumerate(group["params"]):
+                    if param.grad is not None:
+                        seed = param_seed(self.seed, group, group_index, param_index)
+                        self._subspace_step(param, self.state[param], group, refresh, seed)
+        return loss
+
+    # ---- blockwise ------------------------------------------------------------------------------
+    def _choose_blocks(self, group) -> None:
+        params = group["params"]
+        total = sum(p.numel() for p in params)
+        budget = group["density"] * total
+        count = len(params)
+        start = group["block_pointer"] % count
+        chosen, active_numel = set(), 0
+        for offset in range(count):  # a contiguous window, so every tensor gets its turn
+            index = (start - offset) % count
+            numel = params[index].numel()
+            if active_numel + numel > budget + 1e-9:
+                break
+            chosen.add(index)
+            active_numel += numel
+        group["block_pointer"] = (start - max(len(chosen), 1)) % count
+        for index, param in enumerate(params):
+            state = self.state[param]
+            state["active"] = int(index in chosen)
+            if not state["active"] or group["reset_state_on_refresh"]:
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    state.pop(key, None)  # inactive tensors hold no Adam state
+
+    def _blockwise_step(self, group) -> None:
+        adam_group = {**group, "lr": group["lr"] * group["proj_scale"]}
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if state.get("active", 0):
+                adamw_step(param, param.grad, state, adam_group)
+            else:
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                self._state_free(param, param.grad, group)
+
+    def _state_free(self, param, direction, group) -> None:
+        lr_free = group["lr"] * group["proj_scale"] * group["state_free_lr_scale"]
+        if group["state_free"] == "signsgd":
+            param.add_(torch.sign(direction), alpha=-lr_free)
+        else:
+            param.add_(direction, alpha=-lr_free)
+
+    # ---- subspaces ------------------------------------------------------------------------------
+    def _basis(self, param, state):
+        if "basis" in state:
+            return state["basis"]
+        return random_basis(tuple(param.shape), state["side"], state["rank"], state["seed"], param.device)
+
+    def _subspace_step(self, param, state, group, refresh, seed) -> None:
+        grad = param.grad
+        if "side" not in state:
+            state["side"] = choose_side(tuple(param.shape), "std")
+            side_dim = param.shape[0] if state["side"] == 0 else param.shape[1]
+            state["rank"] = basis_rank(tuple(param.shape), state["side"], round(group["density"] * side_dim))
+            state["num_refreshes"] = 0
+        param.mul_(1 - group["lr"] * group["weight_decay"])
+        if state["rank"] == 0:
+            self._state_free(param, grad, group)
+            return
+        if refresh:
+            refresh_seed = (seed * 1_000_003 + state["num_refreshes"]) % (1 << 62)
+            if group["proj_type"] == "random":
+                state["seed"] = refresh_seed
+            else:
+                generator = torch.Generator().manual_seed(refresh_seed)
+                state["basis"] = compute_basis(grad, state["side"], state["rank"], group["proj_type"], generator=generator)
+            state["num_refreshes"] += 1
+            if group["reset_state_on_refresh"]:
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    state.pop(key, None)
+        basis = self._basis(param, state)
+        low_rank = project(grad.float(), basis, state["side"])
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(low_rank)
+            state["exp_avg_sq"] = torch.zeros_like(low_rank)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        state["exp_avg"].lerp_(low_rank, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(low_rank, low_rank, value=1 - beta2)
+        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        normalized = state["exp_avg"] / (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(group["eps"])
+        residual = grad.float() - project_back(low_rank, basis, state["side"])
+        lr_full = group["lr"] * group["proj_scale"]
+        param.add_(project_back(normalized, basis, state["side"]).to(param.dtype), alpha=-lr_full / bias1)
+        self._state_free(param, residual.to(param.dtype), group)
+
+    def state_bytes(self) -> int:
+        """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))

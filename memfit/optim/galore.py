@@ -1,0 +1,208 @@
+"""GaLoreAdamW: AdamW whose moments live in a low-rank projection of each 2-D gradient.
+
+A param group with a `rank` key is projected; other groups run plain AdamW (torch semantics), so
+galore-torch's param-group form works unchanged. Per projected matrix the state is the two
+moments on the larger side (2 * max(m, n) * r) and the basis (min(m, n) * r; none for the seeded
+`random` projector, which is regenerated from its seed).
+
+The step per projected matrix W (m x n, gradient G), refreshed every update_proj_gap steps:
+    R = project(G)                        # r x n or m x r
+    M, V = Adam moments of R              # lerp / addcmul, in place
+    N = (M / bias1) / (sqrt(V / bias2) + eps)
+    W = (1 - lr * wd) * W - lr * scale * back(N)    # one addmm_, weight decay folded into beta
+galore_compat=True reproduces galore-torch 1.0 instead: eps not bias-corrected, weight decay
+applied after the update with the unscaled lr, and the basis kept in the gradient's dtype with
+the sign the SVD returned.
+"""
+
+import math
+import zlib
+
+import torch
+
+from memfit.optim.projectors import (
+    LEFT,
+    METHODS,
+    PROJ_TYPES,
+    basis_rank,
+    choose_side,
+    compute_basis,
+    project,
+    random_basis,
+)
+
+MOMENT_MODES = ("keep", "reset", "project")
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, rank=None,
+                 update_proj_gap=200, scale=0.25, proj_type="std", projector="svd", moments_on_refresh="keep",
+                 galore_compat=False, proj_dtype=torch.float32, seed=0):
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if eps < 0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas}")
+        if weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector,
+                        moments_on_refresh=moments_on_refresh)
+        super().__init__(params, defaults)
+        self.galore_compat = galore_compat
+        self.proj_dtype = proj_dtype
+        self.seed = seed
+        for group in self.param_groups:
+            self._check_group(group)
+
+    @staticmethod
+    def _check_group(group) -> None:
+        if group.get("rank") is None:
+            return
+        if not isinstance(group["rank"], int) or group["rank"] < 1:
+            raise ValueError(f"Invalid rank: {group['rank']!r}")
+        if not isinstance(group["update_proj_gap"], int) or group["update_proj_gap"] < 1:
+            raise ValueError(f"Invalid update_proj_gap: {group['update_proj_gap']!r}")
+        if group["proj_type"] not in PROJ_TYPES:
+            raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (expected one of {PROJ_TYPES})")
+        if group["projector"] not in METHODS:
+            raise ValueError(f"Invalid projector: {group['projector']!r} (expected one of {METHODS})")
+        if group["moments_on_refresh"] not in MOMENT_MODES:
+            raise ValueError(f"Invalid moments_on_refresh: {group['moments_on_refresh']!r} (expected one of {MOMENT_MODES})")
+        for param in group["params"]:
+            if param.dim() != 2:
+                raise ValueError(f"a group with 'rank' may hold only 2-D tensors, got shape {tuple(param.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if group.get("rank") is None:
+                    adamw_step(param, param.grad, state, group)
+                else:
+                    self._galore_step(param, state, group, param_seed(self.seed, group, group_index, param_index))
+        return loss
+
+    def _basis(self, param, state, group):
+        if "basis" in state:
+            return state["basis"]
+        return random_basis(tuple(param.shape), state["side"], state["rank"], state["seed"], param.device).to(self.proj_dtype)
+
+    def _refresh(self, param, grad, state, group, seed_base):
+        if "side" not in state:
+            state["side"] = choose_side(tuple(param.shape), group["proj_type"])
+            state["rank"] = basis_rank(tuple(param.shape), state["side"], group["rank"])
+            state["num_refreshes"] = 0
+        old_basis = self._basis(param, state, group) if "exp_avg" in state and group["moments_on_refresh"] == "project" else None
+        method = group["projector"]
+        seed = (seed_base * 1_000_003 + state["num_refreshes"]) % (1 << 62)
+        if method == "random":
+            state["seed"] = seed
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            dtype = grad.dtype if self.galore_compat else self.proj_dtype
+            basis = compute_basis(grad, state["side"], state["rank"], method, generator=generator,
+                                  fix_signs=not self.galore_compat)
+            state["basis"] = basis.to(dtype)
+        state["num_refreshes"] += 1
+        if "exp_avg" not in state:
+            return
+        mode = group["moments_on_refresh"]
+        if mode == "reset":
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+            state["moment_step"] = 0
+        elif mode == "project":
+            # Carry M into the new basis with C = P_new^T P_old (LEFT) or Q_old Q_new^T (RIGHT);
+            # V has no exact rotation: its entries are carried with C squared, which keeps them
+            # non-negative and of the right scale.
+            new_basis = self._basis(param, state, group).float()
+            old = old_basis.float()
+            if state["side"] == LEFT:
+                change = new_basis.t() @ old  # r x r
+                state["exp_avg"].copy_(change @ state["exp_avg"].float())
+                state["exp_avg_sq"].copy_(change.pow(2) @ state["exp_avg_sq"].float())
+            else:
+                change = old @ new_basis.t()  # r x r
+                state["exp_avg"].copy_(state["exp_avg"].float() @ change)
+                state["exp_avg_sq"].copy_(state["exp_avg_sq"].float() @ change.pow(2))
+
+    def _galore_step(self, param, state, group, seed_base):
+        grad = param.grad
+        step = state.get("step", 0)
+        if step % group["update_proj_gap"] == 0:
+            self._refresh(param, grad, state, group, seed_base)
+        basis = self._basis(param, state, group)
+        low_rank = project(grad.to(basis.dtype), basis, state["side"]).to(grad.dtype)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low_rank)
+            state["exp_avg_sq"] = torch.zeros_like(low_rank)
+            state["moment_step"] = 0
+        state["step"] = step + 1
+        state["moment_step"] += 1
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(low_rank, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low_rank, low_rank, value=1 - beta2)
+        lr, weight_decay, scale, moment_step = group["lr"], group["weight_decay"], group["scale"], state["moment_step"]
+        bias1, bias2 = 1 - beta1**moment_step, 1 - beta2**moment_step
+        if self.galore_compat:
+            normalized = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
+            step_size = lr * math.sqrt(bias2) / bias1
+            apply_back(param, normalized, basis, state["side"], beta=1.0, alpha=-step_size * scale)
+            if weight_decay > 0:
+                param.add_(param, alpha=-lr * weight_decay)
+            return
+        normalized = exp_avg / (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
+        apply_back(param, normalized, basis, state["side"], beta=1 - lr * weight_decay, alpha=-lr * scale / bias1)
+
+    def state_bytes(self) -> int:
+        """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def param_seed(base_seed: int, group: dict, group_index: int, param_index: int) -> int:
+    """A per-parameter seed: from the parameter's name when the group carries `names` (as memfit's
+    engine and the group helpers do), so a sharded optimizer draws the same numbers as an
+    unsharded one; else from its position."""
+    names = group.get("names")
+    key = names[param_index] if names else f"{group_index}.{param_index}"
+    return (base_seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 62)
+
+
+def apply_back(param, normalized, basis, side, *, beta, alpha) -> None:
+    """param = beta * param + alpha * back(normalized), as one addmm_ (no full-size temporary)."""
+    normalized = normalized.to(basis.dtype)
+    if param.dtype == basis.dtype:
+        if side == LEFT:
+            param.addmm_(basis, normalized, beta=beta, alpha=alpha)
+        else:
+            param.addmm_(normalized, basis, beta=beta, alpha=alpha)
+        return
+    update = basis @ normalized if side == LEFT else normalized @ basis
+    param.mul_(beta).add_(update.to(param.dtype), alpha=alpha)
+
+
+def adamw_step(param, grad, state, group) -> None:
+    """torch.optim.AdamW's single-tensor step, same operations in the same order."""
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(param)
+        state["exp_avg_sq"] = torch.zeros_like(param)
+    state["step"] += 1
+    beta1, beta2 = group["betas"]
+    lr, step = group["lr"], state["step"]
+    param.mul_(1 - lr * group["weight_decay"])
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(group["eps"])
+    param.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
