@@ -161,8 +161,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if weight_decay > 0:
                 param.add_(param, alpha=-lr * weight_decay)
             return
-        normalized = exp_avg / (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
-        apply_back(param, normalized, basis, state["side"], beta=1 - lr * weight_decay, alpha=-lr * scale / bias1)
+        # (M / bias1) / (sqrt(V / bias2) + eps) == (sqrt(bias2) / bias1) * M / (sqrt(V) + eps sqrt(bias2)):
+        # the constants move into addmm's alpha, saving a pass over the low-rank state.
+        root_bias2 = math.sqrt(bias2)
+        normalized = exp_avg / exp_avg_sq.sqrt().add_(group["eps"] * root_bias2)
+        apply_back(param, normalized, basis, state["side"], beta=1 - lr * weight_decay,
+                   alpha=-lr * scale * root_bias2 / bias1)
 
     def state_bytes(self) -> int:
         """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
