@@ -22,30 +22,70 @@ def optimizers(steps: int, dim: int) -> dict:
     gap = max(steps // 4, 1)
     return {
         "AdamW": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "weight_decay": 0.0}},
-        "GaLoreAdamW (svd, rank dim/4)": {"type": "GaLoreAdamW", "params": {
-            "lr": LR, "betas": [0.9, 0.95], "rank": dim // 4, "update_proj_gap": gap, "scale": 1.0}},
-        "GaLoreAdamW (randomized, rank dim/4)": {"type": "GaLoreAdamW", "params": {
-            "lr": LR, "betas": [0.9, 0.95], "rank": dim // 4, "update_proj_gap": gap, "scale": 1.0,
-            "projector": "randomized"}},
-        "FRUGAL (blockwise, density 0.25)": {"type": "FRUGAL", "params": {
-            "lr": LR, "betas": [0.9, 0.95], "density": 0.25, "update_gap": gap}},
+        "GaLoreAdamW (svd, rank dim/4)": {
+            "type": "GaLoreAdamW",
+            "params": {"lr": LR, "betas": [0.9, 0.95], "rank": dim // 4, "update_proj_gap": gap, "scale": 1.0},
+        },
+        "GaLoreAdamW (randomized, rank dim/4)": {
+            "type": "GaLoreAdamW",
+            "params": {
+                "lr": LR,
+                "betas": [0.9, 0.95],
+                "rank": dim // 4,
+                "update_proj_gap": gap,
+                "scale": 1.0,
+                "projector": "randomized",
+            },
+        },
+        "FRUGAL (blockwise, density 0.25)": {
+            "type": "FRUGAL",
+            "params": {"lr": LR, "betas": [0.9, 0.95], "density": 0.25, "update_gap": gap},
+        },
     }
 
 
 def train(name: str, optimizer: dict, args, workdir: str) -> list[dict]:
     config = {
-        "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-        "seed": 1234, "steps_per_print": 10, "optimizer": optimizer,
-        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": args.steps, "warmup_num_steps": args.steps // 10,
-                                                           "warmup_type": "linear", "cos_min_ratio": 0.1}},
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "seed": 1234,
+        "steps_per_print": 10,
+        "optimizer": optimizer,
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": args.steps,
+                "warmup_num_steps": args.steps // 10,
+                "warmup_type": "linear",
+                "cos_min_ratio": 0.1,
+            },
+        },
     }
     slug = "".join(c if c.isalnum() else "_" for c in name)
     config_path, metrics = os.path.join(workdir, f"{slug}.json"), os.path.join(workdir, f"{slug}.jsonl")
     with open(config_path, "w") as f:
         json.dump(config, f)
-    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_gpt.py"), "--config", config_path, "--preset",
-                    args.preset, "--max-steps", str(args.steps), "--eval-every", str(args.steps), "--eval-batches",
-                    str(args.eval_batches), "--metrics", metrics], check=True, cwd=workdir)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "train_gpt.py"),
+            "--config",
+            config_path,
+            "--preset",
+            args.preset,
+            "--max-steps",
+            str(args.steps),
+            "--eval-every",
+            str(args.steps),
+            "--eval-batches",
+            str(args.eval_batches),
+            "--metrics",
+            metrics,
+        ],
+        check=True,
+        cwd=workdir,
+    )
     with open(metrics) as f:
         return [json.loads(line) for line in f]
 
@@ -65,20 +105,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for name, optimizer in optimizers(args.steps, dim).items():
             records = train(name, optimizer, args, workdir)
-            results[name] = (records[0]["loss"], records[-1]["loss"], records[-1]["val_loss"],
-                             records[-1]["memory"]["optimizer_state"])
+            results[name] = (
+                records[0]["loss"],
+                records[-1]["loss"],
+                records[-1]["val_loss"],
+                records[-1]["memory"]["optimizer_state"],
+            )
     adamw_val = results["AdamW"][2]
-    rows = ["| optimizer | first loss | last train loss | final val loss | val - AdamW (nats) | optimizer state (MiB) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| optimizer | first loss | last train loss | final val loss | val - AdamW (nats) | optimizer state (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, (first, last, val, state) in results.items():
         rows.append(f"| {name} | {first:.3f} | {last:.3f} | {val:.4f} | {val - adamw_val:+.4f} | {state / 2**20:.1f} |")
-    body = "\n".join([
-        f"Command: `{command_line()}`", "", machine_description(), "",
-        f"Preset {args.preset}, {args.steps} steps, micro-batch {args.micro_batch} x seq {PRESETS[args.preset].seq_len}, "
-        f"one process, lr {LR} (same for all, GaLore scale 1.0), warmup 10% then cosine to 0.1, clipping 1.0, "
-        f"projector refresh every {max(args.steps // 4, 1)} steps; validation on {args.eval_batches} held-out batches.",
-        "", *rows,
-    ])
+    body = "\n".join(
+        [
+            f"Command: `{command_line()}`",
+            "",
+            machine_description(),
+            "",
+            f"Preset {args.preset}, {args.steps} steps, micro-batch {args.micro_batch} x seq {PRESETS[args.preset].seq_len}, "
+            f"one process, lr {LR} (same for all, GaLore scale 1.0), warmup 10% then cosine to 0.1, clipping 1.0, "
+            f"projector refresh every {max(args.steps // 4, 1)} steps; validation on {args.eval_batches} held-out batches.",
+            "",
+            *rows,
+        ]
+    )
     print(body)
     print("written to", write_section("Convergence on the small preset (benchmarks/converge.py)", body))
 

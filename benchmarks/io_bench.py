@@ -36,11 +36,23 @@ def memfit_runner(backend, path, buffer, block_size, queue_depth):
 def fio_runner(engine, path, size, block_size, queue_depth):
     def run(op):
         out = subprocess.run(
-            ["fio", "--name=t", f"--filename={path}", f"--size={size}", f"--bs={block_size}", "--direct=1",
-             f"--ioengine={engine}", f"--iodepth={queue_depth}", f"--rw={op}", "--output-format=json"],
-            capture_output=True, text=True, check=True,
+            [
+                "fio",
+                "--name=t",
+                f"--filename={path}",
+                f"--size={size}",
+                f"--bs={block_size}",
+                "--direct=1",
+                f"--ioengine={engine}",
+                f"--iodepth={queue_depth}",
+                f"--rw={op}",
+                "--output-format=json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
-        job = json.loads(out[out.index("{"):])["jobs"][0][op]
+        job = json.loads(out[out.index("{") :])["jobs"][0][op]
         return size / job["bw_bytes"]
 
     return run
@@ -103,7 +115,7 @@ def main() -> None:
                 except Exception as error:  # report why the anchor cannot run, never a borrowed figure
                     notes.append(f"DeepSpeed async I/O could not run: {type(error).__name__}: {error}")
             times = {(name, op): [] for name in runners for op in ("write", "read")}
-            for name, run in runners.items():  # warm-up
+            for run in runners.values():  # warm-up
                 run("write"), run("read")
             for _ in range(args.reps):
                 for name, run in runners.items():
@@ -112,31 +124,47 @@ def main() -> None:
             gbps = {key: size / median(values) / 1e9 for key, values in times.items()}
             for name in runners:
                 rows.append((block_text, name, gbps[(name, "write")], gbps[(name, "read")]))
-            print(f"block {block_text}: " + ", ".join(f"{n} w {gbps[(n, 'write')]:.2f} r {gbps[(n, 'read')]:.2f}" for n in runners))
+            print(
+                f"block {block_text}: "
+                + ", ".join(f"{n} w {gbps[(n, 'write')]:.2f} r {gbps[(n, 'read')]:.2f}" for n in runners)
+            )
     finally:
         os.unlink(path)
 
     table = ["| block | engine | write GB/s | read GB/s |", "| --- | --- | ---: | ---: |"]
     table += [f"| {b} | {n} | {w:.2f} | {r:.2f} |" for b, n, w, r in rows]
-    ratios = ["| block | op | memfit best | fio best | memfit / fio | DeepSpeed | memfit / DeepSpeed |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    ratios = [
+        "| block | op | memfit best | fio best | memfit / fio | DeepSpeed | memfit / DeepSpeed |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for block_text in args.block_sizes.split(","):
         by_name = {n: (w, r) for b, n, w, r in rows if b == block_text}
         for index, op in enumerate(("write", "read")):
             ours = max(v[index] for n, v in by_name.items() if n.startswith("memfit"))
             fio = max((v[index] for n, v in by_name.items() if n.startswith("fio")), default=float("nan"))
             ds = by_name.get("deepspeed aio", (float("nan"),) * 2)[index]
-            ratios.append(f"| {block_text} | {op} | {ours:.2f} | {fio:.2f} | {ours / fio:.2f}x | {ds:.2f} | {ours / ds:.2f}x |")
-    body = "\n".join([
-        f"Command: `{command_line()}`", "",
-        machine_description(args.path),
-        f"- fio: {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip() if shutil.which('fio') else 'absent'}",
-        f"- deepspeed: {_deepspeed_version()}", "",
-        f"{args.size} file, O_DIRECT, queue depth {args.queue_depth}, median of {args.reps} alternating repetitions "
-        "after one warm-up. fio psync keeps one request in flight whatever the queue depth. DeepSpeed: "
-        "aio_handle(block, qd, single_submit=False, overlap_events=True, intra_op_parallelism=1) on a locked buffer.",
-        "", *table, "", *ratios, "", *[f"Note: {note}" for note in notes],
-    ])
+            ratios.append(
+                f"| {block_text} | {op} | {ours:.2f} | {fio:.2f} | {ours / fio:.2f}x | {ds:.2f} | {ours / ds:.2f}x |"
+            )
+    body = "\n".join(
+        [
+            f"Command: `{command_line()}`",
+            "",
+            machine_description(args.path),
+            f"- fio: {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip() if shutil.which('fio') else 'absent'}",
+            f"- deepspeed: {_deepspeed_version()}",
+            "",
+            f"{args.size} file, O_DIRECT, queue depth {args.queue_depth}, median of {args.reps} alternating repetitions "
+            "after one warm-up. fio psync keeps one request in flight whatever the queue depth. DeepSpeed: "
+            "aio_handle(block, qd, single_submit=False, overlap_events=True, intra_op_parallelism=1) on a locked buffer.",
+            "",
+            *table,
+            "",
+            *ratios,
+            "",
+            *[f"Note: {note}" for note in notes],
+        ]
+    )
     print(body)
     print("written to", write_section("File I/O (benchmarks/io_bench.py)", body))
 

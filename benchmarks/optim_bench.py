@@ -48,17 +48,26 @@ def build(model):
         "torch AdamW fused": torch.optim.AdamW(model.parameters(), lr=LR, fused=True),
         "memfit GaLoreAdamW": GaLoreAdamW(galore_param_groups(named, RANK, update_proj_gap=GAP, scale=0.25), lr=LR),
         "memfit GaLoreAdamW randomized": GaLoreAdamW(
-            galore_param_groups(named, RANK, update_proj_gap=GAP, scale=0.25, projector="randomized"), lr=LR),
-        "memfit GaLoreAdamW bf16 proj": GaLoreAdamW(galore_param_groups(named, RANK, update_proj_gap=GAP, scale=0.25),
-                                                    lr=LR, proj_dtype=torch.bfloat16),
-        "memfit FRUGAL": FRUGAL([{"params": plain_params}, {"params": projected_params, "projectable": True}], lr=LR,
-                                density=0.25, update_gap=GAP),
+            galore_param_groups(named, RANK, update_proj_gap=GAP, scale=0.25, projector="randomized"), lr=LR
+        ),
+        "memfit GaLoreAdamW bf16 proj": GaLoreAdamW(
+            galore_param_groups(named, RANK, update_proj_gap=GAP, scale=0.25), lr=LR, proj_dtype=torch.bfloat16
+        ),
+        "memfit FRUGAL": FRUGAL(
+            [{"params": plain_params}, {"params": projected_params, "projectable": True}],
+            lr=LR,
+            density=0.25,
+            update_gap=GAP,
+        ),
     }
     try:
         import galore_torch
 
         optimizers["galore-torch GaLoreAdamW"] = galore_torch.GaLoreAdamW(
-            [{"params": plain_params}, {"params": projected_params, **galore_options}], lr=LR, no_deprecation_warning=True)
+            [{"params": plain_params}, {"params": projected_params, **galore_options}],
+            lr=LR,
+            no_deprecation_warning=True,
+        )
     except ImportError:
         pass
     return optimizers, projected_params
@@ -129,10 +138,15 @@ def main() -> None:
     floor16 = projection_floor(projected, torch.bfloat16)
 
     regular = {name: median(values) for name, values in times.items()}
-    amortized = {name: regular[name] + max(0.0, refresh.get(name, regular[name]) - regular[name]) / GAP for name in regular}
+    amortized = {
+        name: regular[name] + max(0.0, refresh.get(name, regular[name]) - regular[name]) / GAP for name in regular
+    }
     adam_foreach, galore_ref = amortized["torch AdamW foreach"], amortized.get("galore-torch GaLoreAdamW")
-    rows = ["| optimizer | state (MiB) | regular step (ms) | refresh step (ms) | amortized step (ms) | / projection floor "
-            "| / torch AdamW foreach | / galore-torch |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| optimizer | state (MiB) | regular step (ms) | refresh step (ms) | amortized step (ms) | / projection floor "
+        "| / torch AdamW foreach | / galore-torch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, optimizer in optimizers.items():
         floor = floor16 if "bf16" in name else floor32
         rows.append(
@@ -140,14 +154,21 @@ def main() -> None:
             f"{refresh.get(name, float('nan')) * 1e3:.0f} | {amortized[name] * 1e3:.0f} | {amortized[name] / floor:.2f}x | "
             f"{amortized[name] / adam_foreach:.2f}x | {amortized[name] / galore_ref if galore_ref else float('nan'):.2f}x |"
         )
-    body = "\n".join([
-        f"Command: `{command_line()}`", "", machine_description(),
-        f"- galore-torch: {'installed' if galore_ref else 'not installed'}", "",
-        f"Model: examples/gpt_model.py preset base, {num_params / 1e6:.1f}M parameters, fp32; "
-        f"{len(projected)} projected matrices (attn/mlp weights), rank {RANK}, T = {GAP}. Median of {args.rounds} "
-        "alternating rounds after one warm-up step each. Projection floor (project + project back, plain torch): "
-        f"{floor32 * 1e3:.0f} ms fp32, {floor16 * 1e3:.0f} ms bf16.", "", *rows,
-    ])
+    body = "\n".join(
+        [
+            f"Command: `{command_line()}`",
+            "",
+            machine_description(),
+            f"- galore-torch: {'installed' if galore_ref else 'not installed'}",
+            "",
+            f"Model: examples/gpt_model.py preset base, {num_params / 1e6:.1f}M parameters, fp32; "
+            f"{len(projected)} projected matrices (attn/mlp weights), rank {RANK}, T = {GAP}. Median of {args.rounds} "
+            "alternating rounds after one warm-up step each. Projection floor (project + project back, plain torch): "
+            f"{floor32 * 1e3:.0f} ms fp32, {floor16 * 1e3:.0f} ms bf16.",
+            "",
+            *rows,
+        ]
+    )
     print(body)
     print("written to", write_section("Optimizers on the base model (benchmarks/optim_bench.py)", body))
 

@@ -15,19 +15,40 @@ import sys
 
 from common import command_line, machine_description, median, write_section
 
-SETUPS = ["memfit-stage0", "memfit-stage1", "memfit-stage2", "memfit-stage2-overlap", "ddp+zero", "deepspeed-1", "deepspeed-2"]
+SETUPS = [
+    "memfit-stage0",
+    "memfit-stage1",
+    "memfit-stage2",
+    "memfit-stage2-overlap",
+    "ddp+zero",
+    "deepspeed-1",
+    "deepspeed-2",
+]
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zero_worker.py")
 
 
 def run_setup(setup: str, steps: int) -> dict | str:
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER,
-         "--setup", setup, "--steps", str(steps)],
-        capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            WORKER,
+            "--setup",
+            setup,
+            "--steps",
+            str(steps),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     for line in result.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     return (result.stderr.strip().splitlines() or ["no output"])[-1]
 
 
@@ -55,8 +76,11 @@ def main() -> None:
                 results[setup].append(outcome)
                 print(f"round {round_index}: {setup} {outcome['step_s'] * 1000:.0f} ms", flush=True)
 
-    rows = ["| setup | step time (ms) | optimizer state per rank (MiB) | state / (total/N) | gradients per rank (MiB) "
-            "| peak RSS per rank (MiB) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| setup | step time (ms) | optimizer state per rank (MiB) | state / (total/N) | gradients per rank (MiB) "
+        "| peak RSS per rank (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     total_state = None
     if results.get("memfit-stage0"):
         total_state = results["memfit-stage0"][0]["ranks"][0]["optimizer_state_bytes"]
@@ -68,8 +92,10 @@ def main() -> None:
         state = [r["optimizer_state_bytes"] for r in ranks]
         share = "/".join(f"{s / (total_state / 2):.3f}" for s in state) if total_state else "n/a"
         rss = "/".join(f"{median([run['ranks'][i]['peak_rss_bytes'] for run in runs]) / 2**20:.0f}" for i in range(2))
-        rows.append(f"| {setup} | {median([run['step_s'] for run in runs]) * 1000:.0f} | "
-                    f"{'/'.join(mib(s) for s in state)} | {share} | {'/'.join(mib(r['grad_bytes']) for r in ranks)} | {rss} |")
+        rows.append(
+            f"| {setup} | {median([run['step_s'] for run in runs]) * 1000:.0f} | "
+            f"{'/'.join(mib(s) for s in state)} | {share} | {'/'.join(mib(r['grad_bytes']) for r in ranks)} | {rss} |"
+        )
     step = {s: median([run["step_s"] for run in results[s]]) for s in setups if results[s]}
     ratios = []
     for ours in ("memfit-stage2", "memfit-stage2-overlap"):
@@ -79,14 +105,25 @@ def main() -> None:
             if ours in step and ds in step:
                 ratios.append(f"- {ours} / {ds} step time: {step[ours] / step[ds]:.2f}x")
     params = next(iter(r for r in results.values() if r))[0]["params"]
-    body = "\n".join([
-        f"Command: `{command_line()}`", "", machine_description(), f"- deepspeed: {_deepspeed_version()}", "",
-        f"2 gloo ranks under torchrun (OMP_NUM_THREADS=1 each), MLP stack of {params / 1e6:.1f}M parameters, "
-        f"micro-batch 16, AdamW, no clipping; median over {args.rounds} rounds of the median of {args.steps} "
-        "steps after 3 warm-up steps. Gradients per rank: bytes held after reduction (memfit), .grad "
-        "tensors (DDP); n/a where the runtime keeps them in internal buffers.", "", *rows, "", *ratios, "",
-        *[f"Note: {s} could not run: {why}" for s, why in failures.items()],
-    ])
+    body = "\n".join(
+        [
+            f"Command: `{command_line()}`",
+            "",
+            machine_description(),
+            f"- deepspeed: {_deepspeed_version()}",
+            "",
+            f"2 gloo ranks under torchrun (OMP_NUM_THREADS=1 each), MLP stack of {params / 1e6:.1f}M parameters, "
+            f"micro-batch 16, AdamW, no clipping; median over {args.rounds} rounds of the median of {args.steps} "
+            "steps after 3 warm-up steps. Gradients per rank: bytes held after reduction (memfit), .grad "
+            "tensors (DDP); n/a where the runtime keeps them in internal buffers.",
+            "",
+            *rows,
+            "",
+            *ratios,
+            "",
+            *[f"Note: {s} could not run: {why}" for s, why in failures.items()],
+        ]
+    )
     print(body)
     print("written to", write_section("ZeRO, 2 gloo ranks (benchmarks/zero_bench.py)", body))
 

@@ -33,11 +33,15 @@ def state_bytes(optimizer):
 def memfit_setup(stage, overlap):
     import memfit
 
-    engine = memfit.initialize(make_model(), {
-        "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_clipping": 0.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
-        "zero_optimization": {"stage": stage, "overlap_comm": overlap, "reduce_bucket_size": 5_000_000},
-    })
+    engine = memfit.initialize(
+        make_model(),
+        {
+            "train_micro_batch_size_per_gpu": MICRO_BATCH,
+            "gradient_clipping": 0.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
+            "zero_optimization": {"stage": stage, "overlap_comm": overlap, "reduce_bucket_size": 5_000_000},
+        },
+    )
 
     def step(inputs, targets):
         engine.backward(torch.nn.functional.mse_loss(engine(inputs), targets))
@@ -74,11 +78,17 @@ def deepspeed_setup(stage):
     deepspeed.init_distributed(dist_backend="gloo")
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
-        "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000},
-        "steps_per_print": 10**9,
-    })
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config={
+            "train_micro_batch_size_per_gpu": MICRO_BATCH,
+            "gradient_clipping": 0.0,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000},
+            "steps_per_print": 10**9,
+        },
+    )
 
     def step(inputs, targets):
         engine.backward(torch.nn.functional.mse_loss(engine(inputs), targets))
@@ -106,7 +116,10 @@ def main():
             step, memory = memfit_setup(int(args.setup.split("-")[1][-1]), args.setup.endswith("overlap"))
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(rank)
-    inputs, targets = torch.randn(MICRO_BATCH, HIDDEN, generator=generator), torch.randn(MICRO_BATCH, HIDDEN, generator=generator)
+    inputs, targets = (
+        torch.randn(MICRO_BATCH, HIDDEN, generator=generator),
+        torch.randn(MICRO_BATCH, HIDDEN, generator=generator),
+    )
     times = []
     for index in range(args.warmup + args.steps):
         dist.barrier()
@@ -116,14 +129,27 @@ def main():
         if index >= args.warmup:
             times.append(time.perf_counter() - started)
     optimizer_bytes, grad_bytes = memory()
-    mine = {"optimizer_state_bytes": optimizer_bytes, "grad_bytes": grad_bytes,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    mine = {
+        "optimizer_state_bytes": optimizer_bytes,
+        "grad_bytes": grad_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
     if rank == 0:
         times.sort()
-        print("RESULT " + json.dumps({"setup": args.setup, "step_s": times[len(times) // 2], "ranks": gathered,
-                                      "params": sum(p.numel() for p in make_model().parameters())}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "setup": args.setup,
+                    "step_s": times[len(times) // 2],
+                    "ranks": gathered,
+                    "params": sum(p.numel() for p in make_model().parameters()),
+                }
+            ),
+            flush=True,
+        )
     dist.barrier()
 
 

@@ -42,8 +42,18 @@ def load_corpus(path: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     return join(train), join(validation), root
 
 
-def batch_for(data: np.ndarray, step: int, micro_step: int, rank: int, *, seed: int, micro_batch: int,
-              accumulation_steps: int, world_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_for(
+    data: np.ndarray,
+    step: int,
+    micro_step: int,
+    rank: int,
+    *,
+    seed: int,
+    micro_batch: int,
+    accumulation_steps: int,
+    world_size: int,
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's micro-batch of global step `step`: (inputs, targets), each (micro_batch, seq_len)."""
     global_batch = micro_batch * accumulation_steps * world_size
     generator = np.random.default_rng([seed, step])

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import memfit  # noqa: E402
 from byte_data import batch_for, load_corpus  # noqa: E402
 from gpt_model import GPT, PRESETS  # noqa: E402
+
+import memfit  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,8 +66,17 @@ def validation_loss(engine, data, args, micro_batch, seq_len) -> float:
     engine.module.eval()
     total = 0.0
     for index in range(args.eval_batches):
-        inputs, targets = batch_for(data, index, 0, engine.rank, seed=engine.config.seed + 1, micro_batch=micro_batch,
-                                    accumulation_steps=1, world_size=engine.world_size, seq_len=seq_len)
+        inputs, targets = batch_for(
+            data,
+            index,
+            0,
+            engine.rank,
+            seed=engine.config.seed + 1,
+            micro_batch=micro_batch,
+            accumulation_steps=1,
+            world_size=engine.world_size,
+            seq_len=seq_len,
+        )
         logits = engine(inputs.to(engine.device))
         total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(engine.device).flatten()).item()
     engine.module.train()
@@ -89,8 +99,11 @@ def main(argv=None) -> None:
     is_main = engine.rank == 0
     if is_main:
         num_params = sum(p.numel() for p in model.parameters())
-        print(f"train_gpt: {args.preset} ({num_params / 1e6:.1f}M parameters), {engine.world_size} rank(s), "
-              f"ZeRO stage {engine.stage}, data {source} ({len(train) / 1e6:.1f} MB train)", flush=True)
+        print(
+            f"train_gpt: {args.preset} ({num_params / 1e6:.1f}M parameters), {engine.world_size} rank(s), "
+            f"ZeRO stage {engine.stage}, data {source} ({len(train) / 1e6:.1f} MB train)",
+            flush=True,
+        )
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
     metrics = open(args.metrics, "a" if args.resume else "w") if is_main else None
     bar = tqdm(total=args.max_steps, initial=start_step, desc="train", disable=not is_main, dynamic_ncols=True)
@@ -99,9 +112,17 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         step_loss = 0.0
         for micro_step in range(accumulation):
-            inputs, targets = batch_for(train, step, micro_step, engine.rank, seed=engine.config.seed, micro_batch=micro,
-                                        accumulation_steps=accumulation, world_size=engine.world_size,
-                                        seq_len=model_cfg.seq_len)
+            inputs, targets = batch_for(
+                train,
+                step,
+                micro_step,
+                engine.rank,
+                seed=engine.config.seed,
+                micro_batch=micro,
+                accumulation_steps=accumulation,
+                world_size=engine.world_size,
+                seq_len=model_cfg.seq_len,
+            )
             logits = engine(inputs.to(engine.device))
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(engine.device).flatten())
             engine.backward(loss)
@@ -110,8 +131,12 @@ def main(argv=None) -> None:
         loss_value = mean_over_ranks(step_loss, engine)
         tokens_per_s = tokens_per_step / (time.perf_counter() - started)
         done = step + 1
-        record = {"step": done, "loss": round(loss_value, 5), "tokens_per_s": round(tokens_per_s, 1),
-                  "lr": engine.optimizer.param_groups[0]["lr"]}
+        record = {
+            "step": done,
+            "loss": round(loss_value, 5),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "lr": engine.optimizer.param_groups[0]["lr"],
+        }
         if done % engine.config.steps_per_print == 0 or done == args.max_steps or done % args.eval_every == 0:
             record["rss_bytes_per_rank"] = rss_per_rank(engine)
             record["memory"] = engine.memory_report()

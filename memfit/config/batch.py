@@ -10,24 +10,31 @@ def resolve_batch(config, world_size: int) -> tuple[int, int, int]:
     accumulation = config.gradient_accumulation_steps
     if train is not None and micro is not None and accumulation is not None:
         if train != micro * accumulation * world_size:
-            raise ConfigError([
-                f"train_batch_size: {train} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
-                f"{accumulation} x world size {world_size} = {micro * accumulation * world_size}"
-            ])
+            raise ConfigError(
+                [
+                    f"train_batch_size: {train} != train_micro_batch_size_per_gpu {micro} x "
+                    f"gradient_accumulation_steps "
+                    f"{accumulation} x world size {world_size} = {micro * accumulation * world_size}"
+                ]
+            )
     elif train is not None and micro is not None:
         accumulation, remainder = divmod(train, micro * world_size)
         if remainder or accumulation == 0:
-            raise ConfigError([
-                f"train_batch_size: {train} is not a multiple of train_micro_batch_size_per_gpu {micro} x "
-                f"world size {world_size} = {micro * world_size}"
-            ])
+            raise ConfigError(
+                [
+                    f"train_batch_size: {train} is not a multiple of train_micro_batch_size_per_gpu {micro} x "
+                    f"world size {world_size} = {micro * world_size}"
+                ]
+            )
     elif train is not None and accumulation is not None:
         micro, remainder = divmod(train, accumulation * world_size)
         if remainder or micro == 0:
-            raise ConfigError([
-                f"train_batch_size: {train} is not a multiple of gradient_accumulation_steps {accumulation} x "
-                f"world size {world_size} = {accumulation * world_size}"
-            ])
+            raise ConfigError(
+                [
+                    f"train_batch_size: {train} is not a multiple of gradient_accumulation_steps {accumulation} x "
+                    f"world size {world_size} = {accumulation * world_size}"
+                ]
+            )
     elif micro is not None:
         accumulation = accumulation or 1
         train = micro * accumulation * world_size

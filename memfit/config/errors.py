@@ -38,7 +38,7 @@ def describe_pydantic_error(error: dict) -> str:
     path = join_path(*error["loc"])
     message = error["msg"]
     if message.startswith("Value error, "):
-        return f"{path}: {message[len('Value error, '):]}"
+        return f"{path}: {message[len('Value error, ') :]}"
     if message.startswith("Input should be "):
         message = "expected " + message[len("Input should be ") :]
     elif message == "Field required":

@@ -78,7 +78,7 @@ def _screen_keys(raw: dict, model: type[BaseModel], path: str, problems: list[st
     for key, value in raw.items():
         where = join_path(path, key) if path else key
         if value == "auto":
-            problems.append(f"{where}: \"auto\" is not accepted by memfit; give a value")
+            problems.append(f'{where}: "auto" is not accepted by memfit; give a value')
             continue
         if key in fields:
             nested = _section_model(fields[key].annotation)
@@ -90,7 +90,9 @@ def _screen_keys(raw: dict, model: type[BaseModel], path: str, problems: list[st
         elif key in UNSUPPORTED.get(path, ()):
             problems.append(f"{where}: supported by DeepSpeed, not by memfit")
         elif key in COSMETIC.get(path, ()):
-            warnings.warn(f"config: {where} is ignored by memfit (it does not change training)", UserWarning, stacklevel=4)
+            warnings.warn(
+                f"config: {where} is ignored by memfit (it does not change training)", UserWarning, stacklevel=4
+            )
         else:
             problems.append(unknown_key(path, key, list(fields)))
     return cleaned
@@ -106,6 +108,10 @@ def _check_component_params(cleaned: dict) -> list[str]:
     optimizer, scheduler = cleaned.get("optimizer"), cleaned.get("scheduler")
     if isinstance(optimizer, dict) and isinstance(optimizer.get("params", {}), dict):
         problems += optimizer_param_problems(optimizer.get("type", "AdamW"), optimizer.get("params", {}))
-    if isinstance(scheduler, dict) and scheduler.get("type") in SCHEDULERS and isinstance(scheduler.get("params", {}), dict):
+    if (
+        isinstance(scheduler, dict)
+        and scheduler.get("type") in SCHEDULERS
+        and isinstance(scheduler.get("params", {}), dict)
+    ):
         problems += scheduler_param_problems(scheduler["type"], scheduler.get("params", {}))
     return problems

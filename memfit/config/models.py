@@ -27,7 +27,9 @@ class SchedulerConfig(Section):
 
 
 class OffloadOptimizerConfig(Section):
-    device: Literal["none", "cpu", "nvme"] = Field("none", description="Where optimizer state and fp32 master weights live.")
+    device: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where optimizer state and fp32 master weights live."
+    )
     nvme_path: str | None = Field(None, description="Directory for the swap file when device is nvme.")
     pin_memory: bool = Field(True, description="Register the host arena with CUDA when a GPU is present.")
     buffer_count: int = Field(4, ge=1, description="Number of staging buffers for NVMe transfers.")
@@ -45,9 +47,7 @@ class OffloadOptimizerConfig(Section):
 
 class ZeroConfig(Section):
     stage: int = Field(0, description="0: replicated optimizer; 1: sharded optimizer state; 2: also sharded gradients.")
-    reduce_bucket_size: int = Field(
-        500_000_000, gt=0, description="Elements per gradient communication bucket."
-    )
+    reduce_bucket_size: int = Field(500_000_000, gt=0, description="Elements per gradient communication bucket.")
     overlap_comm: bool = Field(False, description="Launch gradient communication from backward hooks as buckets fill.")
     contiguous_gradients: bool = Field(True, description="Pack gradients into contiguous buckets before communicating.")
     offload_optimizer: OffloadOptimizerConfig = Field(

@@ -14,6 +14,7 @@ import torch
 from memfit.io.extents import ExtentAllocator, align_up
 from memfit.units import format_bytes, parse_size
 
+
 class HostArena:
     def __init__(self, capacity_bytes, *, register_cuda: bool | None = None):
         capacity = align_up(parse_size(capacity_bytes))
@@ -35,7 +36,9 @@ class HostArena:
     def _register_cuda(self) -> None:
         status = torch.cuda.cudart().cudaHostRegister(self._base.data_ptr(), self.capacity_bytes, 0)
         if int(status) != 0:
-            warnings.warn(f"cudaHostRegister failed ({status}); host arena stays pageable", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"cudaHostRegister failed ({status}); host arena stays pageable", RuntimeWarning, stacklevel=3
+            )
             return
         self.pinned = True
 
@@ -59,7 +62,8 @@ class HostArena:
         if offset is None:
             raise MemoryError(
                 f"host arena full: {format_bytes(num_bytes)} requested, {format_bytes(self._extents.free_bytes)} free "
-                f"of {format_bytes(self.capacity_bytes)} (largest free block {format_bytes(self._extents.largest_free_bytes)})"
+                f"of {format_bytes(self.capacity_bytes)} "
+                f"(largest free block {format_bytes(self._extents.largest_free_bytes)})"
             )
         tensor = self._base[offset : offset + num_bytes].view(dtype).view(shape)
         self._blocks[tensor.data_ptr()] = num_bytes

@@ -31,8 +31,13 @@ class SwapFile:
         self.capacity_bytes = self._extents.capacity_bytes
         self.path = os.fspath(path)
         self._file = AsyncFile(
-            self.path, "w", size=self.capacity_bytes, direct=direct,
-            block_size=block_size, queue_depth=queue_depth, backend=backend,
+            self.path,
+            "w",
+            size=self.capacity_bytes,
+            direct=direct,
+            block_size=block_size,
+            queue_depth=queue_depth,
+            backend=backend,
         )
         self._slots: dict[str, tuple[int, int]] = {}  # name -> (offset, nbytes)
 

@@ -19,9 +19,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", default="1G", help="bytes to write and read (default 1G)")
     parser.add_argument("--block-size", default="1M", help="I/O piece size (default 1M)")
     parser.add_argument("--queue-depth", type=int, default=32, help="pieces in flight (default 32)")
-    parser.add_argument(
-        "--backend", default="all", help="io_uring, threads, python, or all available (default all)"
-    )
+    parser.add_argument("--backend", default="all", help="io_uring, threads, python, or all available (default all)")
 
 
 def run(args) -> int:
@@ -36,12 +34,15 @@ def run(args) -> int:
     pattern, landing = arena.alloc(window), arena.alloc(window)
     pattern.copy_(torch.randint(0, 256, (window,), dtype=torch.uint8))
     path = os.path.join(args.path, f"memfit-bench-{uuid.uuid4().hex}.bin")
-    print(f"memfit bench io: {format_bytes(size)} at {args.path}, block {args.block_size}, queue depth {args.queue_depth}")
+    print(
+        f"memfit bench io: {format_bytes(size)} at {args.path}, block {args.block_size}, queue depth {args.queue_depth}"
+    )
     results = []
     try:
         for backend in backends:
-            with AsyncFile(path, "w", size=size, backend=backend, block_size=args.block_size,
-                           queue_depth=args.queue_depth) as f:
+            with AsyncFile(
+                path, "w", size=size, backend=backend, block_size=args.block_size, queue_depth=args.queue_depth
+            ) as f:
                 write_s = _transfer(f, pattern, size, is_read=False, label=f"{backend} write")
                 read_s = _transfer(f, landing, size, is_read=True, label=f"{backend} read", pattern=pattern)
                 results.append((backend, size / write_s / 1e9, size / read_s / 1e9, f.direct))

@@ -19,7 +19,9 @@ def build_parser():
     parser = get_args_parser()
     parser.prog = "memfit run"
     parser.description = "Start a memfit training script on one or more nodes (torchrun's options, plus --config)."
-    parser.add_argument("--config", default=None, help="memfit JSON config; checked here, passed to workers as MEMFIT_CONFIG")
+    parser.add_argument(
+        "--config", default=None, help="memfit JSON config; checked here, passed to workers as MEMFIT_CONFIG"
+    )
     return parser
 
 

@@ -7,7 +7,8 @@ proj_type:
   blockwise   whole tensors are Adam-active, the rest take signSGD (or SGD). The active set is
               chosen by bytes: a window over the group's tensors, walking backwards from the last
               one, takes tensors while the active bytes stay within density x the group's bytes;
-              the next renewal's window starts where this one stopped, so all take turns. Inside memfit's engine each rank's optimizer holds only
+              the next renewal's window starts where this one stopped, so all take turns.
+              Inside memfit's engine each rank's optimizer holds only
               the tensors that rank owns, so every rank keeps at most density x its own bytes of
               Adam state: the shares are as balanced as the ownership plan itself. At a renewal,
               reset_state_on_refresh (the reference's behaviour) restarts every active tensor's
@@ -31,9 +32,23 @@ STATE_FREE = ("signsgd", "sgd")
 
 
 class FRUGAL(torch.optim.Optimizer):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, density=0.25,
-                 update_gap=200, proj_type="blockwise", state_free="signsgd", state_free_lr_scale=1.0, proj_scale=1.0,
-                 reset_state_on_refresh=True, seed=0):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        *,
+        density=0.25,
+        update_gap=200,
+        proj_type="blockwise",
+        state_free="signsgd",
+        state_free_lr_scale=1.0,
+        proj_scale=1.0,
+        reset_state_on_refresh=True,
+        seed=0,
+    ):
         if lr < 0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= density <= 1.0:
@@ -48,10 +63,20 @@ class FRUGAL(torch.optim.Optimizer):
             raise ValueError(f"Invalid betas: {betas}")
         if weight_decay < 0 or eps < 0:
             raise ValueError(f"Invalid weight_decay or eps: {weight_decay}, {eps}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density,
-                        update_gap=update_gap, proj_type=proj_type, state_free=state_free,
-                        state_free_lr_scale=state_free_lr_scale, proj_scale=proj_scale,
-                        reset_state_on_refresh=reset_state_on_refresh, projectable=False)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            density=density,
+            update_gap=update_gap,
+            proj_type=proj_type,
+            state_free=state_free,
+            state_free_lr_scale=state_free_lr_scale,
+            proj_scale=proj_scale,
+            reset_state_on_refresh=reset_state_on_refresh,
+            projectable=False,
+        )
         super().__init__(params, defaults)
         self.seed = seed
         for group in self.param_groups:
@@ -60,7 +85,9 @@ class FRUGAL(torch.optim.Optimizer):
             if group["projectable"] and group["proj_type"] != "blockwise":
                 for param in group["params"]:
                     if param.dim() != 2:
-                        raise ValueError(f"proj_type {group['proj_type']!r} needs 2-D tensors, got {tuple(param.shape)}")
+                        raise ValueError(
+                            f"proj_type {group['proj_type']!r} needs 2-D tensors, got {tuple(param.shape)}"
+                        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -152,7 +179,9 @@ class FRUGAL(torch.optim.Optimizer):
                 state["seed"] = refresh_seed
             else:
                 generator = torch.Generator().manual_seed(refresh_seed)
-                state["basis"] = compute_basis(grad, state["side"], state["rank"], group["proj_type"], generator=generator)
+                state["basis"] = compute_basis(
+                    grad, state["side"], state["rank"], group["proj_type"], generator=generator
+                )
             state["num_refreshes"] += 1
             if group["reset_state_on_refresh"]:
                 for key in ("exp_avg", "exp_avg_sq", "step"):

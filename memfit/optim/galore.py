@@ -35,9 +35,24 @@ MOMENT_MODES = ("keep", "reset", "project")
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, rank=None,
-                 update_proj_gap=200, scale=0.25, proj_type="std", projector="svd", moments_on_refresh="keep",
-                 galore_compat=False, proj_dtype=torch.float32, seed=0):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        *,
+        rank=None,
+        update_proj_gap=200,
+        scale=0.25,
+        proj_type="std",
+        projector="svd",
+        moments_on_refresh="keep",
+        galore_compat=False,
+        proj_dtype=torch.float32,
+        seed=0,
+    ):
         if lr < 0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if eps < 0:
@@ -46,9 +61,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid betas: {betas}")
         if weight_decay < 0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector,
-                        moments_on_refresh=moments_on_refresh)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            projector=projector,
+            moments_on_refresh=moments_on_refresh,
+        )
         super().__init__(params, defaults)
         self.galore_compat = galore_compat
         self.proj_dtype = proj_dtype
@@ -69,7 +93,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if group["projector"] not in METHODS:
             raise ValueError(f"Invalid projector: {group['projector']!r} (expected one of {METHODS})")
         if group["moments_on_refresh"] not in MOMENT_MODES:
-            raise ValueError(f"Invalid moments_on_refresh: {group['moments_on_refresh']!r} (expected one of {MOMENT_MODES})")
+            raise ValueError(
+                f"Invalid moments_on_refresh: {group['moments_on_refresh']!r} (expected one of {MOMENT_MODES})"
+            )
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(f"a group with 'rank' may hold only 2-D tensors, got shape {tuple(param.shape)}")
@@ -94,14 +120,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _basis(self, param, state, group):
         if "basis" in state:
             return state["basis"]
-        return random_basis(tuple(param.shape), state["side"], state["rank"], state["seed"], param.device).to(self.proj_dtype)
+        return random_basis(tuple(param.shape), state["side"], state["rank"], state["seed"], param.device).to(
+            self.proj_dtype
+        )
 
     def _refresh(self, param, grad, state, group, seed_base):
         if "side" not in state:
             state["side"] = choose_side(tuple(param.shape), group["proj_type"])
             state["rank"] = basis_rank(tuple(param.shape), state["side"], group["rank"])
             state["num_refreshes"] = 0
-        old_basis = self._basis(param, state, group) if "exp_avg" in state and group["moments_on_refresh"] == "project" else None
+        old_basis = (
+            self._basis(param, state, group)
+            if "exp_avg" in state and group["moments_on_refresh"] == "project"
+            else None
+        )
         method = group["projector"]
         seed = (seed_base * 1_000_003 + state["num_refreshes"]) % (1 << 62)
         if method == "random":
@@ -109,8 +141,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         else:
             generator = torch.Generator().manual_seed(seed)
             dtype = grad.dtype if self.galore_compat else self.proj_dtype
-            basis = compute_basis(grad, state["side"], state["rank"], method, generator=generator,
-                                  fix_signs=not self.galore_compat)
+            basis = compute_basis(
+                grad, state["side"], state["rank"], method, generator=generator, fix_signs=not self.galore_compat
+            )
             state["basis"] = basis.to(dtype)
         state["num_refreshes"] += 1
         if "exp_avg" not in state:
@@ -165,8 +198,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # the constants move into addmm's alpha, saving a pass over the low-rank state.
         root_bias2 = math.sqrt(bias2)
         normalized = exp_avg / exp_avg_sq.sqrt().add_(group["eps"] * root_bias2)
-        apply_back(param, normalized, basis, state["side"], beta=1 - lr * weight_decay,
-                   alpha=-lr * scale * root_bias2 / bias1)
+        apply_back(
+            param, normalized, basis, state["side"], beta=1 - lr * weight_decay, alpha=-lr * scale * root_bias2 / bias1
+        )
 
     def state_bytes(self) -> int:
         """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""

@@ -4,18 +4,28 @@ each gradient is freed as soon as it is used and peak gradient memory is about o
 It steps only at accumulation boundaries: the hook counts the backward passes that reached each
 parameter and steps on every grad_accum_steps-th, after the gradients of all micro-batches have
 been summed (galore-torch's per-layer mode steps on every micro-batch, which silently breaks
-accumulation). Scale each micro-batch's loss by 1 / grad_accum_steps, as in a normal loop. Global gradient-norm clipping is impossible in this mode, since no gradient
+accumulation). Scale each micro-batch's loss by 1 / grad_accum_steps, as in a normal loop.
+Global gradient-norm clipping is impossible in this mode, since no gradient
 outlives its own step; passing gradient_clipping > 0 raises."""
 
 import torch
 
 
 class LayerwiseStepper:
-    def __init__(self, model: torch.nn.Module, optimizer_factory, grad_accum_steps: int = 1, *,
-                 gradient_clipping: float = 0.0, lr_scheduler_factory=None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer_factory,
+        grad_accum_steps: int = 1,
+        *,
+        gradient_clipping: float = 0.0,
+        lr_scheduler_factory=None,
+    ):
         if gradient_clipping and gradient_clipping > 0:
-            raise ValueError("gradient_clipping: global norm clipping is not possible in layer-wise mode "
-                             "(each gradient is freed at its own step); set it to 0")
+            raise ValueError(
+                "gradient_clipping: global norm clipping is not possible in layer-wise mode "
+                "(each gradient is freed at its own step); set it to 0"
+            )
         if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps: must be a positive integer, got {grad_accum_steps!r}")
         self.grad_accum_steps = grad_accum_steps
@@ -54,8 +64,13 @@ class LayerwiseStepper:
         self._passes.update(state["passes"])
 
     def state_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for o in self.optimizers.values() for s in o.state.values()
-                   for v in s.values() if torch.is_tensor(v))
+        return sum(
+            v.numel() * v.element_size()
+            for o in self.optimizers.values()
+            for s in o.state.values()
+            for v in s.values()
+            if torch.is_tensor(v)
+        )
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -47,8 +47,16 @@ def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * signs
 
 
-def left_vectors(matrix: torch.Tensor, rank: int, method: str, *, generator: torch.Generator | None = None,
-                 oversample: int = 8, power_iters: int = 2, fix_signs: bool = True) -> torch.Tensor:
+def left_vectors(
+    matrix: torch.Tensor,
+    rank: int,
+    method: str,
+    *,
+    generator: torch.Generator | None = None,
+    oversample: int = 8,
+    power_iters: int = 2,
+    fix_signs: bool = True,
+) -> torch.Tensor:
     """An m x rank orthonormal basis of matrix's leading left singular space (float32)."""
     matrix = matrix.float()
     rows, cols = matrix.shape
@@ -70,8 +78,9 @@ def left_vectors(matrix: torch.Tensor, rank: int, method: str, *, generator: tor
     return _fix_signs(vectors) if fix_signs else vectors
 
 
-def compute_basis(grad: torch.Tensor, side: int, rank: int, method: str, *, fix_signs: bool = True,
-                  **kwargs) -> torch.Tensor:
+def compute_basis(
+    grad: torch.Tensor, side: int, rank: int, method: str, *, fix_signs: bool = True, **kwargs
+) -> torch.Tensor:
     """The basis for side: P (m x r) for LEFT, Q (r x n) for RIGHT. The exact SVD is taken of G
     itself for both sides (U or Vh), so with fix_signs off the signs are those galore-torch gets."""
     if method == "svd":

@@ -16,38 +16,100 @@ def _adam(named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
 
 
 def _adamw(named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False):
-    return torch.optim.AdamW(_tensors(named_params), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    return torch.optim.AdamW(
+        _tensors(named_params), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad
+    )
 
 
 def _sgd(named_params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
-    return torch.optim.SGD(_tensors(named_params), lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    return torch.optim.SGD(
+        _tensors(named_params),
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+    )
 
 
-def _galore(named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128, update_proj_gap=200,
-            scale=0.25, proj_type="std", projector="svd", moments_on_refresh="keep", target_modules=("attn", "mlp"),
-            galore_compat=False, proj_dtype="float32", seed=0):
+def _galore(
+    named_params,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    rank=128,
+    update_proj_gap=200,
+    scale=0.25,
+    proj_type="std",
+    projector="svd",
+    moments_on_refresh="keep",
+    target_modules=("attn", "mlp"),
+    galore_compat=False,
+    proj_dtype="float32",
+    seed=0,
+):
     """GaLoreAdamW over galore_param_groups: 2-D weights of target modules projected."""
     from memfit.optim.galore import GaLoreAdamW
     from memfit.optim.groups import galore_param_groups
 
-    groups = galore_param_groups(named_params, rank, tuple(target_modules), update_proj_gap=update_proj_gap,
-                                 scale=scale, proj_type=proj_type, projector=projector,
-                                 moments_on_refresh=moments_on_refresh)
-    return GaLoreAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                       galore_compat=galore_compat, proj_dtype=_dtype(proj_dtype), seed=seed)
+    groups = galore_param_groups(
+        named_params,
+        rank,
+        tuple(target_modules),
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        projector=projector,
+        moments_on_refresh=moments_on_refresh,
+    )
+    return GaLoreAdamW(
+        groups,
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        galore_compat=galore_compat,
+        proj_dtype=_dtype(proj_dtype),
+        seed=seed,
+    )
 
 
-def _frugal(named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, density=0.25, update_gap=200,
-            proj_type="blockwise", state_free="signsgd", state_free_lr_scale=1.0, proj_scale=1.0,
-            reset_state_on_refresh=True, target_modules=("attn", "mlp"), seed=0):
+def _frugal(
+    named_params,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    density=0.25,
+    update_gap=200,
+    proj_type="blockwise",
+    state_free="signsgd",
+    state_free_lr_scale=1.0,
+    proj_scale=1.0,
+    reset_state_on_refresh=True,
+    target_modules=("attn", "mlp"),
+    seed=0,
+):
     """FRUGAL over frugal_param_groups: 2-D weights of target modules split, the rest AdamW."""
     from memfit.optim.frugal import FRUGAL
     from memfit.optim.groups import frugal_param_groups
 
-    return FRUGAL(frugal_param_groups(named_params, tuple(target_modules)), lr=lr, betas=tuple(betas), eps=eps,
-                  weight_decay=weight_decay, density=density, update_gap=update_gap, proj_type=proj_type,
-                  state_free=state_free, state_free_lr_scale=state_free_lr_scale, proj_scale=proj_scale,
-                  reset_state_on_refresh=reset_state_on_refresh, seed=seed)
+    return FRUGAL(
+        frugal_param_groups(named_params, tuple(target_modules)),
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        density=density,
+        update_gap=update_gap,
+        proj_type=proj_type,
+        state_free=state_free,
+        state_free_lr_scale=state_free_lr_scale,
+        proj_scale=proj_scale,
+        reset_state_on_refresh=reset_state_on_refresh,
+        seed=seed,
+    )
 
 
 def _tensors(named_params):
@@ -61,8 +123,25 @@ def _dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-OPTIMIZERS: dict[str, Callable] = {"Adam": _adam, "AdamW": _adamw, "SGD": _sgd, "GaLoreAdamW": _galore, "FRUGAL": _frugal}
-DEEPSPEED_ONLY = {"OneBitAdam", "ZeroOneAdam", "Lamb", "OneBitLamb", "MuAdam", "MuAdamW", "MuSGD", "Lion", "Muon", "Adagrad"}
+OPTIMIZERS: dict[str, Callable] = {
+    "Adam": _adam,
+    "AdamW": _adamw,
+    "SGD": _sgd,
+    "GaLoreAdamW": _galore,
+    "FRUGAL": _frugal,
+}
+DEEPSPEED_ONLY = {
+    "OneBitAdam",
+    "ZeroOneAdam",
+    "Lamb",
+    "OneBitLamb",
+    "MuAdam",
+    "MuAdamW",
+    "MuSGD",
+    "Lion",
+    "Muon",
+    "Adagrad",
+}
 
 
 def register_optimizer(name: str, factory: Callable) -> None:

@@ -43,8 +43,12 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     owned_names = set(plan.owned(rank)) if stage > 0 else set(plan.names)
     buckets = build_buckets(named_params, plan, cfg.zero_optimization.reduce_bucket_size)
     if not cfg.zero_optimization.contiguous_gradients:
-        warnings.warn("zero_optimization.contiguous_gradients=false is ignored: memfit always keeps gradients in "
-                      "contiguous buckets", UserWarning, stacklevel=2)
+        warnings.warn(
+            "zero_optimization.contiguous_gradients=false is ignored: memfit always keeps gradients in "
+            "contiguous buckets",
+            UserWarning,
+            stacklevel=2,
+        )
     if world_size > 1 and stage > 0:
         flatten_params(buckets)  # owners broadcast each bucket in place
     attach_grad_buffers([b for b in buckets if stage < 2 or b.owner_rank == rank])
@@ -53,9 +57,20 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)))
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     return Engine(
-        model=model, config=cfg, rank=rank, world_size=world_size, device=device, named_params=named_params,
-        plan=plan, buckets=buckets, reducer=reducer, masters=masters, optimizer=opt, lr_scheduler=scheduler,
-        micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps,
+        model=model,
+        config=cfg,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        named_params=named_params,
+        plan=plan,
+        buckets=buckets,
+        reducer=reducer,
+        masters=masters,
+        optimizer=opt,
+        lr_scheduler=scheduler,
+        micro_batch_size=micro_batch_size,
+        accumulation_steps=accumulation_steps,
     )
 
 

@@ -34,7 +34,9 @@ def save_checkpoint(engine, save_dir, tag, client_state: dict) -> str:
         for name, master in zip(engine.masters.names, engine.masters.masters):
             index = index_of[id(master)]
             params[name] = master.detach().cpu()
-            states[name] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in optimizer_state["state"].get(index, {}).items()}
+            states[name] = {
+                k: (v.cpu() if torch.is_tensor(v) else v) for k, v in optimizer_state["state"].get(index, {}).items()
+            }
     payload = {
         "params": params,
         "optimizer_state": states,
@@ -48,8 +50,13 @@ def save_checkpoint(engine, save_dir, tag, client_state: dict) -> str:
     _atomic_save(payload, _rank_file(directory, engine.rank))
     engine.barrier()
     if engine.rank == 0:
-        manifest = {"tag": tag, "world_size": engine.world_size, "stage": engine.stage,
-                    "global_step": engine.global_step, "owner_of": engine.ownership()["owner_of"]}
+        manifest = {
+            "tag": tag,
+            "world_size": engine.world_size,
+            "stage": engine.stage,
+            "global_step": engine.global_step,
+            "owner_of": engine.ownership()["owner_of"],
+        }
         with open(os.path.join(directory, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         with open(os.path.join(os.fspath(save_dir), "latest"), "w") as f:
@@ -72,7 +79,10 @@ def load_checkpoint(engine, load_dir, tag=None) -> dict:
     directory = os.path.join(load_dir, tag)
     with open(os.path.join(directory, MANIFEST)) as f:
         manifest = json.load(f)
-    saved = [torch.load(_rank_file(directory, r), map_location="cpu", weights_only=True) for r in range(manifest["world_size"])]
+    saved = [
+        torch.load(_rank_file(directory, r), map_location="cpu", weights_only=True)
+        for r in range(manifest["world_size"])
+    ]
     params = {name: t for payload in saved for name, t in payload["params"].items()}
     states = {name: s for payload in saved for name, s in payload["optimizer_state"].items()}
     missing = [name for name, _ in engine._named_params if name not in params]
@@ -104,7 +114,9 @@ def _load_optimizer_state(engine, states: dict, saved_groups: list) -> None:
     for index, param in enumerate(flat):
         state = states.get(name_of[id(param)], {})
         if state:
-            new_state[index] = {k: (v.to(param.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
+            new_state[index] = {
+                k: (v.to(param.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()
+            }
     groups = []
     for group_index, group in enumerate(current["param_groups"]):
         hyper = saved_groups[group_index] if group_index < len(saved_groups) else {}

@@ -14,21 +14,37 @@ allocated once, so reductions and broadcasts run in place.
 Invariant: between steps, every rank holds identical compute parameters and no gradients.
 """
 
+import functools
 import logging
 
 import torch
 import torch.distributed as dist
 
-from memfit.runtime.precision import MasterWeights
 from memfit.runtime.zero.buckets import reset_grads
-from memfit.runtime.zero.collectives import GradientReducer, all_reduce_scalar, broadcast_params
+from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params
 
 logger = logging.getLogger("memfit")
 
 
 class Engine:
-    def __init__(self, *, model, config, rank, world_size, device, named_params, plan, buckets, reducer, masters,
-                 optimizer, lr_scheduler, micro_batch_size, accumulation_steps):
+    def __init__(
+        self,
+        *,
+        model,
+        config,
+        rank,
+        world_size,
+        device,
+        named_params,
+        plan,
+        buckets,
+        reducer,
+        masters,
+        optimizer,
+        lr_scheduler,
+        micro_batch_size,
+        accumulation_steps,
+    ):
         self.module = model
         self.config = config
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -68,9 +84,9 @@ class Engine:
     def _install_hooks(self) -> None:
         bucket_of = {id(p): index for index, bucket in enumerate(self._buckets) for p in bucket.params}
         for _, param in self._named_params:
-            param.register_post_accumulate_grad_hook(lambda p, i=bucket_of[id(param)]: self._grad_ready(i))
+            param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, bucket_of[id(param)]))
 
-    def _grad_ready(self, bucket_index: int) -> None:
+    def _grad_ready(self, bucket_index: int, param=None) -> None:
         if not self._boundary_backward:
             return
         count = self._ready_count.get(bucket_index, 0) + 1
@@ -138,6 +154,7 @@ class Engine:
 
     def memory_report(self) -> dict:
         """Bytes held by this rank, per category."""
+
         def nbytes(tensors):
             return sum(t.numel() * t.element_size() for t in tensors)
 

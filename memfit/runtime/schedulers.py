@@ -53,8 +53,15 @@ class WarmupLR:
 
 
 class WarmupDecayLR(WarmupLR):
-    def __init__(self, optimizer, total_num_steps, warmup_min_lr=0.0, warmup_max_lr=0.001, warmup_num_steps=1000,
-                 warmup_type="log"):
+    def __init__(
+        self,
+        optimizer,
+        total_num_steps,
+        warmup_min_lr=0.0,
+        warmup_max_lr=0.001,
+        warmup_num_steps=1000,
+        warmup_type="log",
+    ):
         if not isinstance(total_num_steps, int) or total_num_steps <= 0:
             raise ValueError(f"total_num_steps must be a positive integer, got {total_num_steps!r}")
         self.total_num_steps = total_num_steps
@@ -68,8 +75,15 @@ class WarmupDecayLR(WarmupLR):
 
 
 class WarmupCosineLR(WarmupLR):
-    def __init__(self, optimizer, total_num_steps, warmup_min_ratio=0.0, warmup_num_steps=1000, cos_min_ratio=0.0001,
-                 warmup_type="log"):
+    def __init__(
+        self,
+        optimizer,
+        total_num_steps,
+        warmup_min_ratio=0.0,
+        warmup_num_steps=1000,
+        cos_min_ratio=0.0001,
+        warmup_type="log",
+    ):
         if not isinstance(total_num_steps, int) or total_num_steps <= 0:
             raise ValueError(f"total_num_steps must be a positive integer, got {total_num_steps!r}")
         self.total_num_steps = total_num_steps

@@ -14,10 +14,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_loss_falls(tmp_path, config):
     metrics = tmp_path / "metrics.jsonl"
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "train_gpt.py"), "--config",
-         os.path.join(ROOT, "examples", "configs", config), "--max-steps", "12", "--eval-every", "12",
-         "--metrics", str(metrics)],
-        check=True, capture_output=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "train_gpt.py"),
+            "--config",
+            os.path.join(ROOT, "examples", "configs", config),
+            "--max-steps",
+            "12",
+            "--eval-every",
+            "12",
+            "--metrics",
+            str(metrics),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(records) == 12

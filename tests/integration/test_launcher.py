@@ -23,7 +23,10 @@ def launch(command, tmp_path, name):
     metrics = tmp_path / f"{name}.jsonl"
     result = subprocess.run(
         command + ["--max-steps", str(STEPS), "--eval-every", "4", "--metrics", str(metrics)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(metrics), result
@@ -31,9 +34,28 @@ def launch(command, tmp_path, name):
 
 @pytest.mark.slow
 def test_memfit_run_and_torchrun_train_identically(tmp_path):
-    memfit_cmd = [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "2", "--config", CONFIG, EXAMPLE]
-    torchrun_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", EXAMPLE,
-                    "--config", CONFIG]
+    memfit_cmd = [
+        sys.executable,
+        "-m",
+        "memfit.launcher.cli",
+        "run",
+        "--nproc-per-node",
+        "2",
+        "--config",
+        CONFIG,
+        EXAMPLE,
+    ]
+    torchrun_cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        EXAMPLE,
+        "--config",
+        CONFIG,
+    ]
     by_memfit, result = launch(memfit_cmd, tmp_path, "memfit")
     by_torchrun, _ = launch(torchrun_cmd, tmp_path, "torchrun")
     assert "2 rank(s), ZeRO stage 2" in result.stdout
@@ -49,24 +71,37 @@ def test_memfit_run_rejects_bad_config_before_starting_workers(tmp_path):
     bad.write_text('{"zero_optimization": {"stgae": 2}}')
     result = subprocess.run(
         [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "2", "--config", str(bad), EXAMPLE],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert f"{bad}: zero_optimization.stgae: unknown key (did you mean 'stage'?)" in result.stderr
 
 
 def test_config_check_command(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "memfit.launcher.cli", "config", "check", CONFIG],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "memfit.launcher.cli", "config", "check", CONFIG],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0 and ok.stdout.strip() == "ok"
     bad = tmp_path / "bad.json"
     bad.write_text('{"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}')
-    result = subprocess.run([sys.executable, "-m", "memfit.launcher.cli", "config", "check", str(bad), "--world-size", "2"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "memfit.launcher.cli", "config", "check", str(bad), "--world-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert "train_batch_size: 10 is not a multiple of train_micro_batch_size_per_gpu 4 x world size 2 = 8" in result.stderr
-    schema = subprocess.run([sys.executable, "-m", "memfit.launcher.cli", "config", "schema"],
-                            capture_output=True, text=True, timeout=120)
+    assert (
+        "train_batch_size: 10 is not a multiple of train_micro_batch_size_per_gpu 4 x world size 2 = 8" in result.stderr
+    )
+    schema = subprocess.run(
+        [sys.executable, "-m", "memfit.launcher.cli", "config", "schema"], capture_output=True, text=True, timeout=120
+    )
     assert json.loads(schema.stdout)["properties"]["gradient_clipping"]["description"]
 
 
@@ -74,9 +109,12 @@ def test_resume_from_checkpoint_continues_the_curve(tmp_path):
     """Single process: 6 steps straight equal 3 steps, a restart, and 3 more."""
     base = [sys.executable, EXAMPLE, "--config", CONFIG, "--eval-every", "100", "--save-dir", str(tmp_path / "ckpt")]
     straight = tmp_path / "straight.jsonl"
-    subprocess.run(base[:-2] + ["--max-steps", "6", "--metrics", str(straight)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        base[:-2] + ["--max-steps", "6", "--metrics", str(straight)], check=True, capture_output=True, timeout=300
+    )
     split = tmp_path / "split.jsonl"
     subprocess.run(base + ["--max-steps", "3", "--metrics", str(split)], check=True, capture_output=True, timeout=300)
-    subprocess.run(base + ["--max-steps", "6", "--metrics", str(split), "--resume"], check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        base + ["--max-steps", "6", "--metrics", str(split), "--resume"], check=True, capture_output=True, timeout=300
+    )
     assert [r["loss"] for r in read_metrics(split)] == [r["loss"] for r in read_metrics(straight)]

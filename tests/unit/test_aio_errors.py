@@ -51,7 +51,9 @@ def test_engine_usable_after_error(tmp_path, io_backend):
 
 
 def run_isolated(code: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, **kwargs
+    )
 
 
 def test_file_too_large(tmp_path, io_backend):

@@ -15,62 +15,120 @@ BASE = {"train_micro_batch_size_per_gpu": 2}
 
 INVALID = [
     ({"zero_optimization": {"stgae": 2}}, "zero_optimization.stgae: unknown key (did you mean 'stage'?)"),
-    ({"train_micro_batch_size": 2}, "train_micro_batch_size: unknown key (did you mean 'train_micro_batch_size_per_gpu'?)"),
+    (
+        {"train_micro_batch_size": 2},
+        "train_micro_batch_size: unknown key (did you mean 'train_micro_batch_size_per_gpu'?)",
+    ),
     ({"gradient_clip": 1.0}, "gradient_clip: unknown key (did you mean 'gradient_clipping'?)"),
     ({"bf16": {"enable": True}}, "bf16.enable: unknown key (did you mean 'enabled'?)"),
     ({"aio": {"queue_dept": 8}}, "aio.queue_dept: unknown key (did you mean 'queue_depth'?)"),
-    ({"zero_optimization": {"offload_optimizer": {"devise": "cpu"}}},
-     "zero_optimization.offload_optimizer.devise: unknown key (did you mean 'device'?)"),
+    (
+        {"zero_optimization": {"offload_optimizer": {"devise": "cpu"}}},
+        "zero_optimization.offload_optimizer.devise: unknown key (did you mean 'device'?)",
+    ),
     ({"completely_new": 1}, "completely_new: unknown key"),
     ({"fp16": {"enabled": True}}, "fp16: supported by DeepSpeed, not by memfit"),
     ({"activation_checkpointing": {}}, "activation_checkpointing: supported by DeepSpeed, not by memfit"),
-    ({"zero_optimization": {"offload_param": {"device": "cpu"}}},
-     "zero_optimization.offload_param: supported by DeepSpeed, not by memfit"),
-    ({"zero_optimization": {"stage3_max_live_parameters": 1}},
-     "zero_optimization.stage3_max_live_parameters: supported by DeepSpeed, not by memfit"),
+    (
+        {"zero_optimization": {"offload_param": {"device": "cpu"}}},
+        "zero_optimization.offload_param: supported by DeepSpeed, not by memfit",
+    ),
+    (
+        {"zero_optimization": {"stage3_max_live_parameters": 1}},
+        "zero_optimization.stage3_max_live_parameters: supported by DeepSpeed, not by memfit",
+    ),
     ({"aio": {"use_gds": True}}, "aio.use_gds: supported by DeepSpeed, not by memfit"),
-    ({"zero_optimization": {"stage": 3}},
-     "zero_optimization.stage: stage 3 is supported by DeepSpeed, not by memfit (memfit implements stages 0, 1 and 2)"),
+    (
+        {"zero_optimization": {"stage": 3}},
+        "zero_optimization.stage: stage 3 is supported by DeepSpeed, not by memfit (memfit implements stages 0, 1 and 2)",
+    ),
     ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage: expected 0, 1 or 2, got 7"),
-    ({"zero_optimization": {"stage": "two"}},
-     "zero_optimization.stage: expected a valid integer, unable to parse string as an integer, got 'two'"),
-    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
-     "zero_optimization.offload_optimizer.device: offload to 'cpu' is not available yet in this memfit release; use 'none'"),
-    ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
-     "zero_optimization.offload_optimizer.device: offload to 'nvme' is not available yet in this memfit release; use 'none'"),
-    ({"zero_optimization": {"offload_optimizer": {"device": "gpu"}}},
-     "zero_optimization.offload_optimizer.device: expected 'none', 'cpu' or 'nvme', got 'gpu'"),
-    ({"zero_optimization": {"reduce_bucket_size": 0}}, "zero_optimization.reduce_bucket_size: expected greater than 0, got 0"),
+    (
+        {"zero_optimization": {"stage": "two"}},
+        "zero_optimization.stage: expected a valid integer, unable to parse string as an integer, got 'two'",
+    ),
+    (
+        {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+        "zero_optimization.offload_optimizer.device: offload to 'cpu' is not available yet in this memfit release; use 'none'",
+    ),
+    (
+        {"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
+        "zero_optimization.offload_optimizer.device: offload to 'nvme' is not available yet in this memfit release; use 'none'",
+    ),
+    (
+        {"zero_optimization": {"offload_optimizer": {"device": "gpu"}}},
+        "zero_optimization.offload_optimizer.device: expected 'none', 'cpu' or 'nvme', got 'gpu'",
+    ),
+    (
+        {"zero_optimization": {"reduce_bucket_size": 0}},
+        "zero_optimization.reduce_bucket_size: expected greater than 0, got 0",
+    ),
     ({"gradient_clipping": -1}, "gradient_clipping: expected greater than or equal to 0, got -1"),
-    ({"gradient_clipping": "x"}, "gradient_clipping: expected a valid number, unable to parse string as a number, got 'x'"),
+    (
+        {"gradient_clipping": "x"},
+        "gradient_clipping: expected a valid number, unable to parse string as a number, got 'x'",
+    ),
     ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu: expected greater than 0, got 0"),
     ({"train_batch_size": "auto"}, 'train_batch_size: "auto" is not accepted by memfit; give a value'),
-    ({"bf16": {"enabled": "yes please"}}, "bf16.enabled: expected a valid boolean, unable to interpret input, got 'yes please'"),
+    (
+        {"bf16": {"enabled": "yes please"}},
+        "bf16.enabled: expected a valid boolean, unable to interpret input, got 'yes please'",
+    ),
     ({"bf16": True}, "bf16: expected a valid dictionary or instance of Bf16Config, got True"),
     ({"aio": {"block_size": 1000}}, "aio.block_size: expected a multiple of 4096, got 1000"),
     ({"aio": {"queue_depth": 0}}, "aio.queue_depth: expected greater than or equal to 1, got 0"),
     ({"steps_per_print": 0}, "steps_per_print: expected greater than 0, got 0"),
-    ({"optimizer": {"type": "Adamw"}}, "optimizer.type: unknown optimizer 'Adamw' (did you mean 'AdamW'?); known: Adam, AdamW, SGD"),
+    (
+        {"optimizer": {"type": "Adamw"}},
+        "optimizer.type: unknown optimizer 'Adamw' (did you mean 'AdamW'?); known: Adam, AdamW, FRUGAL, GaLoreAdamW, SGD",
+    ),
     ({"optimizer": {"type": "Lamb"}}, "optimizer.type: 'Lamb' is supported by DeepSpeed, not by memfit"),
-    ({"optimizer": {"type": "AdamW", "params": {"betas2": [0.9, 0.9]}}},
-     "optimizer.params.betas2: unknown key (did you mean 'betas'?)"),
+    (
+        {"optimizer": {"type": "AdamW", "params": {"betas2": [0.9, 0.9]}}},
+        "optimizer.params.betas2: unknown key (did you mean 'betas'?)",
+    ),
     ({"optimizer": {"type": "AdamW", "params": {"lr": -1}}}, "optimizer.params: Invalid learning rate: -1"),
-    ({"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": -0.5}}}, "optimizer.params: Invalid momentum value: -0.5"),
+    (
+        {"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": -0.5}}},
+        "optimizer.params: Invalid momentum value: -0.5",
+    ),
+    (
+        {"optimizer": {"type": "GaLoreAdamW", "params": {"rnak": 8}}},
+        "optimizer.params.rnak: unknown key (did you mean 'rank'?)",
+    ),
+    (
+        {"optimizer": {"type": "GaLoreAdamW", "params": {"projector": "qr"}}},
+        "optimizer.params: Invalid projector: 'qr' (expected one of ('svd', 'randomized', 'random'))",
+    ),
+    (
+        {"optimizer": {"type": "FRUGAL", "params": {"density": 2}}},
+        "optimizer.params: Invalid density: 2 (expected 0 to 1)",
+    ),
     ({"optimizer": {"typ": "AdamW"}}, "optimizer.typ: unknown key (did you mean 'type'?)"),
-    ({"scheduler": {"type": "OneCycle"}},
-     "scheduler.type: expected 'WarmupLR', 'WarmupDecayLR' or 'WarmupCosineLR', got 'OneCycle'"),
+    (
+        {"scheduler": {"type": "OneCycle"}},
+        "scheduler.type: expected 'WarmupLR', 'WarmupDecayLR' or 'WarmupCosineLR', got 'OneCycle'",
+    ),
     ({"scheduler": {"type": "WarmupDecayLR"}}, "scheduler.params.total_num_steps: required key missing"),
-    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_steps": 10}}},
-     "scheduler.params.warmup_steps: unknown key (did you mean 'warmup_num_steps'?)"),
-    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cubic"}}},
-     "scheduler.params: warmup_type must be 'log' or 'linear', got 'cubic'"),
-    ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": -5}}},
-     "scheduler.params: total_num_steps must be a positive integer, got -5"),
+    (
+        {"scheduler": {"type": "WarmupLR", "params": {"warmup_steps": 10}}},
+        "scheduler.params.warmup_steps: unknown key (did you mean 'warmup_num_steps'?)",
+    ),
+    (
+        {"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cubic"}}},
+        "scheduler.params: warmup_type must be 'log' or 'linear', got 'cubic'",
+    ),
+    (
+        {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": -5}}},
+        "scheduler.params: total_num_steps must be a positive integer, got -5",
+    ),
     ({"scheduler": {"params": {}}}, "scheduler.type: required key missing"),
 ]
 
 
-@pytest.mark.parametrize("overrides,message", INVALID, ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(INVALID)])
+@pytest.mark.parametrize(
+    "overrides,message", INVALID, ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(INVALID)]
+)
 def test_invalid_config_message(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config({**BASE, **overrides})
@@ -126,12 +184,14 @@ def test_deepspeed_zero1_and_zero2_configs_parse():
 def test_deepspeed_zero3_offload_config_fails_naming_each_key():
     with pytest.raises(ConfigError) as info:
         load_config(os.path.join(ROOT, "tests", "configs", "deepspeed_zero3_offload.json"))
-    assert sorted(info.value.problems) == sorted([
-        "zero_optimization.offload_param: supported by DeepSpeed, not by memfit",
-        "zero_optimization.stage3_max_live_parameters: supported by DeepSpeed, not by memfit",
-        "zero_optimization.stage: stage 3 is supported by DeepSpeed, not by memfit (memfit implements stages 0, 1 and 2)",
-        "zero_optimization.offload_optimizer.device: offload to 'cpu' is not available yet in this memfit release; use 'none'",
-    ])
+    assert sorted(info.value.problems) == sorted(
+        [
+            "zero_optimization.offload_param: supported by DeepSpeed, not by memfit",
+            "zero_optimization.stage3_max_live_parameters: supported by DeepSpeed, not by memfit",
+            "zero_optimization.stage: stage 3 is supported by DeepSpeed, not by memfit (memfit implements stages 0, 1 and 2)",
+            "zero_optimization.offload_optimizer.device: offload to 'cpu' is not available yet in this memfit release; use 'none'",
+        ]
+    )
 
 
 @pytest.mark.parametrize(
@@ -149,9 +209,14 @@ def test_batch_rule(batch, world, expected):
 
 
 def test_inconsistent_batch_shows_arithmetic():
-    config = load_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1})
-    with pytest.raises(ConfigError, match=r"train_batch_size: 32 != train_micro_batch_size_per_gpu 4 x "
-                                          r"gradient_accumulation_steps 1 x world size 4 = 16"):
+    config = load_config(
+        {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"train_batch_size: 32 != train_micro_batch_size_per_gpu 4 x "
+        r"gradient_accumulation_steps 1 x world size 4 = 16",
+    ):
         config.batch_sizes(4)
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu: required"):
         load_config({}).batch_sizes(1)

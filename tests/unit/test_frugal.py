@@ -18,8 +18,10 @@ def make_params(seed=0):
 
 def grads(steps, seed=1):
     generator = torch.Generator().manual_seed(seed)
-    return [[torch.randn(shape, generator=generator) for shape in SHAPES] + [torch.randn(12, generator=generator)]
-            for _ in range(steps)]
+    return [
+        [torch.randn(shape, generator=generator) for shape in SHAPES] + [torch.randn(12, generator=generator)]
+        for _ in range(steps)
+    ]
 
 
 def run(optimizer, params, steps_grads):
@@ -30,7 +32,9 @@ def run(optimizer, params, steps_grads):
 
 
 def frugal(matrices, vector, **kwargs):
-    return FRUGAL([{"params": matrices, "projectable": True}, {"params": [vector]}], lr=1e-2, weight_decay=0.05, **kwargs)
+    return FRUGAL(
+        [{"params": matrices, "projectable": True}, {"params": [vector]}], lr=1e-2, weight_decay=0.05, **kwargs
+    )
 
 
 @pytest.mark.parametrize("reset", [False, True])
@@ -38,10 +42,16 @@ def test_density_one_equals_adamw(reset):
     matrices, vector = make_params()
     ref_matrices, ref_vector = make_params()
     steps = grads(9 if reset else 12)  # with reset, stay inside one subspace period
-    run(frugal(matrices, vector, density=1.0, update_gap=4 if not reset else 10, reset_state_on_refresh=reset),
-        matrices + [vector], steps)
-    run(torch.optim.AdamW(ref_matrices + [ref_vector], lr=1e-2, weight_decay=0.05, foreach=False),
-        ref_matrices + [ref_vector], steps)
+    run(
+        frugal(matrices, vector, density=1.0, update_gap=4 if not reset else 10, reset_state_on_refresh=reset),
+        matrices + [vector],
+        steps,
+    )
+    run(
+        torch.optim.AdamW(ref_matrices + [ref_vector], lr=1e-2, weight_decay=0.05, foreach=False),
+        ref_matrices + [ref_vector],
+        steps,
+    )
     for ours, reference in zip(matrices + [vector], ref_matrices + [ref_vector]):
         assert torch.equal(ours.data, reference.data)
 
@@ -74,7 +84,9 @@ def test_blockwise_keeps_density_by_bytes_and_cycles():
         active = [i for i, p in enumerate(matrices) if optimizer.state[p].get("active")]
         seen_active.update(active)
         assert 0 < sum(matrices[i].numel() for i in active) <= 0.5 * total
-        adam_bytes = sum(v.numel() * 4 for p in matrices for k, v in optimizer.state[p].items() if k.startswith("exp_avg"))
+        adam_bytes = sum(
+            v.numel() * 4 for p in matrices for k, v in optimizer.state[p].items() if k.startswith("exp_avg")
+        )
         assert adam_bytes == 8 * sum(matrices[i].numel() for i in active)
     assert seen_active == set(range(len(matrices)))  # every tensor gets its turn
 
@@ -131,9 +143,13 @@ def test_resume_across_refresh_is_bit_identical(proj_type):
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"density": 1.5}, "Invalid density"), ({"update_gap": 0}, "Invalid update_gap"),
-     ({"proj_type": "columns"}, "Invalid proj_type"), ({"state_free": "lion"}, "Invalid state_free"),
-     ({"lr": -0.1}, "Invalid learning rate")],
+    [
+        ({"density": 1.5}, "Invalid density"),
+        ({"update_gap": 0}, "Invalid update_gap"),
+        ({"proj_type": "columns"}, "Invalid proj_type"),
+        ({"state_free": "lion"}, "Invalid state_free"),
+        ({"lr": -0.1}, "Invalid learning rate"),
+    ],
 )
 def test_bad_hyperparameters_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -147,10 +163,13 @@ def test_param_groups_helper():
     assert plain["names"] == ["attn.bias", "norm.weight", "norm.bias"]
 
 
-@pytest.mark.parametrize("make_optimizer", [
-    lambda params: torch.optim.AdamW(params, lr=1e-2),
-    lambda params: GaLoreAdamW([{"params": params, "rank": 2}] if params[0].dim() == 2 else params, lr=1e-2),
-])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: torch.optim.AdamW(params, lr=1e-2),
+        lambda params: GaLoreAdamW([{"params": params, "rank": 2}] if params[0].dim() == 2 else params, lr=1e-2),
+    ],
+)
 def test_layerwise_with_accumulation_equals_normal_mode(make_optimizer):
     def model():
         torch.manual_seed(0)

@@ -26,6 +26,7 @@ def run(optimizer, params, grads_per_param):
 
 def test_permutation_projector_equals_adamw(monkeypatch):
     """With a full-rank permutation basis and scale 1, the projected Adam is plain AdamW."""
+
     def permutation_basis(grad, side, rank, method, **kwargs):
         size = grad.shape[0] if side == LEFT else grad.shape[1]
         perm = torch.eye(size)[torch.randperm(size, generator=torch.Generator().manual_seed(size))]
@@ -36,8 +37,9 @@ def test_permutation_projector_equals_adamw(monkeypatch):
         torch.manual_seed(0)
         ours, reference = torch.nn.Parameter(torch.randn(shape)), torch.nn.Parameter(torch.randn(shape))
         reference.data.copy_(ours.data)
-        optimizer = GaLoreAdamW([{"params": [ours], "rank": min(shape), "update_proj_gap": 4, "scale": 1.0}],
-                                lr=1e-2, weight_decay=0.1)
+        optimizer = GaLoreAdamW(
+            [{"params": [ours], "rank": min(shape), "update_proj_gap": 4, "scale": 1.0}], lr=1e-2, weight_decay=0.1
+        )
         torch_adamw = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.1)
         grads = grads_for(shape, 12)
         run(optimizer, [ours], [grads])
@@ -116,7 +118,9 @@ def test_resume_across_refresh_is_bit_identical(projector, moments):
     def make():
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
-        groups = [{"params": params, "rank": 4, "update_proj_gap": 5, "projector": projector, "moments_on_refresh": moments}]
+        groups = [
+            {"params": params, "rank": 4, "update_proj_gap": 5, "projector": projector, "moments_on_refresh": moments}
+        ]
         return params, GaLoreAdamW(groups, lr=1e-2, weight_decay=0.01)
 
     grads = [grads_for(shape, 12, seed=i) for i, shape in enumerate(SHAPES)]
@@ -145,7 +149,9 @@ def test_moment_modes_on_refresh():
     for mode in ("keep", "project", "reset"):
         torch.manual_seed(0)
         param = torch.nn.Parameter(torch.randn(20, 12))
-        optimizer = GaLoreAdamW([{"params": [param], "rank": 3, "update_proj_gap": 2, "moments_on_refresh": mode}], lr=1e-2)
+        optimizer = GaLoreAdamW(
+            [{"params": [param], "rank": 3, "update_proj_gap": 2, "moments_on_refresh": mode}], lr=1e-2
+        )
         grad = torch.randn(20, 12, generator=torch.Generator().manual_seed(5))
         for step in range(5):
             param.grad = grad * (1 + step)
@@ -172,10 +178,15 @@ def test_bf16_projection_runs_close_to_fp32():
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"lr": -1}, "Invalid learning rate"), ({"betas": (0.9, 1.0)}, "Invalid betas"), ({"rank": 0}, "Invalid rank"),
-     ({"rank": 4, "proj_type": "diagonal"}, "Invalid proj_type"), ({"rank": 4, "projector": "qr"}, "Invalid projector"),
-     ({"rank": 4, "moments_on_refresh": "drop"}, "Invalid moments_on_refresh"),
-     ({"rank": 4, "update_proj_gap": 0}, "Invalid update_proj_gap")],
+    [
+        ({"lr": -1}, "Invalid learning rate"),
+        ({"betas": (0.9, 1.0)}, "Invalid betas"),
+        ({"rank": 0}, "Invalid rank"),
+        ({"rank": 4, "proj_type": "diagonal"}, "Invalid proj_type"),
+        ({"rank": 4, "projector": "qr"}, "Invalid projector"),
+        ({"rank": 4, "moments_on_refresh": "drop"}, "Invalid moments_on_refresh"),
+        ({"rank": 4, "update_proj_gap": 0}, "Invalid update_proj_gap"),
+    ],
 )
 def test_bad_hyperparameters_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -188,12 +199,14 @@ def test_one_dimensional_tensor_in_rank_group_is_refused():
 
 
 def test_param_groups_helper_picks_attention_and_mlp_matrices():
-    model = torch.nn.ModuleDict({
-        "embed": torch.nn.Embedding(10, 8),
-        "attn": torch.nn.Linear(8, 8),
-        "mlp": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)),
-        "lm_head": torch.nn.Linear(8, 10),
-    })
+    model = torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.Embedding(10, 8),
+            "attn": torch.nn.Linear(8, 8),
+            "mlp": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)),
+            "lm_head": torch.nn.Linear(8, 10),
+        }
+    )
     plain, projected = galore_param_groups(model, rank=4)
     assert projected["names"] == ["attn.weight", "mlp.0.weight", "mlp.1.weight"] and projected["rank"] == 4
     assert "embed.weight" in plain["names"] and "attn.bias" in plain["names"] and "rank" not in plain

@@ -26,7 +26,10 @@ def test_import_initializes_no_cuda_and_builds_nothing():
 def test_no_ext_selects_python_backend():
     code = "import memfit.io as io; print(io.backend(), io.available_backends())"
     env_run = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**__import__("os").environ, "MEMFIT_NO_EXT": "1"},
     )
     assert env_run.returncode == 0, env_run.stderr

@@ -29,15 +29,18 @@ def test_warmup_lr_linear_and_log():
 
 
 def test_warmup_decay_lr_reaches_zero_at_total_steps():
-    values = lrs(WarmupDecayLR(optimizer(), total_num_steps=20, warmup_max_lr=1.0, warmup_num_steps=10, warmup_type="linear"), 22)
+    values = lrs(
+        WarmupDecayLR(optimizer(), total_num_steps=20, warmup_max_lr=1.0, warmup_num_steps=10, warmup_type="linear"), 22
+    )
     assert values[10] == 1.0
     assert values[15] == pytest.approx(0.5)
     assert values[20] == 0.0 and values[22] == 0.0
 
 
 def test_warmup_cosine_lr_uses_ratio_of_optimizer_lr():
-    scheduler = WarmupCosineLR(optimizer(0.5), total_num_steps=20, warmup_num_steps=10, cos_min_ratio=0.1,
-                               warmup_type="linear")
+    scheduler = WarmupCosineLR(
+        optimizer(0.5), total_num_steps=20, warmup_num_steps=10, cos_min_ratio=0.1, warmup_type="linear"
+    )
     values = lrs(scheduler, 25)
     assert values[5] == pytest.approx(0.25)
     assert values[9] == pytest.approx(0.45)
