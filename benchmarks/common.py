@@ -78,3 +78,12 @@ def write_section(title: str, body: str) -> str:
 
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def deepspeed_version() -> str:
+    try:
+        import deepspeed
+
+        return deepspeed.__version__
+    except ImportError:
+        return "not installed"

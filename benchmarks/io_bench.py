@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import torch
-from common import command_line, machine_description, median, write_section
+from common import command_line, deepspeed_version, machine_description, median, write_section
 
 from memfit.io import AsyncFile, HostArena, available_backends
 from memfit.units import parse_size
@@ -152,7 +152,7 @@ def main() -> None:
             "",
             machine_description(args.path),
             f"- fio: {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip() if shutil.which('fio') else 'absent'}",
-            f"- deepspeed: {_deepspeed_version()}",
+            f"- deepspeed: {deepspeed_version()}",
             "",
             f"{args.size} file, O_DIRECT, queue depth {args.queue_depth}, median of {args.reps} alternating repetitions "
             "after one warm-up. fio psync keeps one request in flight whatever the queue depth. DeepSpeed: "
@@ -167,15 +167,6 @@ def main() -> None:
     )
     print(body)
     print("written to", write_section("File I/O (benchmarks/io_bench.py)", body))
-
-
-def _deepspeed_version() -> str:
-    try:
-        import deepspeed
-
-        return deepspeed.__version__
-    except ImportError:
-        return "not installed"
 
 
 if __name__ == "__main__":

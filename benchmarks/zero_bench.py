@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from common import command_line, machine_description, median, write_section
+from common import command_line, deepspeed_version, machine_description, median, write_section
 
 SETUPS = [
     "memfit-stage0",
@@ -110,7 +110,7 @@ def main() -> None:
             f"Command: `{command_line()}`",
             "",
             machine_description(),
-            f"- deepspeed: {_deepspeed_version()}",
+            f"- deepspeed: {deepspeed_version()}",
             "",
             f"2 gloo ranks under torchrun (OMP_NUM_THREADS=1 each), MLP stack of {params / 1e6:.1f}M parameters, "
             f"micro-batch 16, AdamW, no clipping; median over {args.rounds} rounds of the median of {args.steps} "
@@ -126,15 +126,6 @@ def main() -> None:
     )
     print(body)
     print("written to", write_section("ZeRO, 2 gloo ranks (benchmarks/zero_bench.py)", body))
-
-
-def _deepspeed_version() -> str:
-    try:
-        import deepspeed
-
-        return deepspeed.__version__
-    except ImportError:
-        return "not installed"
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from memfit.optim.galore import adamw_step, param_seed
+from memfit.optim.galore import adamw_step, check_adam_hyperparameters, param_seed
 from memfit.optim.projectors import basis_rank, choose_side, compute_basis, project, project_back, random_basis
 
 PROJ_TYPES = ("blockwise", "svd", "randomized", "random")
@@ -49,8 +49,7 @@ class FRUGAL(torch.optim.Optimizer):
         reset_state_on_refresh=True,
         seed=0,
     ):
-        if lr < 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_adam_hyperparameters(lr, betas, eps, weight_decay)
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"Invalid density: {density} (expected 0 to 1)")
         if not isinstance(update_gap, int) or update_gap < 1:
@@ -59,10 +58,6 @@ class FRUGAL(torch.optim.Optimizer):
             raise ValueError(f"Invalid proj_type: {proj_type!r} (expected one of {PROJ_TYPES})")
         if state_free not in STATE_FREE:
             raise ValueError(f"Invalid state_free: {state_free!r} (expected one of {STATE_FREE})")
-        if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas}")
-        if weight_decay < 0 or eps < 0:
-            raise ValueError(f"Invalid weight_decay or eps: {weight_decay}, {eps}")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

@@ -53,14 +53,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         proj_dtype=torch.float32,
         seed=0,
     ):
-        if lr < 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if eps < 0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas}")
-        if weight_decay < 0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_adam_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -205,6 +198,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def check_adam_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    """torch.optim's checks, with its messages."""
+    if lr < 0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if eps < 0:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"Invalid betas: {betas}")
+    if weight_decay < 0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
 def param_seed(base_seed: int, group: dict, group_index: int, param_index: int) -> int:
