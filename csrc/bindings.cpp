@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <system_error>
 
-#include "adam/adam_moments.h"
 #include "aio/backend.h"
 
 namespace py = pybind11;
@@ -15,7 +14,7 @@ using memfit::aio::Request;
 using memfit::aio::Transfer;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "memfit native extension: asynchronous file I/O engine and fused optimizer kernels";
+  m.doc() = "memfit native extension: asynchronous file I/O engine";
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -49,14 +48,4 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("queue_depth", &Engine::queue_depth);
 
   m.def("uring_available", &memfit::aio::uring_available);
-
-  m.def(
-      "adam_moments_fp32",
-      [](std::uintptr_t m_addr, std::uintptr_t v_addr, std::uintptr_t g_addr, std::uintptr_t out_addr, std::size_t n,
-         float beta1, float beta2, float eps) {
-        memfit::adam::adam_moments_fp32(reinterpret_cast<float*>(m_addr), reinterpret_cast<float*>(v_addr),
-                                        reinterpret_cast<const float*>(g_addr), reinterpret_cast<float*>(out_addr), n,
-                                        beta1, beta2, eps);
-      },
-      py::call_guard<py::gil_scoped_release>(), "Fused Adam moments on fp32 buffers given as addresses.");
 }

@@ -20,7 +20,6 @@ import zlib
 
 import torch
 
-from memfit.optim.kernels import adam_moments
 from memfit.optim.projectors import (
     LEFT,
     METHODS,
@@ -177,19 +176,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state["moment_step"] += 1
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(low_rank, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low_rank, low_rank, value=1 - beta2)
         lr, weight_decay, scale, moment_step = group["lr"], group["weight_decay"], group["scale"], state["moment_step"]
         bias1, bias2 = 1 - beta1**moment_step, 1 - beta2**moment_step
         if self.galore_compat:
-            normalized = adam_moments(exp_avg, exp_avg_sq, low_rank, beta1, beta2, group["eps"])
+            normalized = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
             step_size = lr * math.sqrt(bias2) / bias1
             apply_back(param, normalized, basis, state["side"], beta=1.0, alpha=-step_size * scale)
             if weight_decay > 0:
                 param.add_(param, alpha=-lr * weight_decay)
             return
         # (M / bias1) / (sqrt(V / bias2) + eps) == (sqrt(bias2) / bias1) * M / (sqrt(V) + eps sqrt(bias2)):
-        # the constants move into addmm's alpha, and the moments take one fused pass.
+        # the constants move into addmm's alpha, saving a pass over the low-rank state.
         root_bias2 = math.sqrt(bias2)
-        normalized = adam_moments(exp_avg, exp_avg_sq, low_rank, beta1, beta2, group["eps"] * root_bias2)
+        normalized = exp_avg / exp_avg_sq.sqrt().add_(group["eps"] * root_bias2)
         apply_back(
             param, normalized, basis, state["side"], beta=1 - lr * weight_decay, alpha=-lr * scale * root_bias2 / bias1
         )

@@ -44,7 +44,7 @@ def test_permutation_projector_equals_adamw(monkeypatch):
         grads = grads_for(shape, 12)
         run(optimizer, [ours], [grads])
         run(torch_adamw, [reference], [grads])
-        torch.testing.assert_close(ours.data, reference.data)  # fp32 defaults: rtol 1.3e-6, atol 1e-5
+        torch.testing.assert_close(ours.data, reference.data, rtol=1e-6, atol=1e-7)
 
 
 def test_plain_groups_equal_adamw_exactly():
@@ -211,23 +211,3 @@ def test_param_groups_helper_picks_attention_and_mlp_matrices():
     assert projected["names"] == ["attn.weight", "mlp.0.weight", "mlp.1.weight"] and projected["rank"] == 4
     assert "embed.weight" in plain["names"] and "attn.bias" in plain["names"] and "rank" not in plain
     GaLoreAdamW([plain, projected])  # accepted as is
-
-
-def test_fused_moments_kernel_matches_torch():
-    from memfit.io.native import _C
-    from memfit.optim.kernels import adam_moments
-
-    if _C is None:
-        pytest.skip("native extension not built (MEMFIT_NO_EXT=1)")
-    generator = torch.Generator().manual_seed(0)
-    m, v, g = torch.randn(1001, generator=generator), torch.rand(1001, generator=generator), torch.randn(1001)
-    for beta1 in (0.9, 0.3):  # both branches of torch's lerp
-        m_ref, v_ref = m.clone(), v.clone()
-        m_ref.lerp_(g, 1 - beta1)
-        v_ref.mul_(0.999).addcmul_(g, g, value=0.001)
-        expected = m_ref / (v_ref.sqrt() + 1e-8)
-        m_fused, v_fused = m.clone(), v.clone()
-        out = adam_moments(m_fused, v_fused, g, beta1, 0.999, 1e-8)
-        torch.testing.assert_close(m_fused, m_ref, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(v_fused, v_ref, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
