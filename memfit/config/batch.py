@@ -18,31 +18,31 @@ def resolve_batch(config, world_size: int) -> tuple[int, int, int]:
                 ]
             )
     elif train is not None and micro is not None:
-        accumulation, remainder = divmod(train, micro * world_size)
-        if remainder or accumulation == 0:
-            raise ConfigError(
-                [
-                    f"train_batch_size: {train} is not a multiple of train_micro_batch_size_per_gpu {micro} x "
-                    f"world size {world_size} = {micro * world_size}"
-                ]
-            )
+        accumulation = _quotient(
+            train,
+            f"train_micro_batch_size_per_gpu {micro} x world size {world_size} = {micro * world_size}",
+            micro * world_size,
+        )
     elif train is not None and accumulation is not None:
-        micro, remainder = divmod(train, accumulation * world_size)
-        if remainder or micro == 0:
-            raise ConfigError(
-                [
-                    f"train_batch_size: {train} is not a multiple of gradient_accumulation_steps {accumulation} x "
-                    f"world size {world_size} = {accumulation * world_size}"
-                ]
-            )
+        micro = _quotient(
+            train,
+            f"gradient_accumulation_steps {accumulation} x world size {world_size} = {accumulation * world_size}",
+            accumulation * world_size,
+        )
     elif micro is not None:
         accumulation = accumulation or 1
         train = micro * accumulation * world_size
     elif train is not None:
         accumulation = 1
-        micro, remainder = divmod(train, world_size)
-        if remainder or micro == 0:
-            raise ConfigError([f"train_batch_size: {train} is not a multiple of world size {world_size}"])
+        micro = _quotient(train, f"world size {world_size}", world_size)
     else:
         raise ConfigError(["train_micro_batch_size_per_gpu: required (or train_batch_size)"])
     return train, micro, accumulation
+
+
+def _quotient(train: int, factors: str, divisor: int) -> int:
+    """train_batch_size / divisor, which must be a positive whole number."""
+    quotient, remainder = divmod(train, divisor)
+    if remainder or quotient == 0:
+        raise ConfigError([f"train_batch_size: {train} is not a multiple of {factors}"])
+    return quotient

@@ -2,6 +2,7 @@
 system allows it. Each file keeps two descriptors: an O_DIRECT one for the aligned middle of a
 transfer and a buffered one for unaligned heads and tails, so no byte is ever dropped."""
 
+import collections
 import errno
 import os
 import threading
@@ -72,7 +73,7 @@ class AsyncFile:
         self.path = os.fspath(path)
         self.mode = mode
         self._engine = get_engine(backend, block_size, queue_depth)
-        self._outstanding: list[Request] = []
+        self._outstanding: collections.deque[Request] = collections.deque()
         self._buffered_fd = os.open(self.path, _MODES[mode] | os.O_CLOEXEC, 0o644)
         self._direct_fd = -1
         try:
@@ -134,7 +135,8 @@ class AsyncFile:
             self._direct_fd, self._buffered_fd, address, num_bytes, offset, is_read, allow_short
         )
         request = Request(native_request, buffer, self.path, "read" if is_read else "write")
-        self._outstanding = [r for r in self._outstanding if not r.done()]
+        while self._outstanding and self._outstanding[0].done():  # drop finished ones, oldest first: O(1) amortized
+            self._outstanding.popleft()
         self._outstanding.append(request)
         return request
 
@@ -149,7 +151,7 @@ class AsyncFile:
                 request.wait()
             except OSError:
                 pass  # reported again to whoever waits on that request
-        self._outstanding = []
+        self._outstanding.clear()
 
     def close(self) -> None:
         """Waits for every outstanding request, then closes. Safe to call twice."""
