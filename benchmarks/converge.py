@@ -20,26 +20,19 @@ LR = 0.003
 
 def optimizers(steps: int, dim: int) -> dict:
     gap = max(steps // 4, 1)
+    adam = {"lr": LR, "betas": [0.9, 0.95]}
+    galore = {**adam, "rank": dim // 4, "update_proj_gap": gap, "scale": 1.0}
     return {
-        "AdamW": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "weight_decay": 0.0}},
-        "GaLoreAdamW (svd, rank dim/4)": {
+        "AdamW": {"type": "AdamW", "params": {**adam, "weight_decay": 0.0}},
+        "GaLoreAdamW (randomized, default; rank dim/4)": {"type": "GaLoreAdamW", "params": galore},
+        "GaLoreAdamW (svd, rank dim/4)": {"type": "GaLoreAdamW", "params": {**galore, "projector": "svd"}},
+        "GaLoreAdamW (randomized, bf16 projection)": {
             "type": "GaLoreAdamW",
-            "params": {"lr": LR, "betas": [0.9, 0.95], "rank": dim // 4, "update_proj_gap": gap, "scale": 1.0},
-        },
-        "GaLoreAdamW (randomized, rank dim/4)": {
-            "type": "GaLoreAdamW",
-            "params": {
-                "lr": LR,
-                "betas": [0.9, 0.95],
-                "rank": dim // 4,
-                "update_proj_gap": gap,
-                "scale": 1.0,
-                "projector": "randomized",
-            },
+            "params": {**galore, "proj_dtype": "bfloat16"},
         },
         "FRUGAL (blockwise, density 0.25)": {
             "type": "FRUGAL",
-            "params": {"lr": LR, "betas": [0.9, 0.95], "density": 0.25, "update_gap": gap},
+            "params": {**adam, "density": 0.25, "update_gap": gap},
         },
     }
 

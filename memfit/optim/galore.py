@@ -10,12 +10,17 @@ The step per projected matrix W (m x n, gradient G), refreshed every update_proj
     M, V = Adam moments of R              # lerp / addcmul, in place
     N = (M / bias1) / (sqrt(V / bias2) + eps)
     W = (1 - lr * wd) * W - lr * scale * back(N)    # one addmm_, weight decay folded into beta
-galore_compat=True reproduces galore-torch 1.0 instead: eps not bias-corrected, weight decay
-applied after the update with the unscaled lr, and the basis kept in the gradient's dtype with
-the sign the SVD returned.
+The basis comes from a randomized range finder unless projector="svd" (exact) or "random" is
+asked; the range finder's refresh is about 4x cheaper than the SVD at the same validation loss
+(benchmarks/converge.py).
+
+galore_compat=True reproduces galore-torch 1.0 instead (with the SVD unless a projector is
+named): eps not bias-corrected, weight decay applied after the update with the unscaled lr, and
+the basis kept in the gradient's dtype with the sign the SVD returned.
 """
 
 import math
+import warnings
 import zlib
 
 import torch
@@ -32,6 +37,7 @@ from memfit.optim.projectors import (
 )
 
 MOMENT_MODES = ("keep", "reset", "project")
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -47,13 +53,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
         update_proj_gap=200,
         scale=0.25,
         proj_type="std",
-        projector="svd",
+        projector=None,
         moments_on_refresh="keep",
         galore_compat=False,
         proj_dtype=torch.float32,
         seed=0,
     ):
         check_adam_hyperparameters(lr, betas, eps, weight_decay)
+        if projector is None:
+            projector = "svd" if galore_compat else "randomized"
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -67,11 +75,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
             moments_on_refresh=moments_on_refresh,
         )
         super().__init__(params, defaults)
+        if proj_dtype not in (torch.float32, *REDUCED_DTYPES):
+            raise ValueError(f"Invalid proj_dtype: {proj_dtype!r} (expected torch.float32, bfloat16 or float16)")
         self.galore_compat = galore_compat
         self.proj_dtype = proj_dtype
         self.seed = seed
         for group in self.param_groups:
             self._check_group(group)
+        if proj_dtype in REDUCED_DTYPES and not _native_reduced_matmul(self.param_groups):
+            warnings.warn(
+                f"GaLoreAdamW: proj_dtype={proj_dtype} on a CPU without native bf16/fp16 matrix units "
+                "(AVX512-BF16 or AMX): the projection will be slower than in float32",
+                stacklevel=2,
+            )
 
     @staticmethod
     def _check_group(group) -> None:
@@ -221,9 +237,20 @@ def param_seed(base_seed: int, group: dict, group_index: int, param_index: int) 
     return (base_seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 62)
 
 
+def _native_reduced_matmul(param_groups) -> bool:
+    """False when some projected matrix lives on a CPU whose oneDNN has no native bf16 GEMM."""
+    on_cpu = any(p.device.type == "cpu" for g in param_groups if g.get("rank") is not None for p in g["params"])
+    return not on_cpu or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def apply_back(param, normalized, basis, side, *, beta, alpha) -> None:
     """param = beta * param + alpha * back(normalized), as one addmm_ (no full-size temporary)."""
     normalized = normalized.to(basis.dtype)
+    if basis.dtype in REDUCED_DTYPES and basis.device.type == "cpu":
+        # CPU bf16/fp16 GEMM takes a fast path only when the two operands' layouts differ; both
+        # row-major (basis and the moments) runs about 15x slower. Transposing the small factor
+        # costs one r x max(m, n) copy.
+        normalized = normalized.t().contiguous().t()
     if param.dtype == basis.dtype:
         if side == LEFT:
             param.addmm_(basis, normalized, beta=beta, alpha=alpha)

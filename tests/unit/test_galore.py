@@ -1,6 +1,7 @@
 """GaLoreAdamW against torch.optim.AdamW, galore-torch, and the projector invariants."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -143,14 +144,16 @@ def test_resume_across_refresh_is_bit_identical(projector, moments):
 
 
 def test_moment_modes_on_refresh():
-    """Gradients that are positive multiples of one matrix keep the same basis, so projecting the
+    """Gradients that are positive multiples of one matrix keep the same (SVD) basis, so projecting the
     moments is a no-op (equals keep), while reset restarts them."""
     results = {}
     for mode in ("keep", "project", "reset"):
         torch.manual_seed(0)
         param = torch.nn.Parameter(torch.randn(20, 12))
         optimizer = GaLoreAdamW(
-            [{"params": [param], "rank": 3, "update_proj_gap": 2, "moments_on_refresh": mode}], lr=1e-2
+            [{"params": [param], "rank": 3, "update_proj_gap": 2, "moments_on_refresh": mode}],
+            lr=1e-2,
+            projector="svd",
         )
         grad = torch.randn(20, 12, generator=torch.Generator().manual_seed(5))
         for step in range(5):
@@ -161,19 +164,38 @@ def test_moment_modes_on_refresh():
     assert not torch.allclose(results["reset"], results["keep"])
 
 
-def test_bf16_projection_runs_close_to_fp32():
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_projection_runs_close_to_fp32(shape, param_dtype):
     outcomes = []
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        param = torch.nn.Parameter(torch.randn(64, 32))
-        optimizer = GaLoreAdamW([{"params": [param], "rank": 8}], lr=1e-3, proj_dtype=dtype)
-        for grad in grads_for((64, 32), 5):
-            param.grad = grad
+        param = torch.nn.Parameter(torch.randn(*shape).to(param_dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer = GaLoreAdamW([{"params": [param], "rank": 8}], lr=1e-3, proj_dtype=dtype)
+        for grad in grads_for(shape, 5):
+            param.grad = grad.to(param_dtype)
             optimizer.step()
-        outcomes.append(param.detach().clone())
+        outcomes.append(param.detach().float().clone())
         if dtype == torch.bfloat16:
             assert optimizer.state[param]["basis"].dtype == torch.bfloat16
-    torch.testing.assert_close(outcomes[1], outcomes[0], rtol=0, atol=1e-3)
+    tolerance = 1e-3 if param_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outcomes[1], outcomes[0], rtol=0, atol=tolerance)
+
+
+def test_bf16_projection_warns_on_a_cpu_without_native_bf16():
+    param = torch.nn.Parameter(torch.randn(8, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        GaLoreAdamW([{"params": [param], "rank": 2}], proj_dtype=torch.bfloat16)
+    slow_warnings = [w for w in caught if "slower than in float32" in str(w.message)]
+    assert len(slow_warnings) == (0 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 1)
+
+
+def test_invalid_proj_dtype_is_refused():
+    with pytest.raises(ValueError, match="Invalid proj_dtype"):
+        GaLoreAdamW([torch.nn.Parameter(torch.randn(4, 4))], proj_dtype=torch.int8)
 
 
 @pytest.mark.parametrize(
@@ -211,3 +233,12 @@ def test_param_groups_helper_picks_attention_and_mlp_matrices():
     assert projected["names"] == ["attn.weight", "mlp.0.weight", "mlp.1.weight"] and projected["rank"] == 4
     assert "embed.weight" in plain["names"] and "attn.bias" in plain["names"] and "rank" not in plain
     GaLoreAdamW([plain, projected])  # accepted as is
+
+
+def test_default_projector_is_randomized_and_compat_takes_svd():
+    param = torch.nn.Parameter(torch.randn(8, 4))
+    assert GaLoreAdamW([{"params": [param], "rank": 2}]).param_groups[0]["projector"] == "randomized"
+    compat = GaLoreAdamW([{"params": [param], "rank": 2}], galore_compat=True)
+    assert compat.param_groups[0]["projector"] == "svd"
+    named = GaLoreAdamW([{"params": [param], "rank": 2, "projector": "random"}], galore_compat=True)
+    assert named.param_groups[0]["projector"] == "random"
