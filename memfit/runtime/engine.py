@@ -1,11 +1,14 @@
 """The training engine: micro-steps, gradient reduction, the sharded optimizer step.
 
 Design note. A step has four phases:
-  1. Micro-steps: forward and backward; gradients accumulate in each parameter's .grad locally.
-  2. On the boundary micro-step, gradients are reduced bucket by bucket, owner-major: from
-     post-accumulate-grad hooks as buckets fill (overlap_comm), or all at once in step().
-     Stage 0/1 all-reduce; stage 2 reduces to the owner and non-owners drop the gradient.
-     The loss is scaled by 1 / (accumulation steps x world size), so the reduced sum is the mean.
+  1. Micro-steps: forward and backward; gradients accumulate in each parameter's .grad.
+  2. Gradients are reduced bucket by bucket, owner-major: from post-accumulate-grad hooks as
+     buckets fill (overlap_comm), or all at once after the backward. Stage 0/1 all-reduce on the
+     boundary micro-step only. Stage 2 reduces to the owner after every micro-step's backward and
+     non-owners drop the gradient, so during accumulation a rank holds only the gradients it owns
+     (plus one micro-step's worth in flight), as in DeepSpeed; the owner's buffer accumulates the
+     reduced sums. The loss is scaled by 1 / (accumulation steps x world size), so the reduced
+     sum is the mean.
 Memory reuse: parameters and the gradients a rank keeps are views into flat per-bucket buffers
 allocated once, so reductions and broadcasts run in place.
   3. The owner clips with the global norm (one scalar all-reduce), then steps its optimizer on
@@ -60,7 +63,8 @@ class Engine:
         self.gradient_accumulation_steps = accumulation_steps
         self.global_step = 0
         self.micro_step = 0
-        self._boundary_backward = False
+        self._reducing_backward = False  # set while a backward's gradients are to be reduced
+        self._reduce_every_micro_step = self.stage == 2 and world_size > 1
         self.grad_bytes_after_reduce = 0  # gradient bytes this rank held after the last reduction
         self._pending = []
         self._ready_count = {}
@@ -75,10 +79,13 @@ class Engine:
         return (self.micro_step + 1) % self.gradient_accumulation_steps == 0
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of loss / accumulation steps; reduction starts only on the boundary micro-step."""
-        self._boundary_backward = self.is_boundary()
+        """Backward of loss / (accumulation steps x world size). Stage 0/1 reduce on the boundary
+        micro-step (in step() unless overlapped); stage 2 reduces to owners here, every micro-step."""
+        self._reducing_backward = self.is_boundary() or self._reduce_every_micro_step
         (loss / (self.gradient_accumulation_steps * self.world_size)).backward()
-        self._boundary_backward = False
+        self._reducing_backward = False
+        if self._reduce_every_micro_step:
+            self._reduce_gradients()  # finished before returning: the next backward adds to these buffers
 
     # ---- phase 2: reduction ---------------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -87,7 +94,7 @@ class Engine:
             param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, bucket_of[id(param)]))
 
     def _grad_ready(self, bucket_index: int, param=None) -> None:
-        if not self._boundary_backward:
+        if not self._reducing_backward:
             return
         count = self._ready_count.get(bucket_index, 0) + 1
         self._ready_count[bucket_index] = count
@@ -113,7 +120,7 @@ class Engine:
         self.micro_step += 1
         if not boundary:
             return
-        if self.world_size > 1:
+        if self.world_size > 1 and not self._reduce_every_micro_step:
             self._reduce_gradients()
         self.masters.take_grads()
         self._clip_gradients()

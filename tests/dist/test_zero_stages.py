@@ -24,13 +24,20 @@ def config(stage: int, overlap: bool, clip: float = 0.5, bucket: int = 300) -> d
 def train(rank, world_size, cfg):
     engine = memfit.initialize(make_mlp(), cfg)
     dtype = next(engine.module.parameters()).dtype  # inputs in the compute dtype (bf16 when enabled)
+    mid_accumulation = None
     for batch in global_batches(STEPS, GLOBAL_BATCH):
         for inputs, targets in micro_batches(batch, rank, world_size, ACCUMULATION):
             output = engine(inputs.to(dtype)).float()
             engine.backward(torch.nn.functional.mse_loss(output, targets))
+            if mid_accumulation is None:  # after the first micro-step's backward, before any step
+                mid_accumulation = engine.memory_report()["grads"]
             engine.step()
     params = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
-    report = {**engine.memory_report(), "grads_after_reduce": engine.grad_bytes_after_reduce}
+    report = {
+        **engine.memory_report(),
+        "grads_after_reduce": engine.grad_bytes_after_reduce,
+        "grads_mid_accumulation": mid_accumulation,
+    }
     return params, report, engine.ownership(), engine.global_step
 
 
@@ -61,6 +68,10 @@ def test_stages_match_single_process_and_shard_memory():
     stage2_grads = [report["grads_after_reduce"] for report in reports[(2, True)]]
     assert sum(stage2_grads) == total_grads
     assert all(abs(g - total_grads / 2) <= 0.05 * total_grads for g in stage2_grads)
+    for overlap in (False, True):  # stage 2 sends gradients away on every micro-step, not just the boundary
+        held = [report["grads_mid_accumulation"] for report in reports[(2, overlap)]]
+        assert sum(held) == total_grads, (overlap, held)
+    assert all(r["grads_mid_accumulation"] == total_grads for r in reports[(1, True)])
 
     ownership = [per_rank[rank][GRID.index((1, False))][2] for rank in range(2)]
     assert ownership[0] == ownership[1]  # every rank computed the same plan
