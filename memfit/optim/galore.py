@@ -19,8 +19,8 @@ named): eps not bias-corrected, weight decay applied after the update with the u
 the basis kept in the gradient's dtype with the sign the SVD returned.
 """
 
+import functools
 import math
-import warnings
 import zlib
 
 import torch
@@ -82,12 +82,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.seed = seed
         for group in self.param_groups:
             self._check_group(group)
-        if proj_dtype in REDUCED_DTYPES and not _native_reduced_matmul(self.param_groups):
-            warnings.warn(
-                f"GaLoreAdamW: proj_dtype={proj_dtype} on a CPU without native bf16/fp16 matrix units "
-                "(AVX512-BF16 or AMX): the projection will be slower than in float32",
-                stacklevel=2,
-            )
 
     @staticmethod
     def _check_group(group) -> None:
@@ -183,6 +177,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if step % group["update_proj_gap"] == 0:
             self._refresh(param, grad, state, group, seed_base)
         basis = self._basis(param, state, group)
+        if not self.galore_compat:
+            basis = basis.to(gemm_dtype(basis))
         low_rank = project(grad.to(basis.dtype), basis, state["side"]).to(grad.dtype)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(low_rank)
@@ -237,10 +233,24 @@ def param_seed(base_seed: int, group: dict, group_index: int, param_index: int) 
     return (base_seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 62)
 
 
-def _native_reduced_matmul(param_groups) -> bool:
-    """False when some projected matrix lives on a CPU whose oneDNN has no native bf16 GEMM."""
-    on_cpu = any(p.device.type == "cpu" for g in param_groups if g.get("rank") is not None for p in g["params"])
-    return not on_cpu or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+@functools.cache
+def _cpu_has_native(dtype: torch.dtype) -> bool:
+    check = (
+        torch.ops.mkldnn._is_mkldnn_bf16_supported
+        if dtype == torch.bfloat16
+        else torch.ops.mkldnn._is_mkldnn_fp16_supported
+    )
+    return bool(check())
+
+
+def gemm_dtype(basis: torch.Tensor) -> torch.dtype:
+    """The dtype the projection matmuls run in: the basis's own, except a bf16/fp16 basis on a CPU
+    without native bf16/fp16 GEMM (no AVX512-BF16/AMX), where those GEMMs run several times slower
+    than float32; there the basis is widened to float32 for the matmul (the stored basis stays
+    reduced, so the memory saving remains)."""
+    if basis.dtype in REDUCED_DTYPES and basis.device.type == "cpu" and not _cpu_has_native(basis.dtype):
+        return torch.float32
+    return basis.dtype
 
 
 def apply_back(param, normalized, basis, side, *, beta, alpha) -> None:

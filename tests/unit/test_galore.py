@@ -1,7 +1,6 @@
 """GaLoreAdamW against torch.optim.AdamW, galore-torch, and the projector invariants."""
 
 import io
-import warnings
 
 import pytest
 import torch
@@ -171,9 +170,7 @@ def test_bf16_projection_runs_close_to_fp32(shape, param_dtype):
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         param = torch.nn.Parameter(torch.randn(*shape).to(param_dtype))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            optimizer = GaLoreAdamW([{"params": [param], "rank": 8}], lr=1e-3, proj_dtype=dtype)
+        optimizer = GaLoreAdamW([{"params": [param], "rank": 8}], lr=1e-3, proj_dtype=dtype)
         for grad in grads_for(shape, 5):
             param.grad = grad.to(param_dtype)
             optimizer.step()
@@ -184,13 +181,33 @@ def test_bf16_projection_runs_close_to_fp32(shape, param_dtype):
     torch.testing.assert_close(outcomes[1], outcomes[0], rtol=0, atol=tolerance)
 
 
-def test_bf16_projection_warns_on_a_cpu_without_native_bf16():
-    param = torch.nn.Parameter(torch.randn(8, 4))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        GaLoreAdamW([{"params": [param], "rank": 2}], proj_dtype=torch.bfloat16)
-    slow_warnings = [w for w in caught if "slower than in float32" in str(w.message)]
-    assert len(slow_warnings) == (0 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 1)
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_basis_gemm_dtype_follows_the_hardware(monkeypatch, native):
+    """A permutation basis is exact in bf16. Without native bf16 GEMM the matmuls run in fp32, so
+    the step equals the fp32 projection bit for bit; with it, the gradient is rounded to bf16 and
+    the result differs (but stays close)."""
+
+    def permutation_basis(grad, side, rank, method, **kwargs):
+        size = grad.shape[0] if side == LEFT else grad.shape[1]
+        perm = torch.eye(size)[torch.randperm(size, generator=torch.Generator().manual_seed(size))][:, :rank]
+        return perm if side == LEFT else perm.t().contiguous()
+
+    monkeypatch.setattr(galore_module, "compute_basis", permutation_basis)
+    monkeypatch.setattr(galore_module, "_cpu_has_native", lambda dtype: native)
+    outcomes = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        param = torch.nn.Parameter(torch.randn(24, 40, generator=torch.Generator().manual_seed(0)))
+        optimizer = GaLoreAdamW([{"params": [param], "rank": 8}], lr=1e-2, proj_dtype=dtype)
+        for grad in grads_for((24, 40), 4):
+            param.grad = grad
+            optimizer.step()
+        assert optimizer.state[param]["basis"].dtype == dtype  # stored as asked either way
+        outcomes[dtype] = param.detach().clone()
+    if native:
+        assert not torch.equal(outcomes[torch.bfloat16], outcomes[torch.float32])
+        torch.testing.assert_close(outcomes[torch.bfloat16], outcomes[torch.float32], rtol=0, atol=1e-3)
+    else:
+        assert torch.equal(outcomes[torch.bfloat16], outcomes[torch.float32])
 
 
 def test_invalid_proj_dtype_is_refused():
