@@ -19,7 +19,7 @@ LR = 0.003
 
 
 def optimizers(steps: int, dim: int) -> dict:
-    """Row name -> (lr, optimizer config). The main three run at LR and LR / 3, so each is also
+    """Row name -> optimizer config. The main three run at LR and LR / 3, so each is also
     compared at the better of the two."""
     gap = max(steps // 4, 1)
     adam = {"betas": [0.9, 0.95]}
@@ -27,16 +27,20 @@ def optimizers(steps: int, dim: int) -> dict:
     frugal = {**adam, "density": 0.25, "update_gap": gap}
     rows = {}
     for lr in (LR, LR / 3):
-        rows[f"AdamW, lr {lr:.0e}"] = (lr, {"type": "AdamW", "params": {**adam, "weight_decay": 0.0}})
-        rows[f"GaLoreAdamW (randomized, default), lr {lr:.0e}"] = (lr, {"type": "GaLoreAdamW", "params": galore})
-        rows[f"FRUGAL (blockwise, density 0.25), lr {lr:.0e}"] = (lr, {"type": "FRUGAL", "params": frugal})
-    rows[f"GaLoreAdamW (svd), lr {LR:.0e}"] = (LR, {"type": "GaLoreAdamW", "params": {**galore, "projector": "svd"}})
-    rows[f"GaLoreAdamW (randomized, bf16 projection), lr {LR:.0e}"] = (
-        LR,
-        {"type": "GaLoreAdamW", "params": {**galore, "proj_dtype": "bfloat16"}},
-    )
-    for lr, optimizer in rows.values():
-        optimizer["params"] = {**optimizer["params"], "lr": lr}
+        rows[f"AdamW, lr {lr:.0e}"] = {"type": "AdamW", "params": {**adam, "lr": lr, "weight_decay": 0.0}}
+        rows[f"GaLoreAdamW (randomized, default), lr {lr:.0e}"] = {
+            "type": "GaLoreAdamW",
+            "params": {**galore, "lr": lr},
+        }
+        rows[f"FRUGAL (blockwise, density 0.25), lr {lr:.0e}"] = {"type": "FRUGAL", "params": {**frugal, "lr": lr}}
+    rows[f"GaLoreAdamW (svd), lr {LR:.0e}"] = {
+        "type": "GaLoreAdamW",
+        "params": {**galore, "lr": LR, "projector": "svd"},
+    }
+    rows[f"GaLoreAdamW (randomized, bf16 projection), lr {LR:.0e}"] = {
+        "type": "GaLoreAdamW",
+        "params": {**galore, "lr": LR, "proj_dtype": "bfloat16"},
+    }
     return rows
 
 
@@ -99,10 +103,10 @@ def main() -> None:
     dim = PRESETS[args.preset].dim
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
-        for name, (lr, optimizer) in optimizers(args.steps, dim).items():
+        for name, optimizer in optimizers(args.steps, dim).items():
             records = train(name, optimizer, args, workdir)
             results[name] = (
-                lr,
+                optimizer["params"]["lr"],
                 records[0]["loss"],
                 records[-1]["loss"],
                 records[-1]["val_loss"],

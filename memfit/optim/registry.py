@@ -7,6 +7,9 @@ from collections.abc import Callable
 import torch
 
 from memfit.config.errors import unknown_key
+from memfit.optim.frugal import FRUGAL
+from memfit.optim.galore import GaLoreAdamW
+from memfit.optim.groups import frugal_param_groups, galore_param_groups
 
 
 def _adam(named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adam_w_mode=True, amsgrad=False):
@@ -32,84 +35,21 @@ def _sgd(named_params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, n
     )
 
 
-def _galore(
-    named_params,
-    lr=1e-3,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    rank=128,
-    update_proj_gap=200,
-    scale=0.25,
-    proj_type="std",
-    projector=None,
-    moments_on_refresh="keep",
-    target_modules=("attn", "mlp"),
-    galore_compat=False,
-    proj_dtype="float32",
-    seed=0,
-):
-    """GaLoreAdamW over galore_param_groups: 2-D weights of target modules projected."""
-    from memfit.optim.galore import GaLoreAdamW
-    from memfit.optim.groups import galore_param_groups
-
-    groups = galore_param_groups(
-        named_params,
-        rank,
-        tuple(target_modules),
-        update_proj_gap=update_proj_gap,
-        scale=scale,
-        proj_type=proj_type,
-        moments_on_refresh=moments_on_refresh,
-    )
-    return GaLoreAdamW(
-        groups,
-        projector=projector,
-        lr=lr,
-        betas=tuple(betas),
-        eps=eps,
-        weight_decay=weight_decay,
-        galore_compat=galore_compat,
-        proj_dtype=_dtype(proj_dtype),
-        seed=seed,
-    )
+def _galore(named_params, rank=128, target_modules=("attn", "mlp"), proj_dtype="float32", **options):
+    """GaLoreAdamW over galore_param_groups (2-D weights of target modules get `rank`); every
+    other key is a GaLoreAdamW keyword, so the group options become the projected group's."""
+    groups = galore_param_groups(named_params, rank, tuple(target_modules))
+    return GaLoreAdamW(groups, proj_dtype=_dtype(proj_dtype), **options)
 
 
-def _frugal(
-    named_params,
-    lr=1e-3,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    density=0.25,
-    update_gap=200,
-    proj_type="blockwise",
-    state_free="signsgd",
-    state_free_lr_scale=1.0,
-    proj_scale=1.0,
-    reset_state_on_refresh=True,
-    target_modules=("attn", "mlp"),
-    seed=0,
-):
-    """FRUGAL over frugal_param_groups: 2-D weights of target modules split, the rest AdamW."""
-    from memfit.optim.frugal import FRUGAL
-    from memfit.optim.groups import frugal_param_groups
+def _frugal(named_params, target_modules=("attn", "mlp"), **options):
+    """FRUGAL over frugal_param_groups (2-D weights of target modules split, the rest AdamW);
+    every other key is a FRUGAL keyword."""
+    return FRUGAL(frugal_param_groups(named_params, tuple(target_modules)), **options)
 
-    return FRUGAL(
-        frugal_param_groups(named_params, tuple(target_modules)),
-        lr=lr,
-        betas=tuple(betas),
-        eps=eps,
-        weight_decay=weight_decay,
-        density=density,
-        update_gap=update_gap,
-        proj_type=proj_type,
-        state_free=state_free,
-        state_free_lr_scale=state_free_lr_scale,
-        proj_scale=proj_scale,
-        reset_state_on_refresh=reset_state_on_refresh,
-        seed=seed,
-    )
+
+_galore.forwards_to = GaLoreAdamW
+_frugal.forwards_to = FRUGAL
 
 
 def _tensors(named_params):
@@ -174,8 +114,14 @@ def _try_build(name):
 
 def signature_problems(factory, config_params: dict, path: str, attempt, skip: int = 1) -> list[str]:
     """Unknown and missing keyword names, then whatever the factory itself rejects (ValueError,
-    TypeError). skip: leading positional parameters that are not config (params; self, optimizer)."""
+    TypeError). skip: leading positional parameters that are not config (params; self, optimizer).
+    A factory whose `forwards_to` names a class also accepts that class's keywords after params."""
     parameters = [p for p in inspect.signature(factory).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD][skip:]
+    if hasattr(factory, "forwards_to"):
+        own = {p.name for p in parameters}
+        forwarded = list(inspect.signature(factory.forwards_to).parameters.values())[1:]  # after params
+        keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        parameters += [p for p in forwarded if p.kind in keywords and p.name not in own]
     accepted = [p.name for p in parameters]
     problems = [unknown_key(path, key, accepted) for key in config_params if key not in accepted]
     problems += [
