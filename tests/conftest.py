@@ -1,6 +1,10 @@
+import os
+
 import pytest
 
 from memfit.io import available_backends
+
+TESTS_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(params=["io_uring", "threads", "python"])
@@ -9,3 +13,25 @@ def io_backend(request):
     if request.param not in available_backends():
         pytest.skip(f"{request.param} backend not available here")
     return request.param
+
+
+def _test_files_on_disk() -> set[str]:
+    found = set()
+    for directory, _, files in os.walk(TESTS_ROOT):
+        found.update(os.path.join(directory, f) for f in files if f.startswith("test_") and f.endswith(".py"))
+    return found
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """When the whole suite is asked for, every test file on disk must have been collected: a
+    folder that pytest skips by name (it skips `dist`, `build`, `venv`...) fails the run instead
+    of silently dropping its tests."""
+    asked = [os.path.abspath(str(arg).split("::")[0]) for arg in config.args]
+    if asked and any(path != TESTS_ROOT and path != os.path.dirname(TESTS_ROOT) for path in asked):
+        return  # a subset was asked for
+    if config.getoption("keyword") or config.getoption("markexpr"):
+        return
+    collected = {os.path.abspath(str(item.path)) for item in items}
+    missing = sorted(os.path.relpath(path, TESTS_ROOT) for path in _test_files_on_disk() - collected)
+    if missing:
+        raise pytest.UsageError(f"test files on disk that pytest did not collect: {', '.join(missing)}")

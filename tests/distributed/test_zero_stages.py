@@ -4,8 +4,8 @@ accumulation and clipping; optimizer state and gradients are sharded about 1/N."
 import torch
 
 import memfit
-from tests.dist.harness import run_ranks
-from tests.dist.models import global_batches, make_mlp, micro_batches, reference_training
+from tests.distributed.harness import run_ranks
+from tests.distributed.models import global_batches, make_mlp, micro_batches, reference_training
 
 STEPS, GLOBAL_BATCH, ACCUMULATION = 4, 16, 2
 GRID = [(stage, overlap) for stage in (0, 1, 2) for overlap in (False, True)]

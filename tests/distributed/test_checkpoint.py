@@ -6,8 +6,8 @@ import os
 import torch
 
 import memfit
-from tests.dist.harness import run_ranks
-from tests.dist.models import global_batches, make_mlp, micro_batches
+from tests.distributed.harness import run_ranks
+from tests.distributed.models import global_batches, make_mlp, micro_batches
 
 GLOBAL_BATCH, ACCUMULATION = 8, 2
 

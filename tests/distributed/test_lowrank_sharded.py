@@ -4,8 +4,8 @@ optimizer in a single process: each owner projects the whole matrices it owns.""
 import torch
 
 import memfit
-from tests.dist.harness import run_ranks
-from tests.dist.models import global_batches, make_block, micro_batches
+from tests.distributed.harness import run_ranks
+from tests.distributed.models import global_batches, make_block, micro_batches
 
 STEPS, GLOBAL_BATCH, ACCUMULATION = 7, 8, 2
 OPTIMIZERS = {
