@@ -15,7 +15,10 @@ from memfit.runtime.precision import MasterWeights
 from memfit.runtime.schedulers import build_scheduler
 from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flatten_params
 from memfit.runtime.zero.collectives import GradientReducer
+from memfit.runtime.zero.grad_sync import GradientSync
 from memfit.runtime.zero.ownership import plan_ownership
+
+PLACEHOLDER_NAME = "<no owned tensor>"
 
 
 def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_scheduler=None) -> Engine:
@@ -38,6 +41,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
 
     model = prepare_model(model, device, cfg.bf16.enabled, world_size)
     named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named_params:
+        raise ValueError("model: no trainable parameters (every parameter has requires_grad=False)")
     stage = cfg.zero_optimization.stage
     plan = plan_ownership(named_params, world_size if stage > 0 else 1)
     owned_names = set(plan.owned(rank)) if stage > 0 else set(plan.names)
@@ -53,8 +58,15 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         flatten_params(buckets)  # owners broadcast each bucket in place
     attach_grad_buffers([b for b in buckets if stage < 2 or b.owner_rank == rank])
     reducer = GradientReducer(stage, rank, max(b.numel for b in buckets))
+    grad_sync = GradientSync(
+        named_params, buckets, reducer, stage=stage, world_size=world_size, overlap=cfg.zero_optimization.overlap_comm
+    )
     masters = MasterWeights([(n, p) for n, p in named_params if n in owned_names], keep_fp32_copy=cfg.bf16.enabled)
-    opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)))
+    owned = list(zip(masters.names, masters.masters))
+    # A rank that owns nothing still keeps an optimizer (param_groups, lr, the scheduler): it
+    # holds one empty placeholder tensor, which never gets a gradient and is never saved.
+    placeholder = [(PLACEHOLDER_NAME, torch.nn.Parameter(torch.empty(0, device=device)))]
+    opt = make_optimizer(optimizer, cfg, owned or placeholder)
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     return Engine(
         model=model,
@@ -65,7 +77,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         named_params=named_params,
         plan=plan,
         buckets=buckets,
-        reducer=reducer,
+        grad_sync=grad_sync,
         masters=masters,
         optimizer=opt,
         lr_scheduler=scheduler,

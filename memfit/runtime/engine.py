@@ -17,13 +17,11 @@ allocated once, so reductions and broadcasts run in place.
 Invariant: between steps, every rank holds identical compute parameters and no gradients.
 """
 
-import functools
 import logging
 
 import torch
 import torch.distributed as dist
 
-from memfit.runtime.zero.buckets import reset_grads
 from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params
 
 logger = logging.getLogger("memfit")
@@ -41,7 +39,7 @@ class Engine:
         named_params,
         plan,
         buckets,
-        reducer,
+        grad_sync,
         masters,
         optimizer,
         lr_scheduler,
@@ -55,7 +53,7 @@ class Engine:
         self._named_params = named_params
         self._plan = plan
         self._buckets = buckets
-        self._reducer = reducer
+        self._grad_sync = grad_sync
         self.masters = masters
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -63,13 +61,7 @@ class Engine:
         self.gradient_accumulation_steps = accumulation_steps
         self.global_step = 0
         self.micro_step = 0
-        self._reducing_backward = False  # set while a backward's gradients are to be reduced
-        self._reduce_every_micro_step = self.stage == 2 and world_size > 1
         self.grad_bytes_after_reduce = 0  # gradient bytes this rank held after the last reduction
-        self._pending = []
-        self._ready_count = {}
-        if config.zero_optimization.overlap_comm and world_size > 1:
-            self._install_hooks()
 
     # ---- phase 1: micro-steps -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -81,55 +73,34 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of loss / (accumulation steps x world size). Stage 0/1 reduce on the boundary
         micro-step (in step() unless overlapped); stage 2 reduces to owners here, every micro-step."""
-        self._reducing_backward = self.is_boundary() or self._reduce_every_micro_step
-        (loss / (self.gradient_accumulation_steps * self.world_size)).backward()
-        self._reducing_backward = False
-        if self._reduce_every_micro_step:
-            self._reduce_gradients()  # finished before returning: the next backward adds to these buffers
+        self._grad_sync.before_backward(reducing=self.is_boundary() or self._grad_sync.reduces_every_backward)
+        try:
+            (loss / (self.gradient_accumulation_steps * self.world_size)).backward()
+        finally:
+            self._grad_sync.after_backward()
+        self._count_grad_bytes()
 
-    # ---- phase 2: reduction ---------------------------------------------------------------------
-    def _install_hooks(self) -> None:
-        bucket_of = {id(p): index for index, bucket in enumerate(self._buckets) for p in bucket.params}
-        for _, param in self._named_params:
-            param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, bucket_of[id(param)]))
-
-    def _grad_ready(self, bucket_index: int, param=None) -> None:
-        if not self._reducing_backward:
-            return
-        count = self._ready_count.get(bucket_index, 0) + 1
-        self._ready_count[bucket_index] = count
-        if count == len(self._buckets[bucket_index].params):
-            self._pending.append(self._reducer.start(self._buckets[bucket_index]))
-
-    def _reduce_gradients(self) -> None:
-        started = {id(p.bucket) for p in self._pending}
-        for bucket in self._buckets:
-            if id(bucket) not in started:  # no overlap, or tensors that got no gradient this step
-                self._pending.append(self._reducer.start(bucket))
-        for pending in self._pending:
-            pending.finish()
-        self._pending, self._ready_count = [], {}
+    def _count_grad_bytes(self) -> None:
         self.grad_bytes_after_reduce = sum(
             p.grad.numel() * p.grad.element_size() for _, p in self._named_params if p.grad is not None
         )
 
-    # ---- phase 3 and 4: the optimizer step ------------------------------------------------------
+    # ---- phases 2 to 4: reduce, clip, step, synchronise -----------------------------------------
     def step(self) -> None:
         """At an accumulation boundary: reduce, clip, step, synchronise. Otherwise only counts."""
         boundary = self.is_boundary()
         self.micro_step += 1
         if not boundary:
             return
-        if self.world_size > 1 and not self._reduce_every_micro_step:
-            self._reduce_gradients()
-        self.masters.take_grads()
+        touched = self._grad_sync.finish_step()
+        if self.world_size > 1 and not self._grad_sync.reduces_every_backward:
+            self._count_grad_bytes()
+        self.masters.take_grads({id(p) for (_, p), got in zip(self._named_params, touched) if got})
         self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.masters.write_back()
-        for bucket in self._buckets:
-            if bucket.grad_buffer is not None:
-                reset_grads(bucket)
+        self._grad_sync.reset_buffers()
         if self.stage > 0 and self.world_size > 1:
             broadcast_params(self._buckets)
         if self.lr_scheduler is not None:
@@ -178,15 +149,17 @@ class Engine:
             "master_weights": self.masters.num_bytes,
         }
 
-    def save_checkpoint(self, save_dir, tag=None, client_state=None) -> str:
-        from memfit.runtime.checkpoint import save_checkpoint
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, *, keep=None) -> str:
+        """Saves the state of every rank under save_dir/tag (default global_step<N>), atomically;
+        keep: then delete all but the newest `keep` checkpoints. Returns the tag directory."""
+        from memfit.checkpointing import save_checkpoint
 
-        return save_checkpoint(self, save_dir, tag, client_state or {})
+        return save_checkpoint(self, save_dir, tag, client_state, keep=keep)
 
     def load_checkpoint(self, load_dir, tag=None) -> dict:
-        """Restores parameters, optimizer state, scheduler, step counters and RNG; returns the
-        client_state saved with the checkpoint."""
-        from memfit.runtime.checkpoint import load_checkpoint
+        """Restores parameters, optimizer state, scheduler, step counters, RNG and module buffers
+        from a checkpoint saved at any world size; returns the client_state saved with it."""
+        from memfit.checkpointing import load_checkpoint
 
         return load_checkpoint(self, load_dir, tag)
 

@@ -16,13 +16,17 @@ class MasterWeights:
         else:
             self.masters = self.compute
 
-    def take_grads(self) -> None:
-        """Moves the reduced gradients onto the masters (as fp32)."""
-        if not self.separate:
-            return
+    def take_grads(self, touched_ids: set[int]) -> None:
+        """Gives the optimizer the reduced gradients (as fp32 on separate masters). A parameter
+        whose id is not in touched_ids got no gradient on any rank this step: its grad is None,
+        so the optimizer skips it as torch.optim does."""
         for master, param in zip(self.masters, self.compute):
-            master.grad = None if param.grad is None else param.grad.float()
-            param.grad = None
+            got = param.grad is not None and id(param) in touched_ids
+            if self.separate:
+                master.grad = param.grad.float() if got else None
+                param.grad = None
+            elif not got:
+                param.grad = None
 
     def write_back(self) -> None:
         if self.separate:

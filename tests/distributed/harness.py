@@ -25,8 +25,11 @@ def run_ranks(fn, world_size: int = 2, *args):
     with tempfile.TemporaryDirectory() as directory, mp.Manager() as manager:
         results = manager.dict()
         mp.start_processes(
-            _worker, args=(world_size, os.path.join(directory, "store"), fn, args, results),
-            nprocs=world_size, start_method="spawn", join=True,
+            _worker,
+            args=(world_size, os.path.join(directory, "store"), fn, args, results),
+            nprocs=world_size,
+            start_method="spawn",
+            join=True,
         )
         out = []
         for rank in range(world_size):

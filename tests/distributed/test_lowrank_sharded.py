@@ -10,16 +10,26 @@ from tests.distributed.models import global_batches, make_block, micro_batches
 STEPS, GLOBAL_BATCH, ACCUMULATION = 7, 8, 2
 OPTIMIZERS = {
     "galore": {"type": "GaLoreAdamW", "params": {"lr": 1e-2, "rank": 4, "update_proj_gap": 3, "scale": 0.5}},
-    "galore-reset": {"type": "GaLoreAdamW",
-                     "params": {"lr": 1e-2, "rank": 4, "update_proj_gap": 3, "moments_on_refresh": "reset"}},
+    "galore-reset": {
+        "type": "GaLoreAdamW",
+        "params": {"lr": 1e-2, "rank": 4, "update_proj_gap": 3, "moments_on_refresh": "reset"},
+    },
     "frugal-svd": {"type": "FRUGAL", "params": {"lr": 1e-2, "density": 0.25, "update_gap": 3, "proj_type": "svd"}},
-    "frugal-random": {"type": "FRUGAL", "params": {"lr": 1e-2, "density": 0.25, "update_gap": 3, "proj_type": "random"}},
+    "frugal-random": {
+        "type": "FRUGAL",
+        "params": {"lr": 1e-2, "density": 0.25, "update_gap": 3, "proj_type": "random"},
+    },
 }
 
 
 def config(optimizer, stage):
-    return {"train_batch_size": GLOBAL_BATCH, "gradient_accumulation_steps": ACCUMULATION, "gradient_clipping": 1.0,
-            "optimizer": optimizer, "zero_optimization": {"stage": stage}}
+    return {
+        "train_batch_size": GLOBAL_BATCH,
+        "gradient_accumulation_steps": ACCUMULATION,
+        "gradient_clipping": 1.0,
+        "optimizer": optimizer,
+        "zero_optimization": {"stage": stage},
+    }
 
 
 def train(rank, world_size, cfg):
@@ -32,8 +42,11 @@ def train(rank, world_size, cfg):
 
 
 def grid(rank, world_size):
-    return {(name, stage): train(rank, world_size, config(opt, stage)) for name, opt in OPTIMIZERS.items()
-            for stage in (1, 2)}
+    return {
+        (name, stage): train(rank, world_size, config(opt, stage))
+        for name, opt in OPTIMIZERS.items()
+        for stage in (1, 2)
+    }
 
 
 def test_sharded_lowrank_equals_single_process():
@@ -46,5 +59,6 @@ def test_sharded_lowrank_equals_single_process():
             for rank in range(2):
                 params = sharded[rank][(name, stage)][0]
                 for key, value in expected.items():
-                    torch.testing.assert_close(params[key], value, rtol=1e-4, atol=1e-5,
-                                               msg=f"{key}: {name} stage {stage} rank {rank}")
+                    torch.testing.assert_close(
+                        params[key], value, rtol=1e-4, atol=1e-5, msg=f"{key}: {name} stage {stage} rank {rank}"
+                    )

@@ -54,7 +54,11 @@ def test_stages_match_single_process_and_shard_memory():
             assert global_step == STEPS
             for name, value in expected.items():
                 torch.testing.assert_close(
-                    params[name], value, rtol=1e-5, atol=1e-6, msg=f"{name}: stage {stage} overlap {overlap} rank {rank}"
+                    params[name],
+                    value,
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=f"{name}: stage {stage} overlap {overlap} rank {rank}",
                 )
 
     reports = {cfg: [per_rank[rank][index][1] for rank in range(2)] for index, cfg in enumerate(GRID)}

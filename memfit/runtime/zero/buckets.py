@@ -5,7 +5,7 @@ one destination. A tensor larger than the bucket size gets a bucket of its own.
 With contiguous gradients a bucket's parameters and gradients are views into one flat buffer
 each, so collectives run in place: no flattening copies on the step's critical path."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,7 @@ class Bucket:
     names: list[str]
     param_buffer: torch.Tensor | None = None  # flat storage the params view (multi-tensor buckets)
     grad_buffer: torch.Tensor | None = None  # flat storage the grads view, kept across steps
+    grad_views: list[torch.Tensor] = field(default_factory=list)  # one view of grad_buffer per param
 
     @property
     def numel(self) -> int:
@@ -66,12 +67,6 @@ def attach_grad_buffers(buckets: list[Bucket]) -> None:
     for bucket in buckets:
         first = bucket.params[0]
         bucket.grad_buffer = torch.zeros(bucket.numel, dtype=first.dtype, device=first.device)
-        reset_grads(bucket)
-
-
-def reset_grads(bucket: Bucket) -> None:
-    """Zeroes the bucket's gradient buffer and re-points .grad at it (an optimizer's
-    zero_grad(set_to_none=True) may have dropped the views)."""
-    bucket.grad_buffer.zero_()
-    for param, view in zip(bucket.params, _views(bucket.grad_buffer, bucket.params)):
-        param.grad = view
+        bucket.grad_views = _views(bucket.grad_buffer, bucket.params)
+        for param, view in zip(bucket.params, bucket.grad_views):
+            param.grad = view

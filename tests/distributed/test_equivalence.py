@@ -1,0 +1,82 @@
+"""N ranks under any stage and overlap give the parameters one process gets from plain
+torch.optim on the concatenated batch: tied weights, a frozen layer, rank-routed experts, a layer
+unused on some steps, a one-tensor model (a rank that owns nothing); accumulation, clipping;
+AdamW, GaLoreAdamW, FRUGAL; fp32 and bf16; the user's zero_grad(), two backwards per step, a step
+with no backward. All cases of a table run inside one spawned 2-rank process group.
+
+Tolerances: fp32 within 1e-6 (absolute, and relative to the parameter); bf16 against the fp32
+reference within BF16_TOLERANCE, which is a few bf16 roundings of parameters of magnitude ~0.5
+accumulated over the steps (bf16 compute, bf16 gradient buffers and reductions, fp32 masters).
+
+Set MEMFIT_EQUIVALENCE_REPORT=path to write every case with its max difference."""
+
+import os
+
+import pytest
+import torch
+
+from tests.distributed.equivalence import HABITS, OPTIMIZERS, grid, max_difference, run_cases, run_reference
+from tests.distributed.harness import run_ranks
+from tests.distributed.models import EQUIVALENCE_MODELS
+
+WORLD_SIZE = 2
+FP32_TOLERANCE = 1e-6
+BF16_TOLERANCE = 3e-2
+
+MAIN_TABLE = grid(
+    model=list(EQUIVALENCE_MODELS),
+    stage=[0, 1, 2],
+    overlap=[False, True],
+    accumulation=[1, 3],
+    clip=[0.0, 0.5],
+    optimizer=list(OPTIMIZERS),
+    dtype=["float32", "bfloat16"],
+)
+HABIT_TABLE = grid(
+    model=list(EQUIVALENCE_MODELS),
+    stage=[0, 1, 2],
+    overlap=[False, True],
+    accumulation=[3],
+    clip=[0.5],
+    optimizer=["AdamW"],
+    habit=[habit for habit in HABITS if habit != "none"],
+)
+
+
+def check_table(cases, report_name: str) -> None:
+    per_rank = run_ranks(run_cases, WORLD_SIZE, cases)
+    lines, failures = [], []
+    for index, case in enumerate(cases):
+        expected = run_reference(case, WORLD_SIZE)
+        tolerance = FP32_TOLERANCE if case.dtype == "float32" else BF16_TOLERANCE
+        worst = 0.0
+        for rank in range(WORLD_SIZE):
+            got = per_rank[rank][index]
+            worst = max(worst, max_difference(got, expected))
+            scale = {name: 1.0 + expected[name].abs() for name in expected}  # absolute near 0, relative beyond 1
+            if any(((got[name] - expected[name]).abs() > tolerance * scale[name]).any() for name in expected):
+                failures.append(f"{case} rank {rank}: max difference {max_difference(got, expected):.3g}")
+        lines.append(f"{case}\t{worst:.3g}")
+    path = os.environ.get("MEMFIT_EQUIVALENCE_REPORT")
+    if path:
+        with open(path, "a") as report:
+            report.write(f"# {report_name}: {len(cases)} cases\n" + "\n".join(lines) + "\n")
+    assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_engine_equals_single_process_table():
+    check_table(MAIN_TABLE, "main table")
+
+
+def test_engine_equals_single_process_with_user_habits():
+    check_table(HABIT_TABLE, "user habits")
+
+
+def test_model_without_trainable_parameters_is_refused():
+    import memfit
+
+    model = torch.nn.Linear(4, 4)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="model: no trainable parameters"):
+        memfit.initialize(model, {"train_micro_batch_size_per_gpu": 1})
