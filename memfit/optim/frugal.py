@@ -24,14 +24,16 @@ import math
 
 import torch
 
-from memfit.optim.galore import adamw_step, check_adam_hyperparameters, param_seed
+from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_positive_int
+from memfit.optim.exact_state import ExactStateLoading
+from memfit.optim.galore import adamw_step, param_seed
 from memfit.optim.projectors import basis_rank, choose_side, compute_basis, project, project_back, random_basis
 
 PROJ_TYPES = ("blockwise", "svd", "randomized", "random")
 STATE_FREE = ("signsgd", "sgd")
 
 
-class FRUGAL(torch.optim.Optimizer):
+class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
     def __init__(
         self,
         params,
@@ -49,15 +51,6 @@ class FRUGAL(torch.optim.Optimizer):
         reset_state_on_refresh=True,
         seed=0,
     ):
-        check_adam_hyperparameters(lr, betas, eps, weight_decay)
-        if not 0.0 <= density <= 1.0:
-            raise ValueError(f"Invalid density: {density} (expected 0 to 1)")
-        if not isinstance(update_gap, int) or update_gap < 1:
-            raise ValueError(f"Invalid update_gap: {update_gap!r}")
-        if proj_type not in PROJ_TYPES:
-            raise ValueError(f"Invalid proj_type: {proj_type!r} (expected one of {PROJ_TYPES})")
-        if state_free not in STATE_FREE:
-            raise ValueError(f"Invalid state_free: {state_free!r} (expected one of {STATE_FREE})")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -74,15 +67,24 @@ class FRUGAL(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.seed = seed
-        for group in self.param_groups:
-            group.setdefault("frugal_step", 0)
-            group.setdefault("block_pointer", -1)
-            if group["projectable"] and group["proj_type"] != "blockwise":
-                for param in group["params"]:
-                    if param.dim() != 2:
-                        raise ValueError(
-                            f"proj_type {group['proj_type']!r} needs 2-D tensors, got {tuple(param.shape)}"
-                        )
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, then the same checks the constructor's groups get."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        density = group["density"]
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
+            raise ValueError(f"Invalid density: {density!r} (expected 0 to 1)")
+        check_positive_int("update_gap", group["update_gap"])
+        check_choice("proj_type", group["proj_type"], PROJ_TYPES)
+        check_choice("state_free", group["state_free"], STATE_FREE)
+        group.setdefault("frugal_step", 0)
+        group.setdefault("block_pointer", -1)
+        if group["projectable"] and group["proj_type"] != "blockwise":
+            for param in group["params"]:
+                if param.dim() != 2:
+                    raise ValueError(f"proj_type {group['proj_type']!r} needs 2-D tensors, got {tuple(param.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -25,6 +25,8 @@ import zlib
 
 import torch
 
+from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_positive_int
+from memfit.optim.exact_state import ExactStateLoading
 from memfit.optim.projectors import (
     LEFT,
     METHODS,
@@ -40,7 +42,7 @@ MOMENT_MODES = ("keep", "reset", "project")
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
+class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
     def __init__(
         self,
         params,
@@ -74,31 +76,28 @@ class GaLoreAdamW(torch.optim.Optimizer):
             projector=projector,
             moments_on_refresh=moments_on_refresh,
         )
-        super().__init__(params, defaults)
         if proj_dtype not in (torch.float32, *REDUCED_DTYPES):
             raise ValueError(f"Invalid proj_dtype: {proj_dtype!r} (expected torch.float32, bfloat16 or float16)")
+        super().__init__(params, defaults)
         self.galore_compat = galore_compat
         self.proj_dtype = proj_dtype
         self.seed = seed
-        for group in self.param_groups:
-            self._check_group(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, then the same checks the constructor's groups get."""
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
 
     @staticmethod
     def _check_group(group) -> None:
+        check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         if group.get("rank") is None:
             return
-        if not isinstance(group["rank"], int) or group["rank"] < 1:
-            raise ValueError(f"Invalid rank: {group['rank']!r}")
-        if not isinstance(group["update_proj_gap"], int) or group["update_proj_gap"] < 1:
-            raise ValueError(f"Invalid update_proj_gap: {group['update_proj_gap']!r}")
-        if group["proj_type"] not in PROJ_TYPES:
-            raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (expected one of {PROJ_TYPES})")
-        if group["projector"] not in METHODS:
-            raise ValueError(f"Invalid projector: {group['projector']!r} (expected one of {METHODS})")
-        if group["moments_on_refresh"] not in MOMENT_MODES:
-            raise ValueError(
-                f"Invalid moments_on_refresh: {group['moments_on_refresh']!r} (expected one of {MOMENT_MODES})"
-            )
+        check_positive_int("rank", group["rank"])
+        check_positive_int("update_proj_gap", group["update_proj_gap"])
+        check_choice("proj_type", group["proj_type"], PROJ_TYPES)
+        check_choice("projector", group["projector"], METHODS)
+        check_choice("moments_on_refresh", group["moments_on_refresh"], MOMENT_MODES)
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(f"a group with 'rank' may hold only 2-D tensors, got shape {tuple(param.shape)}")
@@ -210,18 +209,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
-
-
-def check_adam_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    """torch.optim's checks, with its messages."""
-    if lr < 0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if eps < 0:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-        raise ValueError(f"Invalid betas: {betas}")
-    if weight_decay < 0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
 def param_seed(base_seed: int, group: dict, group_index: int, param_index: int) -> int:
