@@ -1,0 +1,175 @@
+"""The training state of one rank as a payload of tensors and numbers, and its restoration from
+the payloads of any earlier world size.
+
+A payload, as a checkpoint file (and later a snapshot) holds it for one rank:
+    params           {name: fp32 value} of the tensors the rank owns (stage 0: rank 0 holds all)
+    optimizer_state  {name: {key: value}} for the same tensors
+    param_groups     the rank's optimizer groups: hyperparameters plus "param_names"
+    frozen           {name: tensor}: parameters with requires_grad=False (rank 0 only)
+    buffers          {name: tensor}: the rank's module buffers (BatchNorm statistics)
+    scheduler, rng, global_step, micro_step, client_state
+Everything is keyed by parameter name, and every rank computes the same ownership plan, so a
+rank restores by reading the payloads that hold the tensors it owns now. Group hyperparameters
+are matched by parameter names, never by position: groups differ between ranks (GaLore's
+projected group exists only where a rank owns a projected matrix).
+"""
+
+from typing import Protocol
+
+import torch
+
+from memfit.checkpointing.integrity import CheckpointError
+from memfit.runtime.distributed import rng_state, set_rng_state
+from memfit.runtime.zero.collectives import broadcast_params
+
+STRUCTURAL_GROUP_KEYS = ("params", "names", "param_names")  # describe this rank's group, never copied
+PLACEHOLDER_GROUP_KEYS = ("lr", "initial_lr")  # all a group without tensors needs (for the scheduler)
+
+
+class StateSource(Protocol):
+    """Where a restore reads payloads from: a checkpoint directory, or a snapshot."""
+
+    world_size: int
+    owner_of: dict[str, int]
+    description: str
+
+    def payload(self, rank: int) -> dict:
+        """The rank's payload; its non-tensor content is verified."""
+
+    def tensor(self, rank: int, path: str) -> torch.Tensor:
+        """A tensor of the rank's payload by its path ("params/mlp.weight"), verified."""
+
+
+def export_rank_state(engine, client_state: dict) -> dict:
+    optimizer = engine.optimizer
+    saved = optimizer.state_dict()
+    flat = [param for group in optimizer.param_groups for param in group["params"]]
+    index_of = {id(param): index for index, param in enumerate(flat)}
+    name_of = {id(master): name for name, master in zip(engine.masters.names, engine.masters.masters)}
+    params, states = {}, {}
+    if engine.stage > 0 or engine.rank == 0:  # stage 0: every rank holds the same values
+        for name, master in zip(engine.masters.names, engine.masters.masters):
+            params[name] = master.detach().cpu()
+            states[name] = {
+                key: (value.cpu() if torch.is_tensor(value) else value)
+                for key, value in saved["state"].get(index_of[id(master)], {}).items()
+            }
+    groups = []
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        hyper = {key: value for key, value in saved_group.items() if key != "params"}
+        hyper["param_names"] = [name_of[id(p)] for p in group["params"] if id(p) in name_of]
+        groups.append(hyper)
+    module = engine.module
+    return {
+        "params": params,
+        "optimizer_state": states,
+        "param_groups": groups,
+        "frozen": {n: p.detach().cpu() for n, p in module.named_parameters() if not p.requires_grad}
+        if engine.rank == 0
+        else {},
+        "buffers": {name: buffer.detach().cpu() for name, buffer in module.named_buffers()},
+        "global_step": engine.global_step,
+        "micro_step": engine.micro_step,
+        "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "rng": rng_state(),
+        "client_state": client_state,
+    }
+
+
+def restore_rank_state(engine, source: StateSource) -> dict:
+    """Loads this rank's share of the state from source; returns the client state."""
+    same_world = source.world_size == engine.world_size
+    base_rank = engine.rank if engine.rank < source.world_size else 0
+    base = source.payload(base_rank)
+    _check_names(engine, source)
+    by_name = dict(engine._named_params)
+    with torch.no_grad():
+        for name, master in zip(engine.masters.names, engine.masters.masters):
+            value = source.tensor(source.owner_of[name], f"params/{name}")
+            _check_shape(name, value, master, source)
+            master.copy_(value)
+            if by_name[name] is not master:
+                by_name[name].copy_(value)
+        for name, param in engine.module.named_parameters():
+            if not param.requires_grad:
+                value = source.tensor(0, f"frozen/{name}")
+                _check_shape(name, value, param, source)
+                param.copy_(value)
+        buffers = base["buffers"]
+        for name, buffer in engine.module.named_buffers():
+            if name not in buffers:
+                raise CheckpointError(f"{source.description}: no saved value for module buffer {name!r}")
+            buffer.copy_(source.tensor(base_rank, f"buffers/{name}"))
+    if engine.stage > 0 and engine.world_size > 1:
+        broadcast_params(engine._buckets)  # owners hand the restored values to every rank
+    _restore_optimizer(engine, source, same_world)
+    engine.global_step, engine.micro_step = base["global_step"], base["micro_step"]
+    if engine.lr_scheduler is not None and base["scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(base["scheduler"])
+    set_rng_state(_verified_tree(source, base_rank, base["rng"], "rng"))
+    return base["client_state"]
+
+
+def _check_names(engine, source: StateSource) -> None:
+    trainable = [name for name, _ in engine._named_params]
+    missing = [name for name in trainable if name not in source.owner_of]
+    unexpected = sorted(set(source.owner_of) - set(trainable))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source.description}: parameters differ from the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+
+
+def _check_shape(name: str, value: torch.Tensor, target: torch.Tensor, source: StateSource) -> None:
+    if value.shape != target.shape:
+        raise CheckpointError(
+            f"{source.description}: {name!r} has shape {tuple(value.shape)} in the checkpoint, "
+            f"{tuple(target.shape)} in the model"
+        )
+
+
+def _verified_tree(source: StateSource, rank: int, tree, prefix: str):
+    """tree with each tensor replaced by a verified copy from the source (a copy: the source may
+    be a memory-mapped file or a shared-memory slot that must not stay aliased)."""
+    if torch.is_tensor(tree):
+        return source.tensor(rank, prefix).clone()
+    if isinstance(tree, dict):
+        return {key: _verified_tree(source, rank, value, f"{prefix}/{key}") for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_verified_tree(source, rank, value, f"{prefix}/{index}") for index, value in enumerate(tree)]
+    return tree
+
+
+def _restore_optimizer(engine, source: StateSource, same_world: bool) -> None:
+    optimizer = engine.optimizer
+    name_of = {id(master): name for name, master in zip(engine.masters.names, engine.masters.masters)}
+    per_rank_keys = set(getattr(optimizer, "per_rank_group_keys", ()))
+    saved_groups = []  # (hyperparameters, names) of every saved group that holds one of our tensors
+    for owner_rank in sorted({source.owner_of[name] for name in engine.masters.names}):
+        saved_groups += [(g, set(g["param_names"])) for g in source.payload(owner_rank)["param_groups"]]
+    current = optimizer.state_dict()
+    state, groups, index = {}, [], 0
+    for group, current_group in zip(optimizer.param_groups, current["param_groups"]):
+        names = [name_of[id(p)] for p in group["params"] if id(p) in name_of]
+        merged = {key: value for key, value in current_group.items() if key != "params"}
+        match = next((g for g, saved_names in saved_groups if saved_names & set(names)), None)
+        if match is not None:
+            exact = same_world and match["param_names"] == names
+            skipped = set(STRUCTURAL_GROUP_KEYS) | (set() if exact else per_rank_keys)
+            merged.update({key: value for key, value in match.items() if key not in skipped})
+        elif not names:  # a rank that owns no tensor: its placeholder group follows the lr
+            first = source.payload(engine.rank if same_world else 0)["param_groups"]
+            if first:
+                merged.update({key: first[0][key] for key in PLACEHOLDER_GROUP_KEYS if key in first[0]})
+        indices = []
+        for param in group["params"]:
+            if id(param) in name_of:
+                name = name_of[id(param)]
+                owner_rank = source.owner_of[name]
+                saved_state = source.payload(owner_rank)["optimizer_state"].get(name, {})
+                state[index] = _verified_tree(source, owner_rank, saved_state, f"optimizer_state/{name}")
+            indices.append(index)
+            index += 1
+        groups.append({**merged, "params": indices})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
