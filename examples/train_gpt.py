@@ -8,6 +8,7 @@ standard library's source files. Rank 0 shows a progress bar; metrics go to a JS
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -85,14 +86,20 @@ def validation_loss(engine, data, args, micro_batch, seq_len) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # memfit logs (the resolved config, "resumed from ...") on rank 0 through the "memfit" logger
+    is_first_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if is_first_rank else logging.WARNING, format="%(name)s: %(message)s")
     model_cfg = PRESETS[args.preset]
     torch.manual_seed(0)
     model = GPT(model_cfg)
     engine = memfit.initialize(model, args.config)
     train, validation, source = load_corpus(args.data)
     start_step = 0
-    if args.resume and os.path.exists(os.path.join(args.save_dir, "latest")):
-        start_step = engine.load_checkpoint(args.save_dir)["data_position"]
+    if args.resume:
+        if os.path.exists(os.path.join(args.save_dir, "latest")):
+            start_step = engine.load_checkpoint(args.save_dir)["data_position"]
+        elif engine.rank == 0:
+            print(f"train_gpt: --resume: no checkpoint in {args.save_dir} yet; starting at step 0", flush=True)
 
     micro, accumulation = engine.micro_batch_size, engine.gradient_accumulation_steps
     tokens_per_step = micro * accumulation * engine.world_size * model_cfg.seq_len

@@ -1,6 +1,7 @@
 """Process-group setup: reuse an existing group, join the one torchrun describes in the
 environment, or run as a single process."""
 
+import atexit
 import datetime
 import os
 import random
@@ -15,6 +16,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+        atexit.register(_shut_down_process_group)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     else:
@@ -25,6 +27,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     return rank, world_size, device
+
+
+def _shut_down_process_group() -> None:
+    """Destroys the group memfit created before the interpreter tears down: left to static
+    destructors, gloo's worker threads sometimes abort the process ("terminate called without
+    an active exception") after training finished, turning a good run into a failed one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
