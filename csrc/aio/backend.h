@@ -1,8 +1,14 @@
 // The engine's backend interface: a backend accepts pieces and eventually reports each one to its
 // request. Both native backends keep at most queue_depth pieces in flight.
+//
+// No exception ever leaves a backend thread: a piece that cannot run (no memory for its bounce
+// buffer, a ring that refuses it) is reported to its request with an errno, which Python raises
+// as OSError(errno, path) from wait(). Only the constructors and Engine::submit, which run on the
+// caller's thread before anything is queued, may throw.
 #pragma once
 
 #include <cstddef>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,7 +20,8 @@ namespace memfit::aio {
 class Backend {
  public:
   virtual ~Backend() = default;
-  virtual void submit(std::vector<Piece>&& pieces) = 0;
+  // Never throws: pieces that cannot be queued are reported to their request with ENOMEM.
+  virtual void submit(std::vector<Piece>&& pieces) noexcept = 0;
   virtual const char* name() const = 0;
 };
 
@@ -28,6 +35,12 @@ bool uring_available();
 char* stage_piece(Piece& piece, char* bounce);
 // Completes a staged call: copies bytes read into the bounce buffer back, then advances the piece.
 Progress finish_call(Piece& piece, char* bounce, long result, int* err);
+
+// Moves pieces onto queue (the caller holds the queue's lock) and returns how many it moved; it
+// stops early only when memory runs out. The caller then reports the rest with fail_pieces, after
+// releasing the lock.
+std::size_t queue_pieces(std::deque<Piece>& queue, std::vector<Piece>& pieces) noexcept;
+void fail_pieces(std::vector<Piece>& pieces, std::size_t first, int err) noexcept;
 
 class Engine {
  public:

@@ -1,3 +1,4 @@
+#include <cerrno>
 #include <cstring>
 #include <stdexcept>
 
@@ -18,6 +19,20 @@ Progress finish_call(Piece& piece, char* bounce, long result, int* err) {
   return advance_piece(piece, result, err);
 }
 
+std::size_t queue_pieces(std::deque<Piece>& queue, std::vector<Piece>& pieces) noexcept {
+  std::size_t num_queued = 0;
+  try {
+    // push_back has the strong guarantee: a piece it fails to queue is left intact in pieces.
+    for (; num_queued < pieces.size(); ++num_queued) queue.push_back(std::move(pieces[num_queued]));
+  } catch (...) {
+  }
+  return num_queued;
+}
+
+void fail_pieces(std::vector<Piece>& pieces, std::size_t first, int err) noexcept {
+  for (std::size_t i = first; i < pieces.size(); ++i) pieces[i].request->piece_done(0, err);
+}
+
 Engine::Engine(const std::string& backend, std::size_t block_size, int queue_depth)
     : block_size_(block_size), queue_depth_(queue_depth) {
   if (block_size == 0 || block_size % kAlignment != 0) {
@@ -33,6 +48,8 @@ Engine::Engine(const std::string& backend, std::size_t block_size, int queue_dep
   }
 }
 
+// Throws std::bad_alloc only before any piece is queued; from then on every failure is reported
+// through the request.
 std::shared_ptr<Request> Engine::submit(const Transfer& transfer, bool allow_short) {
   auto request = std::make_shared<Request>(transfer.num_bytes, transfer.is_read, allow_short);
   auto pieces = split_transfer(transfer, block_size_, request);

@@ -72,7 +72,10 @@ class AsyncFile:
             raise ValueError(f"mode: expected 'r', 'w' or 'rw', got {mode!r}")
         self.path = os.fspath(path)
         self.mode = mode
-        self._engine = get_engine(backend, block_size, queue_depth)
+        try:
+            self._engine = get_engine(backend, block_size, queue_depth)
+        except OSError as error:  # no thread or no memory to start a new engine
+            raise OSError(error.errno, f"cannot start the I/O engine: {error.strerror}", self.path) from None
         self._outstanding: collections.deque[Request] = collections.deque()
         self._buffered_fd = os.open(self.path, _MODES[mode] | os.O_CLOEXEC, 0o644)
         self._direct_fd = -1
@@ -131,9 +134,12 @@ class AsyncFile:
             raise ValueError(f"{self.path}: I/O on a closed file")
         if not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset: must be a non-negative integer, got {offset!r}")
-        native_request = self._engine.submit(
-            self._direct_fd, self._buffered_fd, address, num_bytes, offset, is_read, allow_short
-        )
+        try:
+            native_request = self._engine.submit(
+                self._direct_fd, self._buffered_fd, address, num_bytes, offset, is_read, allow_short
+            )
+        except MemoryError:  # raised before any piece was queued
+            raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
         request = Request(native_request, buffer, self.path, "read" if is_read else "write")
         while self._outstanding and self._outstanding[0].done():  # drop finished ones, oldest first: O(1) amortized
             self._outstanding.popleft()

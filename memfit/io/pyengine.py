@@ -1,12 +1,17 @@
 """Pure-Python I/O engine: the same contract and the same piece plan as csrc/aio, with os.preadv /
 os.pwritev on a thread pool. Used when MEMFIT_NO_EXT=1 or the extension is missing, and as the
-executable model of the C++ code in the tests."""
+executable model of the C++ code in the tests.
+
+Like the native engine, it starts all queue_depth workers when it is created, so a submit never
+has to start a thread (a thread that fails to start after part of a request was queued would lose
+the rest), and a worker reports every failure as an errno on its piece, never as an exception.
+"""
 
 import errno
 import mmap
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from memfit.io.buffers import memory_at
 
@@ -55,7 +60,7 @@ class PyRequest:
         return all(future.done() for future in self._futures)
 
     def wait(self) -> int:
-        """Bytes transferred, or -errno, like the native Request."""
+        """Bytes transferred, or -errno, like the native Request. Safe to call from several threads."""
         total, first_error = 0, 0
         for future in self._futures:
             num_done, error = future.result()
@@ -75,15 +80,40 @@ class PyEngine:
         self.block_size, self.queue_depth = block_size, queue_depth
         self._pool = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="memfit-io")
         self._local = threading.local()
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        """Starts every worker now. The pool starts a thread for each task submitted while all of
+        its threads are busy, so queue_depth tasks that wait for each other start them all."""
+        all_started = threading.Barrier(self.queue_depth + 1)
+        try:
+            for _ in range(self.queue_depth):
+                self._pool.submit(all_started.wait)
+            all_started.wait()
+        except RuntimeError as error:  # "can't start new thread"
+            all_started.abort()
+            self._pool.shutdown(wait=True)
+            raise OSError(errno.EAGAIN, f"cannot start {self.queue_depth} I/O worker threads ({error})") from None
 
     def submit(self, direct_fd, buffered_fd, address, num_bytes, file_offset, is_read, allow_short):
         pieces = plan_pieces(direct_fd, buffered_fd, address, num_bytes, file_offset, self.block_size)
-        futures = [self._pool.submit(self._run_piece, piece, is_read) for piece in pieces]
+        futures = []
+        for piece in pieces:
+            try:
+                futures.append(self._pool.submit(self._run_piece, piece, is_read))
+            except RuntimeError:  # the interpreter is shutting down: this piece will never run
+                refused = Future()
+                refused.set_result((0, errno.ESHUTDOWN))
+                futures.append(refused)
         return PyRequest(futures, num_bytes, is_read, allow_short)
 
-    def _bounce(self) -> memoryview:
+    def _bounce(self) -> memoryview | None:
+        """This worker's page-aligned bounce buffer, or None when there is no memory for one."""
         if getattr(self._local, "bounce", None) is None:
-            self._local.bounce = memoryview(mmap.mmap(-1, self.block_size))  # page aligned
+            try:
+                self._local.bounce = memoryview(mmap.mmap(-1, self.block_size))
+            except (OSError, MemoryError):
+                return None
         return self._local.bounce
 
     def _run_piece(self, piece: PieceSpec, is_read: bool) -> tuple[int, int]:
@@ -92,6 +122,8 @@ class PyEngine:
         while num_done < piece.num_bytes:
             remaining = piece.num_bytes - num_done
             bounce = direct and (piece.address + num_done) % ALIGNMENT != 0
+            if bounce and self._bounce() is None:
+                return num_done, errno.ENOMEM
             target = self._bounce()[:remaining] if bounce else user[num_done:]
             if bounce and not is_read:
                 target[:] = user[num_done:]

@@ -1,0 +1,152 @@
+"""Resource failures inside the engines (no memory for a bounce buffer, no thread for a worker, a
+ring the kernel stops accepting) become OSError(errno, path) on the request that hit them; the
+process never aborts and the engine keeps working afterwards. Every case runs in its own
+interpreter, under a real address-space limit or a real seccomp filter, so that an abort fails the
+test instead of killing pytest."""
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PRELUDE = """
+import errno, resource, psutil, torch
+from memfit.io import AsyncFile, HostArena
+
+def limit_address_space(headroom_bytes):
+    # Counted from what is mapped now, so that only new large mappings fail.
+    used = psutil.Process().memory_info().vms
+    resource.setrlimit(resource.RLIMIT_AS, (used + headroom_bytes, resource.RLIM_INFINITY))
+
+def lift_limit():
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+def outcome(action):
+    try:
+        return f"ok {action()}"
+    except OSError as error:
+        return f"OSError {errno.errorcode.get(error.errno, error.errno)} {error.filename}"
+"""
+
+
+def run_isolated(code: str, setup: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", PRELUDE + setup + textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_clean_exit(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+
+
+def test_bounce_buffer_allocation_failure_is_enomem_on_the_request(tmp_path, io_backend):
+    path = tmp_path / "f"
+    result = run_isolated(
+        f"""
+        arena = HostArena("4M")
+        backing = arena.alloc(2 << 20)
+        data = backing[1 : (1 << 20) + 1]  # misaligned memory: O_DIRECT needs the bounce buffer
+        data.copy_(torch.randint(0, 256, data.shape, dtype=torch.uint8))
+        f = AsyncFile({str(path)!r}, "w", size="2M", backend={io_backend!r}, block_size="1G", queue_depth=2)
+        assert f.direct
+        limit_address_space(256 << 20)  # the 1 GiB bounce buffer cannot be mapped
+        print("write", outcome(lambda: f.pwrite(data, 4096).wait()))
+        print("read", outcome(lambda: f.pread(data, 4096).wait()))
+        lift_limit()
+        print("write after", outcome(lambda: f.pwrite(data, 4096).wait()))
+        back = torch.zeros(data.numel() + 1, dtype=torch.uint8)[1:]
+        print("read after", outcome(lambda: f.pread(back, 4096).wait()), torch.equal(back, data))
+        f.close()
+        """
+    )
+    assert_clean_exit(result)
+    assert result.stdout.splitlines() == [
+        f"write OSError ENOMEM {path}",
+        f"read OSError ENOMEM {path}",
+        f"write after ok {1 << 20}",
+        f"read after ok {1 << 20} True",
+    ]
+
+
+@pytest.mark.parametrize("backend", ["threads", "python"])
+def test_worker_threads_that_cannot_start_give_oserror_with_the_path(tmp_path, backend):
+    if backend == "threads":
+        pytest.importorskip("memfit._C")
+    path = tmp_path / "f"
+    result = run_isolated(
+        f"""
+        limit_address_space(40 << 20)  # room for a few 8 MiB thread stacks, not for 256
+        def write_once():
+            with AsyncFile({str(path)!r}, "w", backend={backend!r}, block_size="4K", queue_depth=256) as f:
+                return f.pwrite(bytes(range(256)) * 4096, 0).wait()  # 256 pieces, one per worker
+        print("limited", outcome(write_once))
+        lift_limit()
+        print("unlimited", outcome(write_once))
+        """
+    )
+    assert_clean_exit(result)
+    lines = result.stdout.splitlines()
+    assert lines[0] in (f"limited OSError EAGAIN {path}", f"limited OSError ENOMEM {path}"), lines
+    assert lines[1] == "unlimited ok 1048576"
+
+
+SECCOMP_FILTER = """
+import ctypes, struct
+
+def fail_io_uring_enter_of_three():
+    # A real seccomp filter, installed on every thread (TSYNC): io_uring_enter fails with EINVAL
+    # when it is asked to submit exactly three entries; every other system call is untouched.
+    nr_io_uring_enter, nr_seccomp = 426, 317
+    ld_w_abs, jeq_k, ret_k = 0x20, 0x15, 0x06
+    ret_allow, ret_errno = 0x7FFF0000, 0x00050000
+    program = [
+        (ld_w_abs, 0, 0, 0),  # the system call number
+        (jeq_k, 0, 3, nr_io_uring_enter),
+        (ld_w_abs, 0, 0, 24),  # low half of args[1], to_submit
+        (jeq_k, 0, 1, 3),
+        (ret_k, 0, 0, ret_errno | errno.EINVAL),
+        (ret_k, 0, 0, ret_allow),
+    ]
+    global _filters, _fprog  # the kernel copies them, but keep them alive until it has
+    _filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in program))
+    _fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(program), ctypes.addressof(_filters)))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.syscall(nr_seccomp, 1, 1, _fprog) != 0:  # NO_NEW_PRIVS; TSYNC
+        raise SystemExit(f"seccomp refused: errno {ctypes.get_errno()}")
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the filter uses x86_64 system call numbers")
+def test_io_uring_enter_failure_fails_the_requests_and_the_ring_keeps_working(tmp_path):
+    from memfit.io import available_backends
+
+    if "io_uring" not in available_backends():
+        pytest.skip("io_uring backend not available here")
+    path = tmp_path / "f"
+    result = run_isolated(
+        setup=SECCOMP_FILTER,
+        code=f"""
+        f = AsyncFile({str(path)!r}, "w", size="64K", backend="io_uring", block_size="4K", queue_depth=8)
+        arena = HostArena("64K")
+        data = arena.alloc(12288)
+        data.copy_(torch.arange(12288) % 251)
+        print("before", outcome(lambda: f.pwrite(data[:8192], 0).wait()))
+        fail_io_uring_enter_of_three()
+        print("three pieces", outcome(lambda: f.pwrite(data, 16384).wait()))
+        print("two pieces", outcome(lambda: f.pwrite(data[:8192], 16384).wait()))
+        back = arena.alloc(8192)
+        print("read", outcome(lambda: f.pread(back, 16384).wait()), torch.equal(back, data[:8192]))
+        f.close()
+        """,
+    )
+    if "seccomp refused" in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert_clean_exit(result)
+    assert result.stdout.splitlines() == [
+        "before ok 8192",
+        f"three pieces OSError EINVAL {path}",
+        "two pieces ok 8192",
+        "read ok 8192 True",
+    ]
