@@ -26,28 +26,48 @@ def _warn_buffered(path: str, reason: str) -> None:
 
 
 class Request:
-    """One submitted read or write. wait() returns the bytes transferred or raises OSError."""
+    """One submitted read or write. wait() returns the bytes transferred or raises OSError; any
+    thread may call it, any number of times. A request dropped unfinished keeps its buffer alive:
+    the file holds it until it is done."""
 
-    def __init__(self, native_request, buffer, path: str, what: str):
+    def __init__(self, native_request, keepalive, path: str, is_read: bool):
         self._native = native_request
-        self._buffer = buffer  # keeps the memory alive until the transfer completes
-        self._path, self._what = path, what
-        self._result = None
+        self._keepalive = keepalive  # the memory must outlive the transfer
+        self._path, self.is_read = path, is_read
+        self._result: int | None = None
+        self._reported = False  # whether wait(), fsync() or close() has raised this request's error
 
     def done(self) -> bool:
         return self._result is not None or self._native.done()
 
     def wait(self) -> int:
+        result = self._finish()
+        if result < 0:
+            self._reported = True
+            raise self._error(result)
+        return result
+
+    def _finish(self) -> int:
+        """Blocks until the transfer is over; returns bytes or -errno without raising."""
         if self._result is None:
             self._result = self._native.wait()
-            self._buffer = None
-        if self._result < 0:
-            code = -self._result
-            message = os.strerror(code)
-            if code == errno.ENODATA:
-                message = f"short {self._what}: end of file reached"
-            raise OSError(code, message, self._path)
+            self._keepalive = None
         return self._result
+
+    def _error(self, result: int) -> OSError:
+        code = -result
+        message = os.strerror(code)
+        if code == errno.ENODATA:
+            message = f"short {'read' if self.is_read else 'write'}: end of file reached"
+        return OSError(code, message, self._path)
+
+    def _unreported_failure(self) -> bool:
+        return self._finish() < 0 and not self._reported
+
+    def __del__(self):
+        # Reached only when the file that tracked this request is gone too (interpreter shutdown).
+        if getattr(self, "_keepalive", None) is not None and not self._native.done():
+            self._native.wait()
 
 
 class AsyncFile:
@@ -55,6 +75,16 @@ class AsyncFile:
 
     mode is "r", "w" (create or truncate) or "rw" (create if missing). size= preallocates the file
     (fallocate), which keeps block allocation out of the I/O path.
+
+    Thread-safety: every method may be called from any thread, concurrently. pread/pwrite submit
+    and return at once; close() refuses new requests, waits for every request already accepted and
+    only then closes the descriptors, so a submit racing with close() either is accepted and
+    completes or raises ValueError, never half of each. Requests in flight together complete in
+    any order, so overlapping writes in flight at the same time leave either's bytes.
+
+    No failure is lost: a write that fails raises OSError(errno, path) from its wait(); if nobody
+    has seen that error when fsync() or close() runs, they raise it (once), so fire-and-forget
+    writes followed by fsync() or close() are safe.
     """
 
     def __init__(
@@ -68,6 +98,11 @@ class AsyncFile:
         backend: str = "auto",
         size=None,
     ):
+        self._lock = threading.Lock()
+        self._buffered_fd = self._direct_fd = -1
+        self._closing = False
+        self._outstanding: collections.deque[Request] = collections.deque()
+        self._failed_writes: list[Request] = []  # finished, failed, error not yet raised anywhere
         if mode not in _MODES:
             raise ValueError(f"mode: expected 'r', 'w' or 'rw', got {mode!r}")
         self.path = os.fspath(path)
@@ -76,14 +111,12 @@ class AsyncFile:
             self._engine = get_engine(backend, block_size, queue_depth)
         except OSError as error:  # no thread or no memory to start a new engine
             raise OSError(error.errno, f"cannot start the I/O engine: {error.strerror}", self.path) from None
-        self._outstanding: collections.deque[Request] = collections.deque()
         self._buffered_fd = os.open(self.path, _MODES[mode] | os.O_CLOEXEC, 0o644)
-        self._direct_fd = -1
         try:
             if direct:
                 self._direct_fd = self._open_direct()
             if size is not None:
-                self._preallocate(parse_size(size))
+                self._preallocate(parse_size(size, "size"))
         except BaseException:
             self.close()
             raise
@@ -117,6 +150,10 @@ class AsyncFile:
         """Whether aligned transfers bypass the page cache."""
         return self._direct_fd >= 0
 
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
     def pwrite(self, buffer, offset: int) -> Request:
         if self.mode == "r":
             raise ValueError(f"{self.path}: opened read-only (mode 'r')")
@@ -129,43 +166,84 @@ class AsyncFile:
         address, num_bytes = buffer_span(into, writable=True)
         return self._submit(into, address, num_bytes, offset, is_read=True, allow_short=allow_short)
 
-    def _submit(self, buffer, address, num_bytes, offset, *, is_read, allow_short) -> Request:
-        if self._buffered_fd < 0:
-            raise ValueError(f"{self.path}: I/O on a closed file")
+    def _submit(self, keepalive, address, num_bytes, offset, *, is_read, allow_short) -> Request:
         if not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset: must be a non-negative integer, got {offset!r}")
-        try:
-            native_request = self._engine.submit(
-                self._direct_fd, self._buffered_fd, address, num_bytes, offset, is_read, allow_short
-            )
-        except MemoryError:  # raised before any piece was queued
-            raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
-        request = Request(native_request, buffer, self.path, "read" if is_read else "write")
-        while self._outstanding and self._outstanding[0].done():  # drop finished ones, oldest first: O(1) amortized
-            self._outstanding.popleft()
-        self._outstanding.append(request)
+        # The lock spans the native submit, so close() either sees this request or refuses it.
+        with self._lock:
+            self._check_open()
+            try:
+                native_request = self._engine.submit(
+                    self._direct_fd, self._buffered_fd, address, num_bytes, offset, is_read, allow_short
+                )
+            except MemoryError:  # raised before any piece was queued
+                raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
+            request = Request(native_request, keepalive, self.path, is_read)
+            while self._outstanding and self._outstanding[0].done():  # oldest first: O(1) amortized
+                finished = self._outstanding.popleft()
+                if not finished.is_read and finished._unreported_failure():
+                    self._failed_writes.append(finished)
+            self._outstanding.append(request)
         return request
 
-    def fsync(self) -> None:
-        """Waits for outstanding writes, then makes the file's data durable."""
-        self._drain()
-        os.fsync(self._buffered_fd)
+    def _check_open(self) -> None:
+        if self._closing:
+            raise ValueError(f"{self.path}: I/O on a closed file")
 
-    def _drain(self) -> None:
-        for request in self._outstanding:
+    def fsync(self) -> None:
+        """Waits for every request submitted before the call, then makes the file's data durable.
+        Raises OSError if a write failed and its error has not been raised yet."""
+        with self._lock:
+            self._check_open()
+            pending = list(self._outstanding)
+            fd = os.dup(self._buffered_fd)  # close() from another thread cannot pull it away
+        try:
+            for request in pending:
+                request._finish()
             try:
-                request.wait()
-            except OSError:
-                pass  # reported again to whoever waits on that request
-        self._outstanding.clear()
+                os.fsync(fd)
+                sync_error = None
+            except OSError as error:
+                sync_error = OSError(error.errno, f"fsync: {error.strerror}", self.path)
+        finally:
+            os.close(fd)
+        self._raise_failed_writes(pending)
+        if sync_error is not None:
+            raise sync_error
 
     def close(self) -> None:
-        """Waits for every outstanding request, then closes. Safe to call twice."""
-        self._drain()
-        for fd in (self._direct_fd, self._buffered_fd):
+        """Refuses new requests, waits for every request accepted so far, then closes. Safe to call
+        twice and from several threads; raises OSError if a write failed and its error has not
+        been raised yet (the file is closed all the same)."""
+        with self._lock:
+            self._closing = True
+            pending = list(self._outstanding)
+        for request in pending:
+            request._finish()
+        with self._lock:
+            self._outstanding.clear()
+            fds = (self._direct_fd, self._buffered_fd)
+            self._direct_fd = self._buffered_fd = -1
+        for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        self._direct_fd = self._buffered_fd = -1
+        self._raise_failed_writes(pending)
+
+    def _raise_failed_writes(self, finished: list[Request]) -> None:
+        with self._lock:
+            failed = [request for request in self._failed_writes + finished if not request.is_read]
+            failed = [request for request in failed if request._unreported_failure()]
+            self._failed_writes.clear()
+            for request in failed:
+                request._reported = True
+        if failed:
+            first = failed[0]._error(failed[0]._finish())
+            num_failed = len(failed)
+            raise OSError(
+                first.errno,
+                f"{num_failed} write{'s' if num_failed != 1 else ''} failed (first: {first.strerror})",
+                self.path,
+            )
 
     def __enter__(self):
         return self
@@ -174,5 +252,13 @@ class AsyncFile:
         self.close()
 
     def __del__(self):
-        if getattr(self, "_buffered_fd", -1) >= 0:
+        if getattr(self, "_buffered_fd", -1) < 0:
+            return
+        try:
             self.close()
+        except OSError as error:
+            warnings.warn(
+                f"{self.path}: closed by garbage collection without close(); {error.strerror}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
