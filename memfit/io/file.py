@@ -4,14 +4,16 @@ transfer and a buffered one for unaligned heads and tails, so no byte is ever dr
 
 import collections
 import errno
+import operator
 import os
 import threading
 import warnings
 
-from memfit.io.buffers import buffer_span
+from memfit.io.buffers import Span, buffer_span
 from memfit.io.engine import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, get_engine
 from memfit.units import parse_size
 
+MAX_FILE_BYTES = 2**63 - 1  # the largest offset off_t can hold
 _MODES = {"r": os.O_RDONLY, "w": os.O_RDWR | os.O_CREAT | os.O_TRUNC, "rw": os.O_RDWR | os.O_CREAT}
 _warned_paths: set[str] = set()
 _warned_lock = threading.Lock()
@@ -23,6 +25,21 @@ def _warn_buffered(path: str, reason: str) -> None:
             return
         _warned_paths.add(path)
     warnings.warn(f"{path}: {reason}; using buffered I/O", RuntimeWarning, stacklevel=4)
+
+
+def check_offset(offset, num_bytes: int) -> int:
+    """offset as an int, if offset + num_bytes fits in a file; ValueError naming offset if not."""
+    try:
+        if isinstance(offset, bool):
+            raise TypeError
+        offset = operator.index(offset)
+    except TypeError:
+        raise ValueError(f"offset: must be a non-negative integer, got {offset!r}") from None
+    if offset < 0:
+        raise ValueError(f"offset: must be a non-negative integer, got {offset}")
+    if offset + num_bytes > MAX_FILE_BYTES:
+        raise ValueError(f"offset: {offset} + {num_bytes} bytes ends past the largest file offset, 2**63 - 1")
+    return offset
 
 
 class Request:
@@ -116,7 +133,7 @@ class AsyncFile:
             if direct:
                 self._direct_fd = self._open_direct()
             if size is not None:
-                self._preallocate(parse_size(size, "size"))
+                self._preallocate(self._check_size(size))
         except BaseException:
             self.close()
             raise
@@ -130,6 +147,14 @@ class AsyncFile:
                 raise
             _warn_buffered(self.path, "the file system refuses O_DIRECT")
             return -1
+
+    def _check_size(self, size) -> int:
+        num_bytes = parse_size(size, "size")
+        if num_bytes > MAX_FILE_BYTES:
+            raise ValueError(f"size: {num_bytes} is larger than any file can be (2**63 - 1 bytes)")
+        if self.mode == "r" and num_bytes:
+            raise ValueError("size: cannot preallocate a file opened read-only (mode 'r')")
+        return num_bytes
 
     def _preallocate(self, num_bytes: int) -> None:
         if num_bytes == 0:
@@ -155,30 +180,31 @@ class AsyncFile:
         return self._closing
 
     def pwrite(self, buffer, offset: int) -> Request:
+        """Writes all of buffer at offset. buffer (a CPU tensor or any buffer-protocol object) must
+        not be changed until the request is done."""
         if self.mode == "r":
             raise ValueError(f"{self.path}: opened read-only (mode 'r')")
-        address, num_bytes = buffer_span(buffer, writable=False)
-        return self._submit(buffer, address, num_bytes, offset, is_read=False, allow_short=False)
+        return self._submit(buffer_span(buffer, writable=False, what="buffer"), offset, is_read=False)
 
     def pread(self, into, offset: int, *, allow_short: bool = False) -> Request:
         """Reads len(into) bytes at offset. A read that hits end of file first raises OSError
         (ENODATA) on wait() unless allow_short, when wait() returns the bytes actually read."""
-        address, num_bytes = buffer_span(into, writable=True)
-        return self._submit(into, address, num_bytes, offset, is_read=True, allow_short=allow_short)
+        return self._submit(
+            buffer_span(into, writable=True, what="into"), offset, is_read=True, allow_short=allow_short
+        )
 
-    def _submit(self, keepalive, address, num_bytes, offset, *, is_read, allow_short) -> Request:
-        if not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset: must be a non-negative integer, got {offset!r}")
+    def _submit(self, span: Span, offset, *, is_read: bool, allow_short: bool = False) -> Request:
+        offset = check_offset(offset, span.num_bytes)
         # The lock spans the native submit, so close() either sees this request or refuses it.
         with self._lock:
             self._check_open()
             try:
                 native_request = self._engine.submit(
-                    self._direct_fd, self._buffered_fd, address, num_bytes, offset, is_read, allow_short
+                    self._direct_fd, self._buffered_fd, span.address, span.num_bytes, offset, is_read, allow_short
                 )
             except MemoryError:  # raised before any piece was queued
                 raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
-            request = Request(native_request, keepalive, self.path, is_read)
+            request = Request(native_request, span.owner, self.path, is_read)
             while self._outstanding and self._outstanding[0].done():  # oldest first: O(1) amortized
                 finished = self._outstanding.popleft()
                 if not finished.is_read and finished._unreported_failure():

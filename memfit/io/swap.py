@@ -47,7 +47,7 @@ class SwapFile:
 
     def put(self, name: str, tensor) -> Request:
         """Writes tensor into the slot called name, allocating it on first use."""
-        _, num_bytes = buffer_span(tensor, writable=False)
+        num_bytes = buffer_span(tensor, writable=False, what="tensor").num_bytes
         slot = self._slots.get(name)
         if slot is None:
             offset = self._extents.allocate(num_bytes)
@@ -68,7 +68,7 @@ class SwapFile:
         if name not in self._slots:
             raise KeyError(f"no slot named {name!r} in {self.path}")
         offset, num_bytes = self._slots[name]
-        _, into_bytes = buffer_span(into, writable=True)
+        into_bytes = buffer_span(into, writable=True, what="into").num_bytes
         if into_bytes != num_bytes:
             raise ValueError(f"slot {name!r} holds {num_bytes} bytes, destination has {into_bytes}")
         return self._file.pread(into, offset)
