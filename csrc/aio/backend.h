@@ -45,6 +45,7 @@ void fail_pieces(std::vector<Piece>& pieces, std::size_t first, int err) noexcep
 class Engine {
  public:
   Engine(const std::string& backend, std::size_t block_size, int queue_depth);
+  ~Engine();
   std::shared_ptr<Request> submit(const Transfer& transfer, bool allow_short);
   const char* backend_name() const { return backend_->name(); }
   std::size_t block_size() const { return block_size_; }
@@ -53,6 +54,7 @@ class Engine {
  private:
   std::size_t block_size_;
   int queue_depth_;
+  int owner_pid_;  // the process whose threads serve this engine
   std::unique_ptr<Backend> backend_;
 };
 

@@ -1,3 +1,5 @@
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
@@ -34,7 +36,7 @@ void fail_pieces(std::vector<Piece>& pieces, std::size_t first, int err) noexcep
 }
 
 Engine::Engine(const std::string& backend, std::size_t block_size, int queue_depth)
-    : block_size_(block_size), queue_depth_(queue_depth) {
+    : block_size_(block_size), queue_depth_(queue_depth), owner_pid_(::getpid()) {
   if (block_size == 0 || block_size % kAlignment != 0) {
     throw std::invalid_argument("block_size must be a positive multiple of 4096");
   }
@@ -50,6 +52,12 @@ Engine::Engine(const std::string& backend, std::size_t block_size, int queue_dep
 
 // Throws std::bad_alloc only before any piece is queued; from then on every failure is reported
 // through the request.
+Engine::~Engine() {
+  // A child of fork() has a copy of the backend but none of its threads: joining them would hang
+  // or crash, so the child leaves the copy alone.
+  if (::getpid() != owner_pid_) static_cast<void>(backend_.release());
+}
+
 std::shared_ptr<Request> Engine::submit(const Transfer& transfer, bool allow_short) {
   auto request = std::make_shared<Request>(transfer.num_bytes, transfer.is_read, allow_short);
   auto pieces = split_transfer(transfer, block_size_, request);

@@ -47,10 +47,10 @@ class Request:
     thread may call it, any number of times. A request dropped unfinished keeps its buffer alive:
     the file holds it until it is done."""
 
-    def __init__(self, native_request, keepalive, path: str, is_read: bool):
+    def __init__(self, native_request, keepalive, path: str, is_read: bool, owner_pid: int):
         self._native = native_request
         self._keepalive = keepalive  # the memory must outlive the transfer
-        self._path, self.is_read = path, is_read
+        self._path, self.is_read, self._owner_pid = path, is_read, owner_pid
         self._result: int | None = None
         self._reported = False  # whether wait(), fsync() or close() has raised this request's error
 
@@ -67,6 +67,10 @@ class Request:
     def _finish(self) -> int:
         """Blocks until the transfer is over; returns bytes or -errno without raising."""
         if self._result is None:
+            if os.getpid() != self._owner_pid and not self._native.done():
+                raise ValueError(
+                    f"{self._path}: a request of process {self._owner_pid} cannot finish in a forked child"
+                )
             self._result = self._native.wait()
             self._keepalive = None
         return self._result
@@ -83,7 +87,7 @@ class Request:
 
     def __del__(self):
         # Reached only when the file that tracked this request is gone too (interpreter shutdown).
-        if getattr(self, "_keepalive", None) is not None and not self._native.done():
+        if getattr(self, "_keepalive", None) is not None and os.getpid() == self._owner_pid:
             self._native.wait()
 
 
@@ -118,6 +122,7 @@ class AsyncFile:
         self._lock = threading.Lock()
         self._buffered_fd = self._direct_fd = -1
         self._closing = False
+        self._owner_pid = os.getpid()  # a forked child has a copy of this object but not its engine
         self._outstanding: collections.deque[Request] = collections.deque()
         self._failed_writes: list[Request] = []  # finished, failed, error not yet raised anywhere
         if mode not in _MODES:
@@ -204,7 +209,7 @@ class AsyncFile:
                 )
             except MemoryError:  # raised before any piece was queued
                 raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
-            request = Request(native_request, span.owner, self.path, is_read)
+            request = Request(native_request, span.owner, self.path, is_read, self._owner_pid)
             while self._outstanding and self._outstanding[0].done():  # oldest first: O(1) amortized
                 finished = self._outstanding.popleft()
                 if not finished.is_read and finished._unreported_failure():
@@ -215,6 +220,10 @@ class AsyncFile:
     def _check_open(self) -> None:
         if self._closing:
             raise ValueError(f"{self.path}: I/O on a closed file")
+        if os.getpid() != self._owner_pid:
+            raise ValueError(
+                f"{self.path}: opened by process {self._owner_pid}; a forked child must open its own AsyncFile"
+            )
 
     def fsync(self) -> None:
         """Waits for every request submitted before the call, then makes the file's data durable.
@@ -244,8 +253,15 @@ class AsyncFile:
         with self._lock:
             self._closing = True
             pending = list(self._outstanding)
+        if os.getpid() != self._owner_pid:
+            self._close_descriptors()  # a forked child's copies; the requests belong to the parent
+            return
         for request in pending:
             request._finish()
+        self._close_descriptors()
+        self._raise_failed_writes(pending)
+
+    def _close_descriptors(self) -> None:
         with self._lock:
             self._outstanding.clear()
             fds = (self._direct_fd, self._buffered_fd)
@@ -253,7 +269,6 @@ class AsyncFile:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        self._raise_failed_writes(pending)
 
     def _raise_failed_writes(self, finished: list[Request]) -> None:
         with self._lock:

@@ -150,3 +150,34 @@ def test_io_uring_enter_failure_fails_the_requests_and_the_ring_keeps_working(tm
         "two pieces ok 8192",
         "read ok 8192 True",
     ]
+
+
+def test_a_forked_child_neither_hangs_nor_crashes_and_opens_its_own_files(tmp_path, io_backend):
+    """The engine's threads do not exist in a child of fork(): the child must not join them at exit,
+    nor queue work for them, and it gets engines of its own."""
+    result = run_isolated(
+        f"""
+        import os, sys, warnings
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with engine threads running
+        parent_file = AsyncFile({str(tmp_path / "parent")!r}, "w", backend={io_backend!r})
+        parent_file.pwrite(b"parent", 0).wait()
+        in_flight = parent_file.pwrite(bytes(8 << 20), 4096)  # may still be running at the fork
+        child = os.fork()
+        if child == 0:
+            try:
+                parent_file.pwrite(b"child", 0)
+            except ValueError as error:
+                print("refused:", error, flush=True)
+            with AsyncFile({str(tmp_path / "child")!r}, "w", backend={io_backend!r}) as own:
+                print("own file:", own.pwrite(b"child", 0).wait(), flush=True)
+            sys.exit(0)  # a normal exit: destructors and atexit hooks run
+        _, status = os.waitpid(child, 0)
+        print("child status", status)
+        print("parent still works:", in_flight.wait(), parent_file.pwrite(b"again", 0).wait())
+        parent_file.close()
+        """
+    )
+    assert_clean_exit(result)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("refused: ") and "opened by process" in lines[0] and "forked child" in lines[0]
+    assert lines[1:] == ["own file: 5", "child status 0", f"parent still works: {8 << 20} 5"]
