@@ -1,8 +1,8 @@
 """Byte sizes and rates, read the way users write them and printed in one convention.
 
 memfit reads and prints binary units only: a size suffix K, M, G, T (or KiB, KB, ...) is a power
-of 1024, and every size or rate memfit prints is in KiB, MiB, GiB or TiB (rates per second, e.g.
-"2.50 GiB/s"). Nothing in memfit's output uses decimal MB or GB.
+of 1024, every size memfit prints is in B, KiB, MiB, GiB or TiB (format_bytes), and every rate in
+GiB/s (bytes per second divided by GiB). Nothing in memfit's output uses decimal MB or GB.
 """
 
 import operator
@@ -41,8 +41,3 @@ def format_bytes(num_bytes: float) -> str:
             return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
         num_bytes /= 1024
     return f"{num_bytes:.1f} {_UNITS[-1]}"
-
-
-def format_rate(bytes_per_second: float) -> str:
-    """A transfer rate in GiB/s with two decimals, the unit every memfit throughput figure uses."""
-    return f"{bytes_per_second / GiB:.2f} GiB/s"
