@@ -1,6 +1,12 @@
 """AsyncFile: asynchronous positional reads and writes of whole buffers, O_DIRECT where the file
 system allows it. Each file keeps two descriptors: an O_DIRECT one for the aligned middle of a
-transfer and a buffered one for unaligned heads and tails, so no byte is ever dropped."""
+transfer and a buffered one for unaligned heads and tails, so no byte is ever dropped.
+
+Thread-safety: an AsyncFile may be shared by any number of threads (see the class docstring for
+how close() and fsync() order with submissions). Lifetimes: a request holds its buffer, exported,
+until it finishes; the file holds every unfinished request, and close() waits for all of them. A
+child of fork() may not use a file its parent opened.
+"""
 
 import collections
 import errno
