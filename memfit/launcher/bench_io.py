@@ -8,7 +8,8 @@ import uuid
 import torch
 from tqdm import tqdm
 
-from memfit.io import AsyncFile, HostArena, available_backends
+from memfit.io import AsyncFile, HostArena, available_backends, backend
+from memfit.io.engine import check_geometry
 from memfit.units import GiB, format_bytes, parse_size
 
 CHUNK_BYTES = 64 << 20  # one request; the engine splits it into block_size pieces
@@ -33,12 +34,13 @@ def run(args) -> int:
     except OSError as error:
         raise SystemExit(f"memfit bench io: --path {args.path}: {error.strerror}") from None
     try:
-        size, block_size = parse_size(args.size, "--size"), parse_size(args.block_size, "--block-size")
+        size = parse_size(args.size, "--size")
+        block_size, _ = check_geometry(args.block_size, args.queue_depth)
+        backends = available_backends() if args.backend == "all" else [backend(b) for b in args.backend.split(",")]
     except ValueError as error:
         raise SystemExit(f"memfit bench io: {error}") from None
     if size <= 0 or size % 4096:
         raise SystemExit(f"memfit bench io: --size must be a positive multiple of 4096, got {args.size}")
-    backends = available_backends() if args.backend == "all" else args.backend.split(",")
     window = min(size, WINDOW_BYTES)
     arena = HostArena(2 * window)
     pattern, landing = arena.alloc(window), arena.alloc(window)
@@ -50,19 +52,19 @@ def run(args) -> int:
     )
     results = []
     try:
-        for backend in backends:
+        for name in backends:
             with AsyncFile(
-                path, "w", size=size, backend=backend, block_size=block_size, queue_depth=args.queue_depth
+                path, "w", size=size, backend=name, block_size=block_size, queue_depth=args.queue_depth
             ) as f:
-                write_s = _transfer(f, pattern, size, is_read=False, label=f"{backend} write")
-                read_s = _transfer(f, landing, size, is_read=True, label=f"{backend} read", pattern=pattern)
-                results.append((backend, size / write_s, size / read_s, f.direct))
+                write_s = _transfer(f, pattern, size, is_read=False, label=f"{name} write")
+                read_s = _transfer(f, landing, size, is_read=True, label=f"{name} read", pattern=pattern)
+                results.append((name, size / write_s, size / read_s, f.direct))
     finally:
         if os.path.exists(path):
             os.unlink(path)
     print(f"{'backend':<10} {'write GiB/s':>11} {'read GiB/s':>11}  O_DIRECT")
-    for backend, write_rate, read_rate, direct in results:
-        print(f"{backend:<10} {write_rate / GiB:>11.2f} {read_rate / GiB:>11.2f}  {'yes' if direct else 'no'}")
+    for name, write_rate, read_rate, direct in results:
+        print(f"{name:<10} {write_rate / GiB:>11.2f} {read_rate / GiB:>11.2f}  {'yes' if direct else 'no'}")
     return 0
 
 

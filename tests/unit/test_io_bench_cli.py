@@ -32,6 +32,23 @@ def test_a_path_that_is_a_file_is_refused(tmp_path):
         main(["bench", "io", "--path", str(tmp_path / "file"), "--size", "1M"])
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--backend", "nvme"], "memfit bench io: backend: unknown backend 'nvme'"),
+        (["--queue-depth", "0"], "memfit bench io: queue_depth: must be an integer from 1 to 4096"),
+        (["--block-size", "3K"], "memfit bench io: block_size: must be a multiple of 4096"),
+        (["--size", "lots"], "memfit bench io: --size: not a size: 'lots'"),
+        (["--size", "5000"], "memfit bench io: --size must be a positive multiple of 4096"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "io", "--path", str(tmp_path), "--size", "1M", *flags])
+    assert str(info.value).startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_says_the_directory_is_created(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "io", "--help"])
