@@ -92,9 +92,11 @@ class Request:
         return self._finish() < 0 and not self._reported
 
     def __del__(self):
-        # Reached only when the file that tracked this request is gone too (interpreter shutdown).
-        if getattr(self, "_keepalive", None) is not None and os.getpid() == self._owner_pid:
-            self._native.wait()
+        # Reached with the request unfinished only when its file is gone too (interpreter shutdown) or
+        # when submitting it failed half way for lack of memory.
+        native = getattr(self, "_native", None)
+        if native is not None and self._keepalive is not None and os.getpid() == self._owner_pid:
+            native.wait()
 
 
 class AsyncFile:
@@ -195,27 +197,38 @@ class AsyncFile:
         not be changed until the request is done."""
         if self.mode == "r":
             raise ValueError(f"{self.path}: opened read-only (mode 'r')")
-        return self._submit(buffer_span(buffer, writable=False, what="buffer"), offset, is_read=False)
+        return self._submit(buffer, "buffer", offset, is_read=False)
 
     def pread(self, into, offset: int, *, allow_short: bool = False) -> Request:
         """Reads len(into) bytes at offset. A read that hits end of file first raises OSError
         (ENODATA) on wait() unless allow_short, when wait() returns the bytes actually read."""
-        return self._submit(
-            buffer_span(into, writable=True, what="into"), offset, is_read=True, allow_short=allow_short
-        )
+        return self._submit(into, "into", offset, is_read=True, allow_short=allow_short)
 
-    def _submit(self, span: Span, offset, *, is_read: bool, allow_short: bool = False) -> Request:
+    def _submit(self, buffer, what: str, offset, *, is_read: bool, allow_short: bool = False) -> Request:
+        try:
+            span = buffer_span(buffer, writable=is_read, what=what)
+        except MemoryError:
+            raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
+        return self._submit_span(span, offset, is_read=is_read, allow_short=allow_short)
+
+    def _submit_span(self, span: Span, offset, *, is_read: bool, allow_short: bool = False) -> Request:
+        """Submits a transfer of span; the one way requests are made (SwapFile uses it too)."""
         offset = check_offset(offset, span.num_bytes)
+        try:
+            return self._submit_checked(span, offset, is_read, allow_short)
+        except MemoryError:
+            raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
+
+    def _submit_checked(self, span: Span, offset: int, is_read: bool, allow_short: bool) -> Request:
         # The lock spans the native submit, so close() either sees this request or refuses it.
         with self._lock:
             self._check_open()
-            try:
-                native_request = self._engine.submit(
-                    self._direct_fd, self._buffered_fd, span.address, span.num_bytes, offset, is_read, allow_short
-                )
-            except MemoryError:  # raised before any piece was queued
-                raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
-            request = Request(native_request, span.owner, self.path, is_read, self._owner_pid)
+            # Made first, so that the buffer is held from the moment a piece is queued: if anything
+            # below fails for lack of memory, the request's __del__ waits for its pieces.
+            request = Request(None, span.owner, self.path, is_read, self._owner_pid)
+            request._native = self._engine.submit(
+                self._direct_fd, self._buffered_fd, span.address, span.num_bytes, offset, is_read, allow_short
+            )
             while self._outstanding and self._outstanding[0].done():  # oldest first: O(1) amortized
                 finished = self._outstanding.popleft()
                 if not finished.is_read and finished._unreported_failure():

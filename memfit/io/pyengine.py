@@ -11,7 +11,7 @@ import errno
 import mmap
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from memfit.io.buffers import memory_at
 
@@ -52,18 +52,23 @@ def plan_pieces(direct_fd, buffered_fd, address, num_bytes, file_offset, block_s
 
 
 class PyRequest:
-    def __init__(self, futures, num_bytes, is_read, allow_short):
-        self._futures, self._num_bytes = futures, num_bytes
+    """futures[i] is piece i's future, or NOT_QUEUED for a piece that never ran (it fails ENOMEM)."""
+
+    NOT_QUEUED = None
+
+    def __init__(self, num_pieces, num_bytes, is_read, allow_short):
+        self.futures = [self.NOT_QUEUED] * num_pieces  # filled in place: queueing allocates nothing here
+        self._num_bytes = num_bytes
         self._is_read, self._allow_short = is_read, allow_short
 
     def done(self) -> bool:
-        return all(future.done() for future in self._futures)
+        return all(future is self.NOT_QUEUED or future.done() for future in self.futures)
 
     def wait(self) -> int:
         """Bytes transferred, or -errno, like the native Request. Safe to call from several threads."""
         total, first_error = 0, 0
-        for future in self._futures:
-            num_done, error = future.result()
+        for future in self.futures:
+            num_done, error = (0, errno.ENOMEM) if future is self.NOT_QUEUED else future.result()
             total += num_done
             first_error = first_error or error
         if first_error:
@@ -96,16 +101,16 @@ class PyEngine:
             raise OSError(errno.EAGAIN, f"cannot start {self.queue_depth} I/O worker threads ({error})") from None
 
     def submit(self, direct_fd, buffered_fd, address, num_bytes, file_offset, is_read, allow_short):
+        # Everything that can fail for lack of memory happens before the first piece is queued; from
+        # then on a failure only ends the queueing, and the pieces left out fail with ENOMEM.
         pieces = plan_pieces(direct_fd, buffered_fd, address, num_bytes, file_offset, self.block_size)
-        futures = []
-        for piece in pieces:
+        request = PyRequest(len(pieces), num_bytes, is_read, allow_short)
+        for index, piece in enumerate(pieces):
             try:
-                futures.append(self._pool.submit(self._run_piece, piece, is_read))
-            except RuntimeError:  # the interpreter is shutting down: this piece will never run
-                refused = Future()
-                refused.set_result((0, errno.ESHUTDOWN))
-                futures.append(refused)
-        return PyRequest(futures, num_bytes, is_read, allow_short)
+                request.futures[index] = self._pool.submit(self._run_piece, piece, is_read)
+            except (RuntimeError, MemoryError):  # no memory for a lock or a work item, or shutting down
+                break
+        return request
 
     def _bounce(self) -> memoryview | None:
         """This worker's page-aligned bounce buffer, or None when there is no memory for one."""
@@ -117,6 +122,13 @@ class PyEngine:
         return self._local.bounce
 
     def _run_piece(self, piece: PieceSpec, is_read: bool) -> tuple[int, int]:
+        """(bytes done, errno or 0); never raises, like a native backend thread."""
+        try:
+            return self._transfer_piece(piece, is_read)
+        except MemoryError:
+            return 0, errno.ENOMEM
+
+    def _transfer_piece(self, piece: PieceSpec, is_read: bool) -> tuple[int, int]:
         user = memory_at(piece.address, piece.num_bytes)
         num_done, fd, direct = 0, piece.fd, piece.direct
         while num_done < piece.num_bytes:

@@ -163,7 +163,7 @@ class SwapFile:
                 )
             state.settle()
             try:
-                request = self._file._submit(span, slot.offset, is_read=False)
+                request = self._file._submit_span(span, slot.offset, is_read=False)
             except BaseException:
                 if is_new:  # nothing was written: the slot never existed
                     del self._slots[name]
@@ -196,7 +196,7 @@ class SwapFile:
                     f"slot {name!r}: its last put failed ({os.strerror(-put_result)}); put it again",
                     self.path,
                 )
-            request = self._file._submit(span, slot.offset, is_read=True)
+            request = self._file._submit_span(span, slot.offset, is_read=True)
             state.last_request = request
         return request
 
