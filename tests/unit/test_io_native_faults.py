@@ -88,16 +88,19 @@ def test_memory_running_out_anywhere_in_a_submit_is_enomem_and_never_loses_a_pie
         data = torch.ones(64 << 20, dtype=torch.uint8)
         f = AsyncFile({str(path)!r}, "w", backend={io_backend!r}, block_size="4K", queue_depth=4)
         f.pwrite(b"warm", 0).wait()
-        for headroom_mib in range(1, 41):
+        for headroom_kib in range(128, 40 << 10, 128):
             request = error = None
-            limit_address_space(headroom_mib << 20)
+            limit_address_space(headroom_kib << 10)
             try:  # nothing else runs under the limit: the test's own code would fail there too
                 request = f.pwrite(data, 0)
             except BaseException as caught:
                 error = caught
             lift_limit()
             if request is not None:
-                print("wait", outcome(request.wait), flush=True)
+                line = outcome(request.wait)
+                print("wait", line, flush=True)
+                if line.startswith("ok"):
+                    break  # from here on there is room for everything
             elif isinstance(error, OSError):
                 print("submit OSError", errno.errorcode[error.errno], error.filename, flush=True)
             else:
