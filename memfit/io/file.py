@@ -109,7 +109,7 @@ class AsyncFile:
     and return at once; close() refuses new requests, waits for every request already accepted and
     only then closes the descriptors, so a submit racing with close() either is accepted and
     completes or raises ValueError, never half of each. Requests in flight together complete in
-    any order, so overlapping writes in flight at the same time leave either's bytes.
+    any order, piece by piece: overlapping writes in flight at the same time leave a mix of both.
 
     No failure is lost: a write that fails raises OSError(errno, path) from its wait(); if nobody
     has seen that error when fsync() or close() runs, they raise it (once), so fire-and-forget
@@ -215,25 +215,22 @@ class AsyncFile:
         """Submits a transfer of span; the one way requests are made (SwapFile uses it too)."""
         offset = check_offset(offset, span.num_bytes)
         try:
-            return self._submit_checked(span, offset, is_read, allow_short)
+            # The lock spans the native submit, so close() either sees this request or refuses it.
+            with self._lock:
+                self._check_open()
+                # Made first, so that the buffer is held from the moment a piece is queued: if
+                # anything below fails for lack of memory, the request's __del__ waits for its pieces.
+                request = Request(None, span.owner, self.path, is_read, self._owner_pid)
+                request._native = self._engine.submit(
+                    self._direct_fd, self._buffered_fd, span.address, span.num_bytes, offset, is_read, allow_short
+                )
+                while self._outstanding and self._outstanding[0].done():  # oldest first: O(1) amortized
+                    finished = self._outstanding.popleft()
+                    if not finished.is_read and finished._unreported_failure():
+                        self._failed_writes.append(finished)
+                self._outstanding.append(request)
         except MemoryError:
             raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
-
-    def _submit_checked(self, span: Span, offset: int, is_read: bool, allow_short: bool) -> Request:
-        # The lock spans the native submit, so close() either sees this request or refuses it.
-        with self._lock:
-            self._check_open()
-            # Made first, so that the buffer is held from the moment a piece is queued: if anything
-            # below fails for lack of memory, the request's __del__ waits for its pieces.
-            request = Request(None, span.owner, self.path, is_read, self._owner_pid)
-            request._native = self._engine.submit(
-                self._direct_fd, self._buffered_fd, span.address, span.num_bytes, offset, is_read, allow_short
-            )
-            while self._outstanding and self._outstanding[0].done():  # oldest first: O(1) amortized
-                finished = self._outstanding.popleft()
-                if not finished.is_read and finished._unreported_failure():
-                    self._failed_writes.append(finished)
-            self._outstanding.append(request)
         return request
 
     def _check_open(self) -> None:
