@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from memfit.io import available_backends
+
 PRELUDE = """
 import errno, resource, psutil, torch
 from memfit.io import AsyncFile, HostArena
@@ -78,8 +80,6 @@ def test_memory_running_out_anywhere_in_a_submit_is_enomem_and_never_loses_a_pie
     exception, a crash or a hang, and the engine works afterwards. Native backends only: the
     Python backend runs its pieces as Python code, and with a few MiB left the interpreter itself
     cannot allocate an exception, whatever the engine does."""
-    from memfit.io import available_backends
-
     if io_backend not in available_backends():
         pytest.skip(f"{io_backend} backend not available here")
     path = tmp_path / "f"
@@ -121,8 +121,8 @@ def test_memory_running_out_anywhere_in_a_submit_is_enomem_and_never_loses_a_pie
 
 @pytest.mark.parametrize("backend", ["threads", "python"])
 def test_worker_threads_that_cannot_start_give_oserror_with_the_path(tmp_path, backend):
-    if backend == "threads":
-        pytest.importorskip("memfit._C")
+    if backend not in available_backends():
+        pytest.skip(f"{backend} backend not available here")
     path = tmp_path / "f"
     result = run_isolated(
         f"""
@@ -169,8 +169,6 @@ def fail_io_uring_enter_of_three():
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the filter uses x86_64 system call numbers")
 def test_io_uring_enter_failure_fails_the_requests_and_the_ring_keeps_working(tmp_path):
-    from memfit.io import available_backends
-
     if "io_uring" not in available_backends():
         pytest.skip("io_uring backend not available here")
     path = tmp_path / "f"
