@@ -121,7 +121,7 @@ def main() -> None:
                 for name, run in runners.items():
                     for op in ("write", "read"):
                         times[(name, op)].append(run(op))
-            gbps = {key: size / median(values) / 1e9 for key, values in times.items()}
+            gbps = {key: size / median(values) / (1 << 30) for key, values in times.items()}
             for name in runners:
                 rows.append((block_text, name, gbps[(name, "write")], gbps[(name, "read")]))
             print(
@@ -131,7 +131,7 @@ def main() -> None:
     finally:
         os.unlink(path)
 
-    table = ["| block | engine | write GB/s | read GB/s |", "| --- | --- | ---: | ---: |"]
+    table = ["| block | engine | write GiB/s | read GiB/s |", "| --- | --- | ---: | ---: |"]
     table += [f"| {b} | {n} | {w:.2f} | {r:.2f} |" for b, n, w, r in rows]
     ratios = [
         "| block | op | memfit best | fio best | memfit / fio | DeepSpeed | memfit / DeepSpeed |",

@@ -108,7 +108,7 @@ def main(argv=None) -> None:
         num_params = sum(p.numel() for p in model.parameters())
         print(
             f"train_gpt: {args.preset} ({num_params / 1e6:.1f}M parameters), {engine.world_size} rank(s), "
-            f"ZeRO stage {engine.stage}, data {source} ({len(train) / 1e6:.1f} MB train)",
+            f"ZeRO stage {engine.stage}, data {source} ({len(train) / (1 << 20):.1f} MiB train)",
             flush=True,
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)

@@ -1,3 +1,6 @@
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstring>
 #include <stdexcept>
 
@@ -18,8 +21,22 @@ Progress finish_call(Piece& piece, char* bounce, long result, int* err) {
   return advance_piece(piece, result, err);
 }
 
+std::size_t queue_pieces(std::deque<Piece>& queue, std::vector<Piece>& pieces) noexcept {
+  std::size_t num_queued = 0;
+  try {
+    // push_back has the strong guarantee: a piece it fails to queue is left intact in pieces.
+    for (; num_queued < pieces.size(); ++num_queued) queue.push_back(std::move(pieces[num_queued]));
+  } catch (...) {
+  }
+  return num_queued;
+}
+
+void fail_pieces(std::vector<Piece>& pieces, std::size_t first, int err) noexcept {
+  for (std::size_t i = first; i < pieces.size(); ++i) pieces[i].request->piece_done(0, err);
+}
+
 Engine::Engine(const std::string& backend, std::size_t block_size, int queue_depth)
-    : block_size_(block_size), queue_depth_(queue_depth) {
+    : block_size_(block_size), queue_depth_(queue_depth), owner_pid_(::getpid()) {
   if (block_size == 0 || block_size % kAlignment != 0) {
     throw std::invalid_argument("block_size must be a positive multiple of 4096");
   }
@@ -31,6 +48,14 @@ Engine::Engine(const std::string& backend, std::size_t block_size, int queue_dep
   } else {
     throw std::invalid_argument("unknown backend '" + backend + "'");
   }
+}
+
+// Throws std::bad_alloc only before any piece is queued; from then on every failure is reported
+// through the request.
+Engine::~Engine() {
+  // A child of fork() has a copy of the backend but none of its threads: joining them would hang
+  // or crash, so the child leaves the copy alone.
+  if (::getpid() != owner_pid_) static_cast<void>(backend_.release());
 }
 
 std::shared_ptr<Request> Engine::submit(const Transfer& transfer, bool allow_short) {

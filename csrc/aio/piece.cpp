@@ -2,7 +2,6 @@
 
 #include <cerrno>
 #include <cstdlib>
-#include <new>
 
 namespace memfit::aio {
 
@@ -76,9 +75,9 @@ Progress advance_piece(Piece& piece, long result, int* err) {
   return Progress::kContinue;
 }
 
-char* alloc_aligned(std::size_t num_bytes) {
+char* alloc_aligned(std::size_t num_bytes) noexcept {
   void* ptr = nullptr;
-  if (posix_memalign(&ptr, kAlignment, num_bytes) != 0) throw std::bad_alloc();
+  if (posix_memalign(&ptr, kAlignment, num_bytes) != 0) return nullptr;
   return static_cast<char*>(ptr);
 }
 

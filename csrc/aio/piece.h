@@ -48,6 +48,7 @@ std::vector<Piece> split_transfer(const Transfer& transfer, std::size_t block_si
 enum class Progress { kDone, kContinue };
 Progress advance_piece(Piece& piece, long result, int* err);
 
-char* alloc_aligned(std::size_t num_bytes);
+// nullptr when memory is short: a backend thread must never throw, so the caller fails the piece.
+char* alloc_aligned(std::size_t num_bytes) noexcept;
 
 }  // namespace memfit::aio

@@ -19,7 +19,7 @@ class Request {
   void set_num_pieces(int num_pieces) { pending_ = num_pieces; }
 
   // A piece finished: bytes_done of it were transferred; err is 0 or an errno value.
-  void piece_done(std::size_t bytes_done, int err) {
+  void piece_done(std::size_t bytes_done, int err) noexcept {
     std::lock_guard<std::mutex> lock(mu_);
     bytes_ += bytes_done;
     if (err != 0 && err_ == 0) err_ = err;

@@ -18,30 +18,31 @@ namespace {
 class ThreadBackend final : public Backend {
  public:
   ThreadBackend(std::size_t block_size, int queue_depth) : block_size_(block_size) {
-    for (int i = 0; i < queue_depth; ++i) workers_.emplace_back([this] { work(); });
+    workers_.reserve(static_cast<std::size_t>(queue_depth));
+    try {
+      for (int i = 0; i < queue_depth; ++i) workers_.emplace_back([this] { work(); });
+    } catch (...) {
+      stop();  // a joinable std::thread destroyed during unwinding would call std::terminate
+      throw;
+    }
   }
 
-  ~ThreadBackend() override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stopping_ = true;
-    }
-    cv_.notify_all();
-    for (auto& worker : workers_) worker.join();
-  }
+  ~ThreadBackend() override { stop(); }
 
-  void submit(std::vector<Piece>&& pieces) override {
+  void submit(std::vector<Piece>&& pieces) noexcept override {
+    std::size_t num_queued;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (auto& piece : pieces) queue_.push_back(std::move(piece));
+      num_queued = queue_pieces(queue_, pieces);
     }
     cv_.notify_all();
+    fail_pieces(pieces, num_queued, ENOMEM);
   }
 
   const char* name() const override { return "threads"; }
 
  private:
-  void work() {
+  void work() noexcept {
     char* bounce = nullptr;
     for (;;) {
       Piece piece;
@@ -53,12 +54,25 @@ class ThreadBackend final : public Backend {
         queue_.pop_front();
       }
       if (piece.needs_bounce && bounce == nullptr) bounce = alloc_aligned(block_size_);
+      if (piece.needs_bounce && bounce == nullptr) {
+        piece.request->piece_done(0, ENOMEM);  // the next piece that needs one tries again
+        continue;
+      }
       run_piece(piece, bounce);
     }
     std::free(bounce);
   }
 
-  static void run_piece(Piece& piece, char* bounce) {
+  void stop() noexcept {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& worker : workers_) worker.join();
+  }
+
+  static void run_piece(Piece& piece, char* bounce) noexcept {
     int err = 0;
     for (;;) {
       char* address = stage_piece(piece, bounce);

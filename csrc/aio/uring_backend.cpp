@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -76,7 +77,7 @@ class Ring {
   }
 
   // Only the service thread produces submissions, so the tail needs no read barrier.
-  void push(const Piece& piece, char* address, std::uint64_t user_data) {
+  void push(const Piece& piece, char* address, std::uint64_t user_data) noexcept {
     unsigned tail = *sq_tail_;
     unsigned index = tail & sq_mask_;
     io_uring_sqe* sqe = &sqes_[index];
@@ -91,23 +92,28 @@ class Ring {
     __atomic_store_n(sq_tail_, tail + 1, __ATOMIC_RELEASE);
   }
 
-  // Submits to_submit entries and, if wait is set, blocks for at least one completion.
-  void enter(unsigned to_submit, bool wait) {
+  // Submits to_submit entries and, if wait is set, blocks for at least one completion. Returns 0, or
+  // the errno of a failure the kernel reports as lasting; *num_submitted says how many of the
+  // entries it took before that.
+  int enter(unsigned to_submit, bool wait, unsigned* num_submitted) noexcept {
+    *num_submitted = 0;
     for (;;) {
-      int rc = sys_uring_enter(fd_, to_submit, wait ? 1 : 0, wait ? IORING_ENTER_GETEVENTS : 0);
+      int rc = sys_uring_enter(fd_, to_submit - *num_submitted, wait ? 1 : 0, wait ? IORING_ENTER_GETEVENTS : 0);
       if (rc >= 0) {
-        to_submit -= static_cast<unsigned>(rc);
-        if (to_submit == 0) return;
+        *num_submitted += static_cast<unsigned>(rc);
+        if (*num_submitted == to_submit) return 0;
         continue;
       }
-      if (errno != EINTR && errno != EAGAIN && errno != EBUSY) {
-        throw std::system_error(errno, std::generic_category(), "io_uring_enter");
-      }
+      if (errno != EINTR && errno != EAGAIN && errno != EBUSY) return errno;
     }
   }
 
+  // Takes back the last num_entries pushed entries, which the kernel refused. Safe because the
+  // kernel reads the submission tail only inside io_uring_enter (there is no SQPOLL thread).
+  void unpush(unsigned num_entries) noexcept { __atomic_store_n(sq_tail_, *sq_tail_ - num_entries, __ATOMIC_RELEASE); }
+
   template <typename Fn>
-  void reap(Fn&& on_completion) {
+  void reap(Fn&& on_completion) noexcept {
     unsigned head = *cq_head_;
     unsigned tail = __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE);
     for (; head != tail; ++head) {
@@ -158,26 +164,29 @@ class UringBackend final : public Backend {
     for (auto& slot : slots_) std::free(slot.bounce);
   }
 
-  void submit(std::vector<Piece>&& pieces) override {
+  void submit(std::vector<Piece>&& pieces) noexcept override {
+    std::size_t num_queued;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (auto& piece : pieces) queue_.push_back(std::move(piece));
+      num_queued = queue_pieces(queue_, pieces);
     }
     cv_.notify_all();
+    fail_pieces(pieces, num_queued, ENOMEM);
   }
 
   const char* name() const override { return "io_uring"; }
 
  private:
-  void serve() {
-    std::vector<int> resubmit;
+  // Each round: take queued pieces into free slots, push them and the short transfers to resume,
+  // submit, and reap. The three index lists never hold more than queue_depth entries, so they are
+  // reserved once and no allocation can fail inside the loop.
+  void serve() noexcept {
+    std::vector<int> resubmit, claimed, pushed;
+    for (auto* list : {&resubmit, &claimed, &pushed}) list->reserve(slots_.size());
     for (;;) {
-      unsigned to_submit = 0;
-      for (int index : resubmit) to_submit += push_slot(index);
-      resubmit.clear();
       {
         std::unique_lock<std::mutex> lock(mu_);
-        if (in_flight_ == 0 && to_submit == 0) {
+        if (in_flight_ == 0 && resubmit.empty()) {
           cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
           if (queue_.empty()) return;  // stopping with nothing left
         }
@@ -187,29 +196,65 @@ class UringBackend final : public Backend {
           slots_[index].piece = std::move(queue_.front());
           slots_[index].err = 0;
           queue_.pop_front();
-          to_submit += push_slot(index);
+          claimed.push_back(index);
         }
       }
-      ring_.enter(to_submit, in_flight_ > 0);
+      for (int index : resubmit) push_slot(index, pushed);
+      for (int index : claimed) push_slot(index, pushed);
+      resubmit.clear();
+      claimed.clear();
+      if (in_flight_ > 0) submit_and_wait(pushed);
+      pushed.clear();
       ring_.reap([&](std::uint64_t index, int res) { on_completion(static_cast<int>(index), res, resubmit); });
     }
   }
 
-  unsigned push_slot(int index) {
+  void push_slot(int index, std::vector<int>& pushed) noexcept {
     Slot& slot = slots_[index];
-    if (slot.piece.needs_bounce && slot.bounce == nullptr) slot.bounce = alloc_aligned(block_size_);
+    if (slot.piece.needs_bounce && slot.bounce == nullptr) {
+      slot.bounce = alloc_aligned(block_size_);
+      if (slot.bounce == nullptr) {
+        finish_slot(index, ENOMEM);  // the next piece in this slot tries again
+        return;
+      }
+    }
     ring_.push(slot.piece, stage_piece(slot.piece, slot.bounce), static_cast<std::uint64_t>(index));
     ++in_flight_;
-    return 1;
+    pushed.push_back(index);
   }
 
-  void on_completion(int index, int res, std::vector<int>& resubmit) {
+  void submit_and_wait(const std::vector<int>& pushed) noexcept {
+    unsigned num_submitted = 0;
+    int err = ring_.enter(static_cast<unsigned>(pushed.size()), true, &num_submitted);
+    if (err == 0) return;
+    // The entries the kernel did not take were never started: fail them, leaving the ring and the
+    // pieces already in flight as they were.
+    ring_.unpush(static_cast<unsigned>(pushed.size()) - num_submitted);
+    for (std::size_t i = num_submitted; i < pushed.size(); ++i) {
+      --in_flight_;
+      finish_slot(pushed[i], err);
+    }
+    if (pushed.size() == num_submitted) {
+      // Only the wait failed. In-flight buffers stay owned by the kernel until their completions
+      // arrive, so keep waiting for them, without spinning, until the ring recovers.
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+
+  void on_completion(int index, int res, std::vector<int>& resubmit) noexcept {
     --in_flight_;
     Slot& slot = slots_[index];
     if (finish_call(slot.piece, slot.bounce, res, &slot.err) == Progress::kContinue) {
       resubmit.push_back(index);
       return;
     }
+    finish_slot(index, 0);
+  }
+
+  // Reports the slot's piece to its request (with err if the piece has no error yet) and frees it.
+  void finish_slot(int index, int err) noexcept {
+    Slot& slot = slots_[index];
+    if (slot.err == 0) slot.err = err;
     auto request = std::move(slot.piece.request);
     request->piece_done(slot.piece.num_done, slot.err);
     std::lock_guard<std::mutex> lock(mu_);

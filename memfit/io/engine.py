@@ -1,5 +1,9 @@
 """Backend selection and the shared engines. Engines are shared per (backend, block size, queue
-depth), so many files and many requests in flight share one ring or one worker pool."""
+depth), so many files and many requests in flight share one ring or one worker pool.
+
+Engines belong to the process that created them: a child of fork() has none of their threads, so
+it forgets them and creates its own on first use (see AsyncFile for files opened before a fork).
+"""
 
 import os
 import threading
@@ -15,6 +19,15 @@ BACKENDS = ("io_uring", "threads", "python")
 
 _engines: dict = {}
 _engines_lock = threading.Lock()
+
+
+def _forget_engines_after_fork() -> None:
+    global _engines_lock
+    _engines_lock = threading.Lock()  # another thread may have held it at the fork
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_after_fork)
 
 
 def available_backends() -> list[str]:

@@ -1,6 +1,11 @@
 """Pure-Python I/O engine: the same contract and the same piece plan as csrc/aio, with os.preadv /
 os.pwritev on a thread pool. Used when MEMFIT_NO_EXT=1 or the extension is missing, and as the
-executable model of the C++ code in the tests."""
+executable model of the C++ code in the tests.
+
+Like the native engine, it starts all queue_depth workers when it is created, so a submit never
+has to start a thread (a thread that fails to start after part of a request was queued would lose
+the rest), and a worker reports every failure as an errno on its piece, never as an exception.
+"""
 
 import errno
 import mmap
@@ -47,18 +52,23 @@ def plan_pieces(direct_fd, buffered_fd, address, num_bytes, file_offset, block_s
 
 
 class PyRequest:
-    def __init__(self, futures, num_bytes, is_read, allow_short):
-        self._futures, self._num_bytes = futures, num_bytes
+    """futures[i] is piece i's future, or NOT_QUEUED for a piece that never ran (it fails ENOMEM)."""
+
+    NOT_QUEUED = None
+
+    def __init__(self, num_pieces, num_bytes, is_read, allow_short):
+        self.futures = [self.NOT_QUEUED] * num_pieces  # filled in place: queueing allocates nothing here
+        self._num_bytes = num_bytes
         self._is_read, self._allow_short = is_read, allow_short
 
     def done(self) -> bool:
-        return all(future.done() for future in self._futures)
+        return all(future is self.NOT_QUEUED or future.done() for future in self.futures)
 
     def wait(self) -> int:
-        """Bytes transferred, or -errno, like the native Request."""
+        """Bytes transferred, or -errno, like the native Request. Safe to call from several threads."""
         total, first_error = 0, 0
-        for future in self._futures:
-            num_done, error = future.result()
+        for future in self.futures:
+            num_done, error = (0, errno.ENOMEM) if future is self.NOT_QUEUED else future.result()
             total += num_done
             first_error = first_error or error
         if first_error:
@@ -75,23 +85,57 @@ class PyEngine:
         self.block_size, self.queue_depth = block_size, queue_depth
         self._pool = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="memfit-io")
         self._local = threading.local()
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        """Starts every worker now. The pool starts a thread for each task submitted while all of
+        its threads are busy, so queue_depth tasks that wait for each other start them all."""
+        all_started = threading.Barrier(self.queue_depth + 1)
+        try:
+            for _ in range(self.queue_depth):
+                self._pool.submit(all_started.wait)
+            all_started.wait()
+        except RuntimeError as error:  # "can't start new thread"
+            all_started.abort()
+            self._pool.shutdown(wait=True)
+            raise OSError(errno.EAGAIN, f"cannot start {self.queue_depth} I/O worker threads ({error})") from None
 
     def submit(self, direct_fd, buffered_fd, address, num_bytes, file_offset, is_read, allow_short):
+        # Everything that can fail for lack of memory happens before the first piece is queued; from
+        # then on a failure only ends the queueing, and the pieces left out fail with ENOMEM.
         pieces = plan_pieces(direct_fd, buffered_fd, address, num_bytes, file_offset, self.block_size)
-        futures = [self._pool.submit(self._run_piece, piece, is_read) for piece in pieces]
-        return PyRequest(futures, num_bytes, is_read, allow_short)
+        request = PyRequest(len(pieces), num_bytes, is_read, allow_short)
+        for index, piece in enumerate(pieces):
+            try:
+                request.futures[index] = self._pool.submit(self._run_piece, piece, is_read)
+            except (RuntimeError, MemoryError):  # no memory for a lock or a work item, or shutting down
+                break
+        return request
 
-    def _bounce(self) -> memoryview:
+    def _bounce(self) -> memoryview | None:
+        """This worker's page-aligned bounce buffer, or None when there is no memory for one."""
         if getattr(self._local, "bounce", None) is None:
-            self._local.bounce = memoryview(mmap.mmap(-1, self.block_size))  # page aligned
+            try:
+                self._local.bounce = memoryview(mmap.mmap(-1, self.block_size))
+            except (OSError, MemoryError):
+                return None
         return self._local.bounce
 
     def _run_piece(self, piece: PieceSpec, is_read: bool) -> tuple[int, int]:
+        """(bytes done, errno or 0); never raises, like a native backend thread."""
+        try:
+            return self._transfer_piece(piece, is_read)
+        except MemoryError:
+            return 0, errno.ENOMEM
+
+    def _transfer_piece(self, piece: PieceSpec, is_read: bool) -> tuple[int, int]:
         user = memory_at(piece.address, piece.num_bytes)
         num_done, fd, direct = 0, piece.fd, piece.direct
         while num_done < piece.num_bytes:
             remaining = piece.num_bytes - num_done
             bounce = direct and (piece.address + num_done) % ALIGNMENT != 0
+            if bounce and self._bounce() is None:
+                return num_done, errno.ENOMEM
             target = self._bounce()[:remaining] if bounce else user[num_done:]
             if bounce and not is_read:
                 target[:] = user[num_done:]
