@@ -37,7 +37,10 @@ def _optimizer(cfg: MemfitConfig, client: ClientComponents) -> str:
     given = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
     if client.optimizer_class is not None:
         return f"{client.optimizer_class.__name__} {_keywords(given)}".rstrip()
-    name = find_optimizer(cfg.optimizer.type if cfg.optimizer is not None else "AdamW")
+    named = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
+    name = find_optimizer(named)
+    if name is None:  # a type the passed optimizer class replaced
+        return f"{named} {_keywords(given)}".rstrip()
     shown = {
         key: given.pop(key, parameter.default)
         for key, parameter in inspect.signature(OPTIMIZERS[name]).parameters.items()

@@ -110,7 +110,9 @@ def kind_from_default(default) -> Kind:
     if isinstance(default, str):
         return STRING
     if isinstance(default, (tuple, list)) and default:
-        return _list_of([kind_from_default(item) for item in default])
+        kinds = [kind_from_default(item) for item in default]
+        # numbers in a tuple are a fixed shape (betas); names are a list of any length (modules)
+        return _list_of(kinds) if all(kind is NUMBER for kind in kinds) else _list_of(kinds[0])
     return ANY
 
 

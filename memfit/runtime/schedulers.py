@@ -19,6 +19,10 @@ WarmupType = Literal["log", "linear"]
 
 
 def _per_group(optimizer, value, name: str) -> list:
+    """value for each param group; a negative value (an lr, a ratio) would train silently wrong."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if float(item) < 0:
+            raise ValueError(f"{name} must not be negative, got {item}")
     if isinstance(value, (list, tuple)):
         if len(value) != len(optimizer.param_groups):
             raise ValueError(
@@ -161,6 +165,9 @@ class WarmupCosineLR(_Schedule):
         if warmup_type not in WARMUP_TYPES:
             raise ValueError(f"warmup_type must be 'log' or 'linear', got {warmup_type!r}")
         self.optimizer = optimizer
+        for name, ratio in (("warmup_min_ratio", warmup_min_ratio), ("cos_min_ratio", cos_min_ratio)):
+            if not 0 <= ratio <= 1:
+                raise ValueError(f"{name} must be from 0 to 1, got {ratio}")
         self.warmup_min_ratio, self.cos_min_ratio = warmup_min_ratio, cos_min_ratio
         self.warmup_num_steps = max(2, warmup_num_steps)
         self.warmup_type = warmup_type
@@ -228,8 +235,9 @@ class OneCycle(_Schedule):
         ):
             if count is not None and count < 0:
                 raise ValueError(f"{name} must be non-negative, got {count}")
-        if decay_step_size < 0:
-            raise ValueError(f"decay_step_size must be non-negative, got {decay_step_size}")
+        for name, value in (("decay_step_size", decay_step_size), ("decay_lr_rate", decay_lr_rate)):
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
         self.first_step_size, self.second_step_size = first, second
         self.total_size = first + second
         self.step_ratio = first / self.total_size
@@ -247,6 +255,8 @@ class OneCycle(_Schedule):
         self.decay_mom_rate = decay_mom_rate
         self.min_moms = [(mom, 0.99) for mom in _per_group(optimizer, cycle_min_mom, "cycle_min_mom")]
         self.max_moms = [(mom, 0.99) for mom in _per_group(optimizer, cycle_max_mom, "cycle_max_mom")]
+        if any(beta1 >= 1 for beta1, _ in self.min_moms + self.max_moms):
+            raise ValueError(f"cycle momentum must be below 1, got {cycle_min_mom} to {cycle_max_mom}")
         if last_batch_iteration == -1:
             _set_lrs(optimizer, self.min_lrs)
             if self.cycle_momentum:

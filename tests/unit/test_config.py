@@ -132,6 +132,13 @@ def test_whole_valued_numbers_are_integers():
     assert config.zero_optimization.reduce_bucket_size == 500_000_000
 
 
+def test_list_keywords_take_any_length_unless_they_are_a_fixed_tuple_of_numbers():
+    config = load_config(
+        {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "GaLoreAdamW", "params": {"target_modules": ["q"]}}}
+    )
+    assert config.optimizer.params == {"target_modules": ["q"]}
+
+
 def test_source_must_be_a_path_dict_or_config():
     with pytest.raises(TypeError, match="^config: expected a file path, a dict or a MemfitConfig, got int$"):
         load_config(5)

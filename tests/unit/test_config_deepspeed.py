@@ -465,3 +465,6 @@ def test_describe_config():
     assert "  batch: global 3 = micro batch 3 x accumulation 1 x 1 rank\n" in text
     assert "  optimizer: SGD\n" in text and "  schedule: none (constant lr)\n" in text
     assert text.endswith("precision: fp16 compute, fp32 master weights, static loss scale 128")
+    named = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "MyAdam", "params": {"lr": 0.5}}}
+    resolved, _ = resolve_recording_warnings(named, 1, ClientComponents(optimizer=torch.optim.Adam))
+    assert "  optimizer: MyAdam lr=0.5\n" in describe_config(resolved.config, 1)

@@ -2,8 +2,10 @@
 traceback and never a value that is coerced, clamped or ignored. Files cover the bytes (encoding,
 truncation, flipped characters, nesting); dicts cover every kind of value."""
 
+import copy
 import json
 import math
+import os
 
 import pytest
 
@@ -175,6 +177,10 @@ MALFORMED_DICTS = [
         "config: optimizer.params.projector: Invalid projector: 'qr' (expected one of ('svd', 'randomized', 'random'))",
     ),
     (
+        {"optimizer": {"type": "GaLoreAdamW", "params": {"target_modules": "attn"}}},
+        'config: optimizer.params.target_modules: expected a list of strings, got "attn"',
+    ),
+    (
         {"optimizer": {"type": "FRUGAL", "params": {"density": 2}}},
         "config: optimizer.params.density: Invalid density: 2 (expected 0 to 1)",
     ),
@@ -241,6 +247,18 @@ MALFORMED_DICTS = [
             }
         },
         "config: scheduler.params.cycle_first_step_size: must be positive, got 0",
+    ),
+    (
+        {"scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": -1e-4}}},
+        "config: scheduler.params.warmup_min_lr: must not be negative, got -0.0001",
+    ),
+    (
+        {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "cos_min_ratio": 1.5}}},
+        "config: scheduler.params.cos_min_ratio: must be from 0 to 1, got 1.5",
+    ),
+    (
+        {"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0, "cycle_max_lr": 1, "cycle_max_mom": 1.2}}},
+        "config: scheduler.params.cycle_max_mom: cycle momentum must be below 1, got 0.8 to 1.2",
     ),
     # DeepSpeed keys whose value would change training
     (
@@ -335,8 +353,9 @@ MALFORMED_DICTS = [
     ),
     ({"bfloat16": {"enabled": "yes"}}, 'config: bfloat16.enabled: expected true or false, got "yes"'),
     ({"elasticity": {"enabled": True}}, "config: elasticity: supported by DeepSpeed, not by memfit"),
-    # nesting
+    # nesting and keys
     ({"seed": deep(40)}, "config: seed" + ".a" * 31 + ": nested more than 32 levels deep"),
+    ({1: 2}, "config: 1: unknown key"),
 ]
 
 
@@ -413,3 +432,38 @@ def test_a_byte_order_mark_is_accepted(tmp_path):
 
 def test_corpus_is_large_enough():
     assert len(MALFORMED_DICTS) + len(MALFORMED_FILES) >= 60
+
+
+ODD_VALUES = [None, True, -1, 2**70, math.nan, "", "auto", "yes", [1, "a"], {"x": 1}]
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def paths_of(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from paths_of(child, (*prefix, key))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", ["hf_trainer_zero2_filled.json", "onecycle.json"])
+def test_any_value_anywhere_is_accepted_or_one_config_error(name):
+    """Every key of a real config set to each odd value: one ConfigError or a config without NaN or
+    infinity, never a traceback."""
+    with open(os.path.join(CONFIGS, name)) as f:
+        original = json.load(f)
+    for path in list(paths_of(original))[1:]:
+        for odd in ODD_VALUES:
+            mutated = copy.deepcopy(original)
+            target = mutated
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = copy.deepcopy(odd)
+            try:
+                config = load_config(mutated)
+            except ConfigError as error:
+                assert error.problems and all(": " in problem for problem in error.problems)
+            else:
+                assert "NaN" not in json.dumps(config.model_dump()) and "Infinity" not in json.dumps(
+                    config.model_dump()
+                )
