@@ -106,7 +106,7 @@ def resolve_scheduler(section, client: ClientComponents, optimizer_lr, found: Fi
     params = section.get("params", {})
     if not isinstance(params, dict):
         found.problems.append(f"scheduler.params: expected an object, got {show(params)}")
-        return section
+        return None
     if name is None:
         return section
     schedule = SCHEDULERS[name]

@@ -13,6 +13,9 @@ from memfit.config.deepspeed_keys import DEEPSPEED_KEYS
 from memfit.config.errors import join_path, unknown_key
 from memfit.config.values import show
 
+# Sections DeepSpeed declares optional, where null means the defaults (no offload).
+NULL_MEANS_DEFAULT = {"zero_optimization.offload_optimizer"}
+
 # Fields where "auto" is resolved; optimizer.params and scheduler.params take it for every key.
 AUTO_FIELDS = {
     "train_batch_size",
@@ -82,6 +85,8 @@ def _field(kept: dict, key: str, value, annotation, where: str, screened: Screen
         return
     if nested is None or (value is None and type(None) in typing.get_args(annotation)):
         kept[key] = value
+    elif value is None and where in NULL_MEANS_DEFAULT:
+        return
     elif not isinstance(value, dict):
         found.problems.append(f"{where}: expected an object, got {show(value)}")
     else:

@@ -253,6 +253,7 @@ def test_registering_a_name_that_differs_only_in_case_is_refused():
         {"zero_optimization": {"stage": 2, "cpu_offload": False, "cpu_offload_use_pin_memory": True}},
         {"zero_optimization": {"round_robin_gradients": False, "reduce_scatter": True, "allgather_partitions": True}},
         {"zero_optimization": {"offload_param": None, "zero_hpz_partition_size": 1, "legacy_stage1": False}},
+        {"zero_optimization": {"offload_optimizer": None}},
         {
             "zero_optimization": {
                 "offload_optimizer": {"device": "none", "super_offload": False, "cpuadam_cores_perc": 0.8}

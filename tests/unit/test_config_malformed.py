@@ -191,6 +191,7 @@ MALFORMED_DICTS = [
     ),
     # the scheduler section
     ({"scheduler": {"params": {}}}, "config: scheduler.type: required key missing"),
+    ({"scheduler": {"type": "WarmupLR", "params": [1]}}, "config: scheduler.params: expected an object, got [1]"),
     (
         {"scheduler": {"type": "LRRangeTest"}},
         'config: scheduler.type: "LRRangeTest" is supported by DeepSpeed, not by memfit',
