@@ -97,3 +97,27 @@ def test_good_file_prints_ok_and_what_auto_became(tmp_path):
         "world size 4)",
     ]
     assert lines[3:5] == ["memfit config:", "  batch: global 32 = micro batch 4 x accumulation 2 x 4 ranks"]
+
+
+def test_memfit_run_refuses_what_initialize_refuses_before_starting_workers(tmp_path):
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}, "seed": "1"}))
+    result = subprocess.run(
+        [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "2", "--config", str(path), "x.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f'memfit run: {path}: seed: expected an integer, got "1"']
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "2", "--config", str(path), "x.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"memfit run: {path}: fp16.enabled: not implemented yet"]
