@@ -52,7 +52,8 @@ def _list_of(items: list[Kind] | Kind) -> Kind:
         try:
             return [(items[i] if fixed else items).check(item) for i, item in enumerate(value)]
         except ValueError:
-            _fail(description.replace("numbers", "finite numbers"), value)
+            non_finite = any(isinstance(item, float) and not math.isfinite(item) for item in value)
+            _fail(description.replace("numbers", "finite numbers") if non_finite else description, value)
 
     return Kind(description, check)
 
