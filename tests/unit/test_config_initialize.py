@@ -108,6 +108,7 @@ def config_check(path, capsys) -> tuple[int, list[str]]:
     return code, problems
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the same warnings config check prints
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".json")))
 def test_config_check_agrees_with_initialize(name, capsys):
     path = os.path.join(CONFIGS, name)
