@@ -1,104 +1,321 @@
-"""DeepSpeed keys that memfit does not implement. Keys that change what training computes are
-errors; keys that only tune logging or communication (same numbers either way) are accepted with
-a warning. Nothing is dropped silently."""
+"""DeepSpeed keys that are not fields of memfit's config, and what each means here. A key whose
+value changes nothing in training is accepted (silently when it equals what memfit does anyway,
+with a warning when memfit ignores what it asks for); a value that would change training is an
+error; a legacy name is renamed. Nothing is dropped silently.
 
-# section path ("" is the top level) -> keys that are errors
-UNSUPPORTED = {
+Semantics follow DeepSpeed 0.19.8: its ZeRO stage 1/2 optimizer never reads the stage-3 keys
+(stage3_* and their un-prefixed names) nor sub_group_size, which only sizes the tiles of its
+stage-3 offload, so below stage 3 they are accepted and reported as ignored. The legacy
+zero_optimization.cpu_offload: true is offload_optimizer.device "cpu"."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from memfit.config.values import check_bool, check_finite_anywhere, check_int, check_number, check_string, show
+
+NOT_MEMFIT = "supported by DeepSpeed, not by memfit"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with one DeepSpeed key: keep nothing (accepted), report a problem, warn, or
+    rename it to the memfit key it stands for."""
+
+    problem: str | None = None  # the text after "path: "
+    warning: str | None = None  # likewise
+    rename_to: str | None = None  # the memfit key in the same section
+    renamed_value: Any = None
+    ignored_as: str | None = None  # accepted and ignored, reported in one warning with its kind
+
+
+ACCEPTED = Verdict()
+Handler = Callable[[Any], Verdict]
+
+
+def _typed(check, value) -> Verdict | None:
+    try:
+        check(value)
+    except ValueError as error:
+        return Verdict(problem=str(error))
+    return None
+
+
+def unsupported(_value) -> Verdict:
+    return Verdict(problem=NOT_MEMFIT)
+
+
+def only(accepted, check=check_bool) -> Handler:
+    """Accepted when equal to `accepted` (what memfit does); any other value is an error."""
+
+    def handle(value):
+        if (verdict := _typed(check, value)) is not None:
+            return verdict
+        if value != accepted:
+            return Verdict(problem=f"{show(value)} is {NOT_MEMFIT} (memfit accepts {show(accepted)})")
+        return ACCEPTED
+
+    return handle
+
+
+def either(check=check_bool) -> Handler:
+    """Any well-typed value: the key only steers DeepSpeed's own choices."""
+    return lambda value: _typed(check, value) or ACCEPTED
+
+
+def ignored(default, why: str, check=check_bool) -> Handler:
+    """Accepted; a value other than DeepSpeed's default asks for something memfit does not do,
+    which is harmless to the numbers but reported."""
+
+    def handle(value):
+        try:
+            value = check(value)
+        except ValueError as error:
+            return Verdict(problem=str(error))
+        return ACCEPTED if value == default else Verdict(warning=f"{show(value)} is ignored by memfit: {why}")
+
+    return handle
+
+
+STAGE3_SETTINGS = "ZeRO stage 3 settings, which DeepSpeed also ignores below stage 3"
+LOSS_SCALING_SETTINGS = "loss scaling settings, which apply to fp16 only"
+
+
+def stage3(check) -> Handler:
+    """A stage-3 setting: the stage itself is refused at 3, so here the stage is below 3."""
+
+    def handle(value):
+        return (None if value == "auto" else _typed(check, value)) or Verdict(ignored_as=STAGE3_SETTINGS)
+
+    return handle
+
+
+def old_bf16_name(value) -> Verdict:
+    return Verdict(rename_to="bf16", renamed_value=value)
+
+
+def cpu_offload(value) -> Verdict:
+    """DeepSpeed's legacy flag: true is offload_optimizer.device "cpu", false nothing."""
+    if (verdict := _typed(check_bool, value)) is not None:
+        return verdict
+    return Verdict(rename_to="offload_optimizer", renamed_value={"device": "cpu"}) if value else ACCEPTED
+
+
+def _object(value):
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object, got {show(value)}")
+    return value
+
+
+def logging_section(value) -> Verdict:
+    if not isinstance(value, dict):
+        return Verdict(problem=f"expected an object, got {show(value)}")
+    pending, enabled = [value], False
+    while pending:
+        item = pending.pop()
+        enabled |= item.get("enabled") is True
+        pending.extend(child for child in item.values() if isinstance(child, dict))
+    return Verdict(warning="ignored by memfit: it only configures DeepSpeed's logging") if enabled else ACCEPTED
+
+
+def disabled_section(value) -> Verdict:
+    """A section that does something only when its "enabled" is true ("auto": false)."""
+    if not isinstance(value, dict):
+        return Verdict(problem=f"expected an object, got {show(value)}")
+    enabled = value.get("enabled", False)
+    if enabled not in (False, "auto"):
+        return Verdict(problem=f"{NOT_MEMFIT} (memfit accepts the section only with enabled false)")
+    return ACCEPTED
+
+
+CHECKPOINTING_FLAGS = (
+    "partition_activations",
+    "contiguous_memory_optimization",
+    "cpu_checkpointing",
+    "synchronize_checkpoint_boundary",
+    "profile",
+)
+
+
+def activation_checkpointing(value) -> Verdict:
+    """DeepSpeed's activation checkpointing only configures its own checkpoint() API; with every
+    flag off it changes nothing."""
+    if not isinstance(value, dict):
+        return Verdict(problem=f"expected an object, got {show(value)}")
+    for key, flag in value.items():
+        if key == "number_checkpoints":
+            if flag is not None:
+                return Verdict(problem=f"{NOT_MEMFIT} (memfit accepts it only with number_checkpoints null)")
+        elif key not in CHECKPOINTING_FLAGS:
+            return Verdict(problem=f"{NOT_MEMFIT} (unknown flag {key!r})")
+        elif (verdict := _typed(check_bool, flag)) is not None:
+            return Verdict(problem=f"{key}: {verdict.problem}")
+        elif flag:
+            return Verdict(problem=f"{NOT_MEMFIT} (memfit accepts it only with every flag false)")
+    return ACCEPTED
+
+
+def offload_param(value) -> Verdict:
+    if value is None:
+        return ACCEPTED
+    if not isinstance(value, dict):
+        return Verdict(problem=f"expected an object, got {show(value)}")
+    if value.get("device", "none") != "none":
+        return Verdict(problem=f'{NOT_MEMFIT} (parameter offload; memfit accepts device "none")')
+    return ACCEPTED
+
+
+def allreduce_op(value) -> Verdict:
+    if (verdict := _typed(check_string, value)) is not None:
+        return verdict
+    if value.lower() != "mean":
+        return Verdict(problem=f'{show(value)} is {NOT_MEMFIT} (memfit averages: "mean")')
+    return ACCEPTED
+
+
+def _non_negative_int(value):
+    return check_int(value, minimum=0)
+
+
+def _fraction(value):
+    return check_number(value, minimum=0, maximum=1)
+
+
+COMMUNICATION_ONLY = "it tunes DeepSpeed's communication; the numbers are the same"
+
+# section path ("" is the top level) -> DeepSpeed key -> handler
+DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
     "": {
-        "fp16",
-        "amp",
-        "torch_autocast",
-        "data_types",
-        "activation_checkpointing",
-        "autotuning",
-        "elasticity",
-        "compression_training",
-        "data_efficiency",
-        "pipeline",
-        "tensor_parallel",
-        "compile",
-        "weight_quantization",
-        "sparse_attention",
-        "hybrid_engine",
-        "expert_parallel",
-        "nebula",
-        "checkpoint",
-        "prescale_gradients",
-        "gradient_predivide_factor",
-        "gradient_allreduce_op",
-        "communication_data_type",
-        "zero_allow_untested_optimizer",
-        "zero_force_ds_cpu_optimizer",
-        "curriculum_learning",
-        "progressive_layer_drop",
-        "quantize_training",
-        "sequence_parallel_size",
-        "datastates_ckpt",
-        "zenflow",
-        "train_micro_batch_size_per_gpu_auto",
+        "prescale_gradients": only(False),
+        "gradient_predivide_factor": only(1.0, check_number),
+        "gradient_allreduce_op": allreduce_op,
+        "communication_data_type": only(None, lambda value: value if value is None else check_string(value)),
+        "disable_allgather": only(False),
+        "sparse_gradients": only(False),
+        "sequence_parallel_size": only(1, check_int),
+        "zero_allow_untested_optimizer": either(),  # memfit shards any torch.optim optimizer
+        "zero_force_ds_cpu_optimizer": either(),  # memfit has no DeepSpeed CPU optimizer to force
+        "wall_clock_breakdown": ignored(False, "memfit does not time step phases"),
+        "memory_breakdown": ignored(False, "use engine.memory_report()"),
+        "dump_state": ignored(False, "memfit does not print its state"),
+        "dataloader_drop_last": ignored(False, "memfit builds no data loader"),
+        "comms_logger": logging_section,
+        "tensorboard": logging_section,
+        "wandb": logging_section,
+        "csv_monitor": logging_section,
+        "comet": logging_section,
+        "flops_profiler": logging_section,
+        "timers": logging_section,
+        "activation_checkpointing": activation_checkpointing,
+        "hybrid_engine": disabled_section,
+        "amp": disabled_section,
+        "torch_autocast": disabled_section,
+        "bfloat16": old_bf16_name,
+        **dict.fromkeys(
+            (
+                "data_types",
+                "autotuning",
+                "elasticity",
+                "compression_training",
+                "data_efficiency",
+                "pipeline",
+                "tensor_parallel",
+                "compile",
+                "weight_quantization",
+                "sparse_attention",
+                "expert_parallel",
+                "nebula",
+                "checkpoint",
+                "curriculum_learning",
+                "progressive_layer_drop",
+                "quantize_training",
+                "datastates_ckpt",
+                "zenflow",
+                "train_micro_batch_size_per_gpu_auto",
+            ),
+            unsupported,
+        ),
     },
     "zero_optimization": {
-        "offload_param",
-        "sub_group_size",
-        "stage3_prefetch_bucket_size",
-        "prefetch_bucket_size",
-        "stage3_param_persistence_threshold",
-        "stage3_model_persistence_threshold",
-        "stage3_max_live_parameters",
-        "stage3_max_reuse_distance",
-        "stage3_gather_16bit_weights_on_model_save",
-        "stage3_gather_fp16_weights_on_model_save",
-        "stage3_module_granularity_threshold",
-        "stage3_use_all_reduce_for_fetch_params",
-        "stage3_allgather_sequential",
-        "zero_hpz_partition_size",
-        "zero_quantized_weights",
-        "zero_quantized_gradients",
-        "zero_quantized_nontrainable_weights",
-        "zeropp_loco_param",
-        "mics_shard_size",
-        "mics_hierarchical_params_gather",
-        "elastic_checkpoint",
-        "cpu_offload",
-        "cpu_offload_param",
-        "cpu_offload_use_pin_memory",
-        "zenflow",
-        "leaf_module",
-        "save_muon_momentum_buffer_in_memory",
-        "load_from_fp32_weights",
-        "memory_efficient_linear",
-        "override_module_apply",
-        "pipeline_loading_checkpoint",
+        "reduce_scatter": ignored(True, COMMUNICATION_ONLY),
+        "allgather_partitions": ignored(True, COMMUNICATION_ONLY),
+        "allgather_bucket_size": ignored(500_000_000, COMMUNICATION_ONLY, _non_negative_int),
+        "use_multi_rank_bucket_allreduce": ignored(True, COMMUNICATION_ONLY),
+        "round_robin_gradients": ignored(False, "it spreads DeepSpeed's gradient copies to CPU offload"),
+        "ignore_unused_parameters": ignored(True, "memfit does not look for unused parameters"),
+        "compute_grad_norm": ignored(True, "memfit computes the norm whenever it clips"),
+        "parameter_alignment": ignored(False, "it pads DeepSpeed's flat buffers"),
+        "load_from_fp32_weights": ignored(True, "memfit checkpoints always hold fp32 master weights"),
+        "log_trace_cache_warnings": ignored(False, "memfit has no stage-3 trace cache"),
+        "enable_sanity_checks": ignored(False, "memfit has no such checks to enable"),
+        "elastic_checkpoint": only(False),
+        "legacy_stage1": only(False),
+        "zero_hpz_partition_size": only(1, check_int),
+        "zero_quantized_weights": only(False),
+        "zero_quantized_gradients": only(False),
+        "zero_quantized_nontrainable_weights": only(False),
+        "offload_param": offload_param,
+        "cpu_offload": cpu_offload,
+        "cpu_offload_param": only(False),
+        "cpu_offload_use_pin_memory": either(),  # deprecated in DeepSpeed, which no longer reads it
+        **dict.fromkeys(
+            ("zenflow", "mics_shard_size", "mics_hierarchical_params_gather", "zeropp_loco_param"), unsupported
+        ),
+        **{
+            key: stage3(check)
+            for names, check in (
+                (
+                    ("prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold"),
+                    _non_negative_int,
+                ),
+                (("max_live_parameters", "max_reuse_distance", "module_granularity_threshold"), _non_negative_int),
+                (("gather_16bit_weights_on_model_save", "use_all_reduce_for_fetch_params"), check_bool),
+                (("allgather_sequential",), check_bool),
+            )
+            for name in names
+            for key in (name, f"stage3_{name}")
+        },
+        "stage3_gather_fp16_weights_on_model_save": stage3(check_bool),
+        "sub_group_size": stage3(_non_negative_int),
+        "memory_efficient_linear": stage3(check_bool),
+        "override_module_apply": stage3(check_bool),
+        "pipeline_loading_checkpoint": stage3(check_bool),
+        "save_muon_momentum_buffer_in_memory": stage3(check_bool),
+        "leaf_module": stage3(_object),
     },
-    "zero_optimization.offload_optimizer": {"ratio", "super_offload", "cpuadam_cores_perc"},
-    "bf16": {"immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads", "bf16_optimizer_states"},
-    "aio": {"use_gds"},
+    "zero_optimization.offload_optimizer": {
+        "ratio": only(1.0, check_number),
+        "super_offload": only(False),
+        "cpuadam_cores_perc": either(_fraction),  # read only by super_offload
+    },
+    "bf16": {
+        "immediate_grad_update": only(False),
+        "check_grad_overflow": only(False),
+        "bf16_master_weights_and_grads": only(False),
+        "bf16_optimizer_states": only(False),
+        **dict.fromkeys(
+            (
+                "loss_scale",
+                "loss_scale_window",
+                "initial_scale_power",
+                "hysteresis",
+                "consecutive_hysteresis",
+                "min_loss_scale",
+                "auto_cast",
+            ),
+            lambda value: _typed(check_finite_anywhere, value) or Verdict(ignored_as=LOSS_SCALING_SETTINGS),
+        ),
+    },
+    "fp16": {"fp16_master_weights_and_grads": only(False)},
+    "aio": {"use_gds": only(False)},
 }
 
-# section path -> keys accepted with a warning (logging, timing, communication tuning)
-COSMETIC = {
-    "": {
-        "wall_clock_breakdown",
-        "memory_breakdown",
-        "timers",
-        "comms_logger",
-        "dump_state",
-        "tensorboard",
-        "wandb",
-        "csv_monitor",
-        "comet",
-        "flops_profiler",
-        "sparse_gradients",
-    },
-    "zero_optimization": {
-        "reduce_scatter",
-        "allgather_partitions",
-        "allgather_bucket_size",
-        "use_multi_rank_bucket_allreduce",
-        "round_robin_gradients",
-        "ignore_unused_parameters",
-        "log_trace_cache_warnings",
-        "enable_sanity_checks",
-    },
-    "bf16": {"auto_cast"},
+# Extra keys DeepSpeed's Adam and AdamW take in optimizer.params (lower-case optimizer name).
+_ADAM_KEYS = {
+    "torch_adam": either(),  # picks torch's implementation over DeepSpeed's fused one: same math
+    "bias_correction": only(True),
+}
+OPTIMIZER_PARAM_KEYS: dict[str, dict[str, Handler]] = {
+    "adam": _ADAM_KEYS,
+    "adamw": {**_ADAM_KEYS, "adam_w_mode": ignored(True, "DeepSpeed's AdamW decouples weight decay regardless")},
 }

@@ -28,8 +28,8 @@ def join_path(*parts) -> str:
 
 
 def unknown_key(path: str, key: str, valid: list[str]) -> str:
-    where = join_path(path, key) if path else key
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    where = join_path(path, str(key)) if path else key
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"{where}: unknown key{hint}"
 

@@ -1,9 +1,14 @@
-"""The runtime config: one pydantic model per section, DeepSpeed's key names where the concept is
-the same. Each field's description feeds `memfit config schema`."""
+"""The runtime config: one pydantic model per section, DeepSpeed's key names, defaults and meaning
+where the concept is the same. Each field's description feeds `memfit config schema`; where a
+field accepts DeepSpeed's "auto", the description says what "auto" becomes."""
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from memfit.config.values import Boolean, Integer, OneOf, Real, Text
+
+MAX_SEED = 2**63 - 1  # seed + rank must stay within torch's 64-bit seed range
 
 
 class Section(BaseModel):
@@ -11,31 +16,63 @@ class Section(BaseModel):
 
 
 class Bf16Config(Section):
-    enabled: bool = Field(False, description="Compute parameters in bfloat16; owners keep fp32 master weights.")
+    enabled: Boolean = Field(
+        False,
+        description='Compute parameters in bfloat16; owners keep fp32 master weights. "auto": false.',
+    )
+
+
+class Fp16Config(Section):
+    enabled: Boolean = Field(False, description='Train in float16 with loss scaling. "auto": false.')
+    auto_cast: Boolean = Field(False, description="Cast floating-point inputs of the model to float16.")
+    loss_scale: Real(minimum=0) = Field(0, description="Static loss scale; 0 selects dynamic loss scaling.")
+    initial_scale_power: Integer(minimum=0) = Field(
+        16, description="Dynamic loss scaling starts at 2**initial_scale_power."
+    )
+    loss_scale_window: Integer(minimum=1) = Field(
+        1000, description="Steps without overflow before the dynamic loss scale doubles."
+    )
+    hysteresis: Integer(minimum=1) = Field(2, description="Overflows tolerated before the dynamic loss scale halves.")
+    consecutive_hysteresis: Boolean = Field(
+        False, description="Refill the hysteresis after every step without overflow."
+    )
+    min_loss_scale: Integer(minimum=1) = Field(1, description="Lower bound of the dynamic loss scale.")
 
 
 class OptimizerConfig(Section):
-    type: str = Field("AdamW", description="Optimizer name from memfit's registry: Adam, AdamW, SGD, ...")
-    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the optimizer.")
+    type: Text() = Field(
+        "AdamW",
+        description="Optimizer name from memfit's registry (Adam, AdamW, SGD, GaLoreAdamW, FRUGAL), any case.",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Keyword arguments of the optimizer. "auto": the value of the optimizer passed to '
+        "memfit.initialize, else the optimizer's own default.",
+    )
 
 
 class SchedulerConfig(Section):
-    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"] = Field(
-        description="Learning-rate schedule, with DeepSpeed's semantics."
+    type: Text() = Field(
+        description="Learning-rate schedule, with DeepSpeed's semantics: WarmupLR, WarmupDecayLR, WarmupCosineLR, "
+        "OneCycle."
     )
-    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the schedule.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Keyword arguments of the schedule. "auto": warmup_max_lr is the optimizer\'s lr, '
+        "total_num_steps must be given, any other key takes DeepSpeed's default.",
+    )
 
 
 class OffloadOptimizerConfig(Section):
-    device: Literal["none", "cpu", "nvme"] = Field(
+    device: OneOf("none", "cpu", "nvme") = Field(
         "none", description="Where optimizer state and fp32 master weights live."
     )
-    nvme_path: str | None = Field(None, description="Directory for the swap file when device is nvme.")
-    pin_memory: bool = Field(True, description="Register the host arena with CUDA when a GPU is present.")
-    buffer_count: int = Field(4, ge=1, description="Number of staging buffers for NVMe transfers.")
-    pipeline_read: bool = Field(False, description="Read the next sub-group while the current one is updated.")
-    pipeline_write: bool = Field(False, description="Write the previous sub-group while the current one is updated.")
-    fast_init: bool = Field(False, description="Skip zero-filling the swap file at start.")
+    nvme_path: Text(optional=True) = Field(None, description="Directory for the swap file when device is nvme.")
+    pin_memory: Boolean = Field(True, description="Register the host arena with CUDA when a GPU is present.")
+    buffer_count: Integer(minimum=1) = Field(4, description="Number of staging buffers for NVMe transfers.")
+    pipeline_read: Boolean = Field(False, description="Read the next sub-group while the current one is updated.")
+    pipeline_write: Boolean = Field(False, description="Write the previous sub-group while the current one is updated.")
+    fast_init: Boolean = Field(False, description="Skip zero-filling the swap file at start.")
 
     @field_validator("device")
     @classmethod
@@ -46,10 +83,18 @@ class OffloadOptimizerConfig(Section):
 
 
 class ZeroConfig(Section):
-    stage: int = Field(0, description="0: replicated optimizer; 1: sharded optimizer state; 2: also sharded gradients.")
-    reduce_bucket_size: int = Field(500_000_000, gt=0, description="Elements per gradient communication bucket.")
-    overlap_comm: bool = Field(False, description="Launch gradient communication from backward hooks as buckets fill.")
-    contiguous_gradients: bool = Field(True, description="Pack gradients into contiguous buckets before communicating.")
+    stage: Integer() = Field(
+        0, description="0: replicated optimizer; 1: sharded optimizer state; 2: also sharded gradients."
+    )
+    reduce_bucket_size: Integer(minimum=1) = Field(
+        500_000_000, description='Elements per gradient communication bucket. "auto": 500000000.'
+    )
+    overlap_comm: Boolean = Field(
+        False, description="Launch gradient communication from backward hooks as buckets fill."
+    )
+    contiguous_gradients: Boolean = Field(
+        True, description="Pack gradients into contiguous buckets before communicating."
+    )
     offload_optimizer: OffloadOptimizerConfig = Field(
         default_factory=OffloadOptimizerConfig, description="Optimizer-state offload."
     )
@@ -65,23 +110,35 @@ class ZeroConfig(Section):
 
 
 class AioConfig(Section):
-    block_size: int = Field(1 << 20, gt=0, multiple_of=4096, description="Bytes per I/O piece.")
-    queue_depth: int = Field(32, ge=1, le=4096, description="I/O pieces in flight per engine.")
-    intra_op_parallelism: int = Field(1, ge=1, description="Worker threads per request (thread-pool backend).")
-    single_submit: bool = Field(False, description="Submit pieces one system call at a time.")
-    overlap_events: bool = Field(True, description="Keep submitting while completions are reaped.")
+    block_size: Integer(minimum=4096, multiple_of=4096) = Field(1 << 20, description="Bytes per I/O piece.")
+    queue_depth: Integer(minimum=1, maximum=4096) = Field(32, description="I/O pieces in flight per engine.")
+    intra_op_parallelism: Integer(minimum=1) = Field(1, description="Worker threads per request (thread-pool backend).")
+    single_submit: Boolean = Field(False, description="Submit pieces one system call at a time.")
+    overlap_events: Boolean = Field(True, description="Keep submitting while completions are reaped.")
 
 
 class MemfitConfig(Section):
-    train_batch_size: int | None = Field(
-        None, gt=0, description="Global batch: micro batch x accumulation steps x data-parallel ranks."
+    train_batch_size: Integer(minimum=1, optional=True) = Field(
+        None,
+        description="Global batch: micro batch x accumulation steps x data-parallel ranks. Any two of the three "
+        'batch keys give the third; "auto" is derived from the other two and the world size.',
     )
-    train_micro_batch_size_per_gpu: int | None = Field(None, gt=0, description="Samples per rank per forward pass.")
-    gradient_accumulation_steps: int | None = Field(None, gt=0, description="Micro-steps per optimizer step.")
-    gradient_clipping: float = Field(1.0, ge=0, description="Clip the global gradient L2 norm to this; 0 turns it off.")
+    train_micro_batch_size_per_gpu: Integer(minimum=1, optional=True) = Field(
+        None, description='Samples per rank per forward pass. "auto": derived, as for train_batch_size.'
+    )
+    gradient_accumulation_steps: Integer(minimum=1, optional=True) = Field(
+        None,
+        description='Micro-steps per optimizer step; 1 when only one other batch key is given. "auto": derived.',
+    )
+    gradient_clipping: Real(minimum=0) = Field(
+        1.0, description='Clip the global gradient L2 norm to this; 0 turns it off. "auto": 1.0.'
+    )
     bf16: Bf16Config = Field(default_factory=Bf16Config, description="bfloat16 training.")
-    seed: int = Field(1234, ge=0, description="Seed for python, numpy and torch on every rank.")
-    steps_per_print: int = Field(10, gt=0, description="Optimizer steps between progress prints.")
+    fp16: Fp16Config = Field(default_factory=Fp16Config, description="float16 training with loss scaling.")
+    seed: Integer(minimum=0, maximum=MAX_SEED) = Field(
+        1234, description="Seed for python, numpy and torch; rank r uses seed + r."
+    )
+    steps_per_print: Integer(minimum=1) = Field(10, description="Optimizer steps between progress prints.")
     optimizer: OptimizerConfig | None = Field(None, description="Optimizer built by memfit when none is passed in.")
     scheduler: SchedulerConfig | None = Field(None, description="Learning-rate schedule stepped with the optimizer.")
     zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig, description="ZeRO sharding.")
@@ -91,4 +148,7 @@ class MemfitConfig(Section):
         """(train_batch_size, micro batch per rank, accumulation steps) for world_size ranks."""
         from memfit.config.batch import resolve_batch
 
-        return resolve_batch(self, world_size)
+        train, micro, accumulation, _ = resolve_batch(
+            self.train_batch_size, self.train_micro_batch_size_per_gpu, self.gradient_accumulation_steps, world_size
+        )
+        return train, micro, accumulation

@@ -10,7 +10,7 @@ import sys
 from torch.distributed.run import get_args_parser
 from torch.distributed.run import run as torchrun
 
-from memfit.config import ConfigError, load_config
+from memfit.config import ConfigError, engine_gaps, load_config
 
 SINGLE_NODE = ("1", "1:1")
 
@@ -29,9 +29,11 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.config is not None:
         try:
-            load_config(args.config)
+            if gaps := engine_gaps(load_config(args.config)):
+                raise ConfigError(gaps, args.config)
         except ConfigError as error:
-            print(f"memfit run: {error}", file=sys.stderr)
+            for problem in error.problems:
+                print(f"memfit run: {error.source}: {problem}", file=sys.stderr)
             return 2
         os.environ["MEMFIT_CONFIG"] = os.path.abspath(args.config)
     if not args.standalone and not args.rdzv_endpoint and args.master_port is None and args.nnodes in SINGLE_NODE:

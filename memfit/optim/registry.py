@@ -1,12 +1,9 @@
-"""Optimizer names usable in a config's optimizer.type, and the check of optimizer.params."""
+"""Optimizer names usable in a config's optimizer.type (in any case, as in DeepSpeed) and their factories."""
 
-import difflib
-import inspect
 from collections.abc import Callable
 
 import torch
 
-from memfit.config.errors import unknown_key
 from memfit.optim.frugal import FRUGAL
 from memfit.optim.galore import GaLoreAdamW
 from memfit.optim.groups import frugal_param_groups, galore_param_groups
@@ -84,55 +81,23 @@ DEEPSPEED_ONLY = {
 }
 
 
+def find_optimizer(name: str) -> str | None:
+    """The registered name that `name` spells in any case ("adamw", "ADAM"), as DeepSpeed matches
+    optimizer names; None if there is none."""
+    return {known.lower(): known for known in OPTIMIZERS}.get(name.lower())
+
+
 def register_optimizer(name: str, factory: Callable) -> None:
-    """Makes factory(named_params, **config_params) available as optimizer.type == name;
-    named_params is a list of (parameter name, tensor) for the tensors this rank owns."""
+    """Makes factory(named_params, **config_params) available as optimizer.type == name (in any
+    case); named_params is a list of (parameter name, tensor) for the tensors this rank owns."""
+    existing = find_optimizer(name)
+    if existing is not None and existing != name:
+        raise ValueError(f"optimizer name {name!r}: {existing!r} is registered already (names ignore case)")
     OPTIMIZERS[name] = factory
 
 
 def build_optimizer(name: str, named_params, config_params: dict) -> torch.optim.Optimizer:
-    return OPTIMIZERS[name](list(named_params), **config_params)
-
-
-def optimizer_param_problems(name: str, config_params: dict) -> list[str]:
-    if name not in OPTIMIZERS:
-        if name in DEEPSPEED_ONLY:
-            return [f"optimizer.type: {name!r} is supported by DeepSpeed, not by memfit"]
-        same_letters = [known for known in OPTIMIZERS if known.lower() == name.lower()]
-        close = same_letters or difflib.get_close_matches(name, list(OPTIMIZERS), n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return [f"optimizer.type: unknown optimizer {name!r}{hint}; known: {', '.join(sorted(OPTIMIZERS))}"]
-    return signature_problems(OPTIMIZERS[name], config_params, "optimizer.params", _try_build(name))
-
-
-def _try_build(name):
-    def attempt(config_params):
-        OPTIMIZERS[name]([("attn.weight", torch.nn.Parameter(torch.zeros(4, 4)))], **config_params)
-
-    return attempt
-
-
-def signature_problems(factory, config_params: dict, path: str, attempt, skip: int = 1) -> list[str]:
-    """Unknown and missing keyword names, then whatever the factory itself rejects (ValueError,
-    TypeError). skip: leading positional parameters that are not config (params; self, optimizer).
-    A factory whose `forwards_to` names a class also accepts that class's keywords after params."""
-    parameters = [p for p in inspect.signature(factory).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD][skip:]
-    if hasattr(factory, "forwards_to"):
-        own = {p.name for p in parameters}
-        forwarded = list(inspect.signature(factory.forwards_to).parameters.values())[1:]  # after params
-        keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        parameters += [p for p in forwarded if p.kind in keywords and p.name not in own]
-    accepted = [p.name for p in parameters]
-    problems = [unknown_key(path, key, accepted) for key in config_params if key not in accepted]
-    problems += [
-        f"{path}.{p.name}: required key missing"
-        for p in parameters
-        if p.default is inspect.Parameter.empty and p.name not in config_params
-    ]
-    if problems:
-        return problems
-    try:
-        attempt(config_params)
-    except (ValueError, TypeError) as error:
-        problems.append(f"{path}: {error}")
-    return problems
+    registered = find_optimizer(name)
+    if registered is None:
+        raise ValueError(f"optimizer.type: unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[registered](list(named_params), **config_params)

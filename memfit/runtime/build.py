@@ -1,13 +1,14 @@
 """memfit.initialize: the ordered build of an engine from a model and a config."""
 
 import inspect
+import logging
 import os
 import warnings
 
 import torch
 import torch.distributed as dist
 
-from memfit.config import load_config
+from memfit.config import ClientComponents, ConfigError, describe_config, engine_gaps, resolve_config
 from memfit.optim.registry import build_optimizer
 from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
@@ -19,6 +20,8 @@ from memfit.runtime.zero.grad_sync import GradientSync
 from memfit.runtime.zero.ownership import plan_ownership
 
 PLACEHOLDER_NAME = "<no owned tensor>"
+
+logger = logging.getLogger("memfit")
 
 
 def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_scheduler=None) -> Engine:
@@ -34,8 +37,16 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         if "MEMFIT_CONFIG" not in os.environ:
             raise ValueError("config: none given and MEMFIT_CONFIG is not set (use memfit run --config FILE)")
         config = os.environ["MEMFIT_CONFIG"]
-    cfg = load_config(config)
     rank, world_size, device = init_distributed()
+    client = ClientComponents(optimizer, lr_scheduler)
+    resolved = resolve_config(config, world_size, client)
+    cfg = resolved.config
+    if gaps := engine_gaps(cfg):
+        raise ConfigError(gaps)
+    if rank == 0:
+        for line in resolved.resolved:
+            logger.info("config: %s", line)
+        logger.info("%s", describe_config(cfg, world_size, client=client))
     _, micro_batch_size, accumulation_steps = cfg.batch_sizes(world_size)
     seed_everything(cfg.seed + rank)
 

@@ -1,0 +1,131 @@
+"""The one entry point from a raw config to a MemfitConfig: read, screen keys, resolve "auto",
+validate, check the batch rule. The engine calls resolve_config(raw, world_size, client) and logs
+the returned resolved values on rank 0; `memfit config check` and `memfit run` call the same
+function, so they accept exactly what memfit.initialize accepts. Every problem is reported
+together in one ConfigError, one line each, each naming its key."""
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from memfit.config.batch import ACCUMULATION, MICRO, TRAIN, batch_problems, check_world_size, resolve_batch
+from memfit.config.client import ClientComponents
+from memfit.config.components import Findings, Resolved, resolve_optimizer, resolve_scheduler
+from memfit.config.errors import ConfigError, describe_pydantic_error
+from memfit.config.models import MemfitConfig
+from memfit.config.read import nesting_problem, read_config_file
+from memfit.config.screen import screen
+from memfit.config.values import check_int
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    config: MemfitConfig
+    resolved: list[Resolved] = field(default_factory=list)  # what memfit chose; rank 0 logs these
+
+
+def resolve_config(source, world_size: int | None = None, client: ClientComponents | None = None) -> ResolvedConfig:
+    """source: a JSON file path, a dict, or a MemfitConfig. world_size: the number of data-parallel
+    ranks, or None to check only what does not depend on it (the batch triple stays partly
+    unresolved). client: what memfit.initialize was given besides the config."""
+    if world_size is not None:
+        check_world_size(world_size)
+    if isinstance(source, MemfitConfig):
+        if world_size is None:
+            return ResolvedConfig(source)
+        source = source.model_dump()
+    name, raw = _raw(source)
+    found = Findings()
+    screened = screen(raw, MemfitConfig, found)
+    data = screened.data
+    _resolve_defaults(data, screened.auto, found)
+    client = client or ClientComponents()
+    optimizer, lr = resolve_optimizer(data.get("optimizer"), client, found)
+    data["optimizer"] = optimizer if data.get("optimizer") is not None else None
+    data["scheduler"] = resolve_scheduler(data.get("scheduler"), client, lr, found)
+    config = None
+    try:
+        config = MemfitConfig.model_validate(data)
+    except ValidationError as error:
+        found.problems += [describe_pydantic_error(e) for e in error.errors()]
+    batch = _check_batch(data, world_size, frozenset(screened.auto), found)
+    if config is not None and config.bf16.enabled and config.fp16.enabled:
+        found.problems.append("fp16.enabled: true together with bf16.enabled true; enable one of them")
+    found.warnings += screened.ignored_warnings()
+    problems = list(dict.fromkeys(_as_written(problem, screened.written_as) for problem in found.problems))
+    if problems:
+        raise ConfigError(problems, name)
+    for warning in found.warnings:
+        warnings.warn(f"{name}: {warning}", UserWarning, stacklevel=3)
+    if batch is not None:
+        config = config.model_copy(update=dict(zip((TRAIN, MICRO, ACCUMULATION), batch)))
+    return ResolvedConfig(config, found.resolved)
+
+
+def load_config(source) -> MemfitConfig:
+    """resolve_config without a world size or passed components: a path, dict or MemfitConfig."""
+    return resolve_config(source).config
+
+
+def engine_gaps(config: MemfitConfig) -> list[str]:
+    """Settings the config accepts that the engine cannot run yet, as problem lines; the engine
+    and `memfit config check` both refuse them."""
+    return ["fp16.enabled: not implemented yet"] if config.fp16.enabled else []
+
+
+def _raw(source) -> tuple[str, dict]:
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        raw = read_config_file(name)
+    elif isinstance(source, dict):
+        name, raw = "config", source
+    else:
+        raise TypeError(f"config: expected a file path, a dict or a MemfitConfig, got {type(source).__name__}")
+    if not isinstance(raw, dict):
+        raise ConfigError([f"expected a JSON object at the top level, got {type(raw).__name__}"], name)
+    if (problem := nesting_problem(raw)) is not None:
+        raise ConfigError([problem], name)
+    return name, raw
+
+
+def _resolve_defaults(data: dict, auto: set[str], found: Findings) -> None:
+    """ "auto" on a plain field is its default (DeepSpeed's); the batch members stay unset here."""
+    for path in sorted(auto - {TRAIN, MICRO, ACCUMULATION}):
+        *sections, key = path.split(".")
+        model, target = MemfitConfig, data
+        for section in sections:
+            model, target = model.model_fields[section].default_factory, target[section]
+        target[key] = model.model_fields[key].default
+        found.resolved.append(Resolved(path, target[key], "auto: the default"))
+
+
+def _check_batch(data: dict, world_size: int | None, auto: frozenset, found: Findings) -> tuple | None:
+    """The batch triple for world_size (None without one), its problems added to found. Skipped
+    while a member is itself invalid: the model reports that."""
+    members = []
+    for key in (TRAIN, MICRO, ACCUMULATION):
+        try:
+            members.append(check_int(data[key], minimum=1) if data.get(key) is not None else None)
+        except ValueError:
+            return None
+    if world_size is None:
+        found.problems += batch_problems(*members, auto)
+        return None
+    try:
+        train, micro, accumulation, derived = resolve_batch(*members, world_size, auto)
+    except ConfigError as error:
+        found.problems += error.problems
+        return None
+    values = {TRAIN: train, MICRO: micro, ACCUMULATION: accumulation}
+    found.resolved += [Resolved(key, values[key], how) for key, how in derived.items()]
+    return train, micro, accumulation
+
+
+def _as_written(problem: str, written_as: dict[str, str]) -> str:
+    """A problem found under a memfit name, given the DeepSpeed name the user wrote."""
+    for memfit_path, deepspeed_path in written_as.items():
+        if problem.startswith(memfit_path) and problem[len(memfit_path) : len(memfit_path) + 1] in (".", ":", "["):
+            return deepspeed_path + problem[len(memfit_path) :]
+    return problem
