@@ -5,6 +5,7 @@ import atexit
 import datetime
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -29,11 +30,19 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+EXIT_GRACE_S = 0.1
+
+
 def _shut_down_process_group() -> None:
-    """Destroys the group memfit created before the interpreter tears down: left to static
-    destructors, gloo's worker threads sometimes abort the process ("terminate called without
-    an active exception") after training finished, turning a good run into a failed one."""
+    """Runs at exit, before the interpreter finalizes. A gloo worker thread that drops the last
+    reference to a finished collective releases its tensors' Python objects, which needs the GIL;
+    once the interpreter is finalizing, such a thread exits inside a noexcept destructor and the
+    process aborts ("terminate called without an active exception"), turning a finished run into
+    a failed one. memfit keeps its own collectives alive until the next step (collectives.keep);
+    this grace period lets the threads finish with any other collective the script ran last (a
+    metric all-reduce, a checkpoint's status exchange) while they still can."""
     if dist.is_initialized():
+        time.sleep(EXIT_GRACE_S)
         dist.destroy_process_group()
 
 

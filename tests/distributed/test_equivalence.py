@@ -65,8 +65,9 @@ def check_table(cases, report_name: str) -> None:
 
 
 @pytest.mark.slow
-def test_engine_equals_single_process_table():
-    check_table(MAIN_TABLE, "main table")
+@pytest.mark.parametrize("model", list(EQUIVALENCE_MODELS))
+def test_engine_equals_single_process_table(model):
+    check_table([case for case in MAIN_TABLE if case.model == model], f"main table, {model}")
 
 
 def test_engine_equals_single_process_with_user_habits():

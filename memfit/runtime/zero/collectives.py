@@ -10,6 +10,22 @@ import torch.distributed as dist
 
 from memfit.runtime.zero.buckets import Bucket
 
+# Finished collectives are kept until the next step, then released here, on the main thread. A
+# gloo worker thread drops its own reference to a collective after signalling completion; were
+# that the last one, the thread would release the tensors' Python objects, which needs the GIL,
+# and a thread that asks for the GIL while the interpreter is finalizing exits inside a noexcept
+# destructor: the process aborts ("terminate called without an active exception") after a
+# training run that had finished.
+_kept_works: list = []
+
+
+def keep(work) -> None:
+    _kept_works.append(work)
+
+
+def release_kept_works() -> None:
+    _kept_works.clear()
+
 
 class PendingReduce:
     def __init__(self, bucket: Bucket, work, drop_grads: bool):
@@ -20,6 +36,7 @@ class PendingReduce:
         if self.done:
             return
         self.work.wait()
+        keep(self.work)
         self.done = True
         if self.drop_grads:
             for param in self.bucket.params:
@@ -79,9 +96,18 @@ def broadcast_params(buckets: list[Bucket]) -> None:
     works = [dist.broadcast(bucket.flat_params(), src=bucket.owner_rank, async_op=True) for bucket in buckets]
     for work in works:
         work.wait()
+        keep(work)
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A synchronous all-reduce whose work object is kept (see _kept_works)."""
+    work = dist.all_reduce(tensor, op=op, async_op=True)
+    work.wait()
+    keep(work)
+    return tensor
 
 
 def all_reduce_scalar(value: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
-        dist.all_reduce(value)
+        all_reduce(value)
     return value

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from memfit.runtime.zero.buckets import Bucket
+from memfit.runtime.zero.collectives import all_reduce, release_kept_works
 
 
 class GradientSync:
@@ -61,6 +62,7 @@ class GradientSync:
     def before_backward(self, reducing: bool) -> None:
         """reducing: this backward's gradients are reduced (stage 2: always; stage 0/1: on the
         accumulation boundary)."""
+        release_kept_works()
         if reducing and self.overlap and self._reduced_since_step and not self.reduces_every_backward:
             self._reduce_all()
             self._put_reduced_aside()
@@ -150,7 +152,7 @@ class GradientSync:
         if not self.distributed:
             return list(flags)
         tensor = torch.tensor(flags, dtype=torch.int32)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        all_reduce(tensor, op=dist.ReduceOp.MAX)
         return [bool(flag) for flag in tensor.tolist()]
 
     def reset_buffers(self) -> None:
