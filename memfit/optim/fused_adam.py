@@ -27,6 +27,7 @@ costs a few percent more than "update" and never touches the state twice; updati
 rolling back would rewrite it all.
 """
 
+import array
 import math
 import os
 import warnings
@@ -237,15 +238,15 @@ def step_tensors(rows, constants: list[float], nonfinite: str = "update", num_th
         num_threads = torch.get_num_threads()
     if _use_torch:
         return _torch_step(rows, constants, nonfinite)
-    table = []
+    addresses = []
     for master, grad, exp_avg, exp_avg_sq, param_out in rows:
         out_address = 0 if param_out is None else param_out.data_ptr()
-        table += (master.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), out_address)
-        table.append(master.numel())
-    table_tensor = torch.tensor(table, dtype=torch.int64)
+        addresses += (master.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), out_address)
+        addresses.append(master.numel())
+    table = array.array("q", addresses)  # rows of six int64: adam::TensorBuffers
     out = rows[0][4]
     return _C.adam_step(
-        table_tensor.data_ptr(),
+        table.buffer_info()[0],
         len(rows),
         _DTYPE_CODES[rows[0][1].dtype],
         _DTYPE_CODES[None if out is None else out.dtype],

@@ -80,7 +80,7 @@ INVALID = [
     ({"steps_per_print": 0}, "steps_per_print: expected greater than 0, got 0"),
     (
         {"optimizer": {"type": "Adamw"}},
-        "optimizer.type: unknown optimizer 'Adamw' (did you mean 'AdamW'?); known: Adam, AdamW, FRUGAL, GaLoreAdamW, SGD",
+        "optimizer.type: unknown optimizer 'Adamw' (did you mean 'AdamW'?); known: Adam, AdamW, CPUAdamW, FRUGAL, GaLoreAdamW, SGD",
     ),
     ({"optimizer": {"type": "Lamb"}}, "optimizer.type: 'Lamb' is supported by DeepSpeed, not by memfit"),
     (

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -410,3 +411,41 @@ def test_no_extension_uses_the_torch_fallback():
     assert result.stdout.split()[0] == "torch"
     assert "('torch',)" in result.stdout
     assert "False [0.9, 0.9, 0.9, 0.9, 0.9]" in result.stdout
+
+
+@pytest.mark.skipif(not NATIVE_ISAS, reason="the thread pool is native")
+def test_concurrent_callers_and_a_forked_child_get_correct_results():
+    """Two Python threads share the kernel's pool (the GIL is released), and a child made by fork
+    after the pool started builds its own instead of waiting on threads it does not have."""
+    import threading
+
+    options = dict(step=2, num_threads=2, **HYPER)
+    expected = make_buffers(2**18, torch.float32, torch.bfloat16, seed=9)
+    fused_adam_step(*expected[:4], param_out=expected[4], **options)
+    results = [make_buffers(2**18, torch.float32, torch.bfloat16, seed=9) for _ in range(4)]
+    threads = [threading.Thread(target=lambda b=b: fused_adam_step(*b[:4], param_out=b[4], **options)) for b in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for buffers in results:
+        for actual, wanted in zip(buffers, expected):
+            assert torch.equal(bits(actual), bits(wanted))
+
+    # The child runs no torch operation: torch's own OpenMP pool is not usable after a fork.
+    buffers = make_buffers(2**18, torch.float32, torch.bfloat16, seed=9)
+    wanted = [bits(t).numpy() for t in expected]
+    child = os.fork()
+    if child == 0:  # the child must exit without returning into pytest
+        fused_adam_step(*buffers[:4], param_out=buffers[4], **options)
+        os._exit(0 if all(np.array_equal(bits(a).numpy(), b) for a, b in zip(buffers, wanted)) else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(child, os.WNOHANG)
+        if finished:
+            assert os.waitstatus_to_exitcode(status) == 0, "the child's step differs"
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    os.waitpid(child, 0)
+    pytest.fail("the forked child hung in the kernel's thread pool")
