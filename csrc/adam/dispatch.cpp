@@ -35,7 +35,7 @@ std::vector<Isa> detect_isas() {
 
 std::atomic<int> selected_isa{static_cast<int>(detect_isas().back())};
 
-Kernels kernels_for(Isa isa) {
+Kernels kernels_for([[maybe_unused]] Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   if (isa == Isa::kAvx512) return avx512_kernels();
   if (isa == Isa::kAvx2) return avx2_kernels();

@@ -21,7 +21,14 @@ import pytest
 import torch
 
 from memfit.optim import fused_adam
-from memfit.optim.fused_adam import adam_isa, available_adam_isas, fused_adam_step, set_adam_isa
+from memfit.optim.fused_adam import (
+    adam_constants,
+    adam_isa,
+    available_adam_isas,
+    fused_adam_step,
+    set_adam_isa,
+    step_tensors,
+)
 
 SIZES = [0, 1, 15, 16, 17, 1023, 2**20 + 3]
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -449,3 +456,18 @@ def test_concurrent_callers_and_a_forked_child_get_correct_results():
     os.kill(child, 9)
     os.waitpid(child, 0)
     pytest.fail("the forked child hung in the kernel's thread pool")
+
+
+@pytest.mark.parametrize("use_isa", available_adam_isas(), indirect=True)
+def test_step_tensors_skips_every_tensor_when_any_gradient_is_not_finite(use_isa):
+    rows = [make_buffers(numel, torch.bfloat16, torch.bfloat16, seed=numel) for numel in (17, 2**16 + 1, 1023, 5)]
+    rows[-1][1][4] = float("inf")
+    before = [[bits(t).clone() for t in row] for row in rows]
+    constants = adam_constants(step=1, adamw_mode=True, bias_correction=True, grad_scale=1.0, **HYPER)
+    assert step_tensors(rows, constants, "skip", num_threads=3) is True
+    for row, saved in zip(rows, before):
+        for tensor, expected in zip(row, saved):
+            assert torch.equal(bits(tensor), expected), "no tensor is stepped when one gradient is bad"
+    rows[-1][1][4] = 1.0
+    assert step_tensors(rows, constants, "skip", num_threads=3) is False
+    assert not torch.equal(bits(rows[0][0]), before[0][0])
