@@ -16,10 +16,12 @@ Design:
 - Threads: torch.get_num_threads().
 """
 
+import numbers
 import warnings
 
 import torch
 
+from memfit.optim.exact_state import ExactStateLoading
 from memfit.optim.fused_adam import GRAD_DTYPES, adam_constants, step_tensors
 
 _STATE_TENSORS = ("master", "exp_avg", "exp_avg_sq")
@@ -27,7 +29,7 @@ _KERNEL_DTYPES = frozenset(GRAD_DTYPES)
 _TORCH_ONLY_SETTINGS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
-class CPUAdamW(torch.optim.Optimizer):
+class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
     def __init__(
         self,
         params,
@@ -109,6 +111,8 @@ class CPUAdamW(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, checked first (nothing loads on an error); the state keeps its saved fp32
+        (ExactStateLoading) and is copied, and a state dict of torch's AdamW loads too."""
         for group_index, group in enumerate(state_dict["param_groups"]):
             for setting in _TORCH_ONLY_SETTINGS:
                 if group.get(setting):
@@ -116,44 +120,49 @@ class CPUAdamW(torch.optim.Optimizer):
                         f"state_dict: param group {group_index} sets {setting}=True, which CPUAdamW does not implement"
                     )
         saved_ids = [param_id for group in state_dict["param_groups"] for param_id in group["params"]]
-        super().load_state_dict(state_dict)
         params = [param for group in self.param_groups for param in group["params"]]
         for param_id, param in zip(saved_ids, params):
-            saved = state_dict["state"].get(param_id)
-            if saved is None:
-                continue
-            state = self.state[param]
-            for key in _STATE_TENSORS:
-                if key not in saved:
-                    continue
-                value = saved[key]
-                if value.numel() != param.numel():
+            for key, value in state_dict["state"].get(param_id, {}).items():
+                if key in _STATE_TENSORS and value.numel() != param.numel():
                     raise ValueError(
                         f"state_dict: {key} of parameter {param_id} has {value.numel()} elements, "
                         f"the parameter has {param.numel()}"
                     )
-                # torch cast these to the parameter's dtype; the saved fp32 values are the state.
-                state[key] = value.to(device="cpu", dtype=torch.float32).reshape(param.shape).contiguous()
-            state["step"] = int(saved.get("step", 0))
+        super().load_state_dict(state_dict)
+        for param in params:
+            state = self.state.get(param)
+            if not state:
+                continue
+            for key in _STATE_TENSORS:
+                if key in state:  # the kernel's layout: fp32, contiguous (torch's AdamW may have saved bf16)
+                    state[key] = state[key].to(torch.float32).reshape(param.shape).contiguous()
+            state["step"] = int(state.get("step", 0))
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
 
 def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    """torch.optim.AdamW's checks, with its messages."""
-    if not 0.0 <= lr:
+    """torch.optim.AdamW's checks, with its messages; a value that is not a number (a string, None)
+    fails the same check with a ValueError where torch would raise a TypeError."""
+    if not _at_least_zero(lr):
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
+    if not _at_least_zero(eps):
         raise ValueError(f"Invalid epsilon value: {eps}")
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas} (expected two numbers)")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected two numbers)")
+    for index, beta in enumerate(betas):
+        if not (_at_least_zero(beta) and beta < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    if not _at_least_zero(weight_decay):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _at_least_zero(value) -> bool:
+    """0 <= value for a real number or a one-element floating tensor (torch accepts tensor lr)."""
+    if torch.is_tensor(value):
+        return value.numel() == 1 and value.is_floating_point() and bool(value >= 0)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0
 
 
 def _check_param(param: torch.Tensor, param_index: int, group_index: int) -> None:

@@ -72,6 +72,21 @@ def test_constructor_refuses_what_torch_refuses_with_its_message(options):
         CPUAdamW([torch.nn.Parameter(torch.zeros(2))], **options)
 
 
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(lr="1e-3"), "Invalid learning rate: 1e-3"),
+        (dict(lr=float("nan")), "Invalid learning rate: nan"),
+        (dict(betas=(0.9,)), "Invalid betas: (0.9,) (expected two numbers)"),
+        (dict(betas=(0.9, None)), "Invalid beta parameter at index 1: None"),
+        (dict(weight_decay=True), "Invalid weight_decay value: True"),
+    ],
+)
+def test_hyperparameters_of_the_wrong_type_are_value_errors(options, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        CPUAdamW([torch.nn.Parameter(torch.zeros(2))], **options)
+
+
 def test_add_param_group_validates_like_the_constructor():
     optimizer = CPUAdamW(make_params([4]))
     with pytest.raises(ValueError, match=r"^Invalid learning rate: -1.0$"):
