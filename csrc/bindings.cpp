@@ -4,8 +4,13 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <iterator>
+#include <stdexcept>
+#include <string>
 #include <system_error>
+#include <vector>
 
+#include "adam/adam.h"
 #include "aio/backend.h"
 
 namespace py = pybind11;
@@ -48,4 +53,39 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("queue_depth", &Engine::queue_depth);
 
   m.def("uring_available", &memfit::aio::uring_available);
+
+  // Fused CPU Adam (csrc/adam). memfit/optim/fused_adam.py checks every buffer, dtype code and
+  // constant; table points at num_tensors rows of six int64 (adam::TensorBuffers).
+  m.def(
+      "adam_step",
+      [](std::uintptr_t table, std::size_t num_tensors, int grad_dtype, int out_dtype,
+         const std::vector<float>& constants, int nonfinite_mode, int num_threads) {
+        namespace adam = memfit::adam;
+        adam::StepConfig config{static_cast<adam::DType>(grad_dtype), static_cast<adam::DType>(out_dtype), {}};
+        adam::Constants& c = config.constants;
+        float* fields[] = {&c.grad_scale,      &c.l2,  &c.one_minus_beta1, &c.beta2, &c.one_minus_beta2,
+                           &c.inv_sqrt_bias2, &c.eps, &c.neg_step_size,   &c.decay};
+        if (constants.size() != std::size(fields)) throw std::invalid_argument("adam_step: expected 9 constants");
+        for (std::size_t k = 0; k < constants.size(); ++k) *fields[k] = constants[k];
+        return adam::step(reinterpret_cast<const adam::TensorBuffers*>(table), num_tensors, config,
+                          static_cast<adam::NonFinite>(nonfinite_mode), num_threads);
+      },
+      py::arg("table"), py::arg("num_tensors"), py::arg("grad_dtype"), py::arg("out_dtype"), py::arg("constants"),
+      py::arg("nonfinite_mode"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "Steps num_tensors tensors; returns True when a scaled gradient element was inf or nan.");
+  m.def("adam_supported_isas", [] {
+    std::vector<std::string> names;
+    for (auto isa : memfit::adam::supported_isas()) names.emplace_back(memfit::adam::isa_name(isa));
+    return names;
+  });
+  m.def("adam_isa", [] { return std::string(memfit::adam::isa_name(memfit::adam::current_isa())); });
+  m.def("adam_set_isa", [](const std::string& name) {
+    for (auto isa : memfit::adam::supported_isas()) {
+      if (name == memfit::adam::isa_name(isa)) {
+        memfit::adam::set_isa(isa);
+        return true;
+      }
+    }
+    return false;
+  });
 }

@@ -1,6 +1,8 @@
 """Optimizers usable standalone, inside memfit's engine, or anywhere a torch.optim.Optimizer goes:
-GaLoreAdamW, FRUGAL, the layer-wise stepper, and the name registry for configs."""
+GaLoreAdamW, FRUGAL, CPUAdamW (the fused CPU kernel), the layer-wise stepper, and the name
+registry for configs."""
 
+from memfit.optim.cpu_adam import CPUAdamW
 from memfit.optim.frugal import FRUGAL
 from memfit.optim.galore import GaLoreAdamW
 from memfit.optim.groups import frugal_param_groups, galore_param_groups
@@ -8,6 +10,7 @@ from memfit.optim.layerwise import LayerwiseStepper
 from memfit.optim.registry import OPTIMIZERS, build_optimizer, register_optimizer
 
 __all__ = [
+    "CPUAdamW",
     "FRUGAL",
     "OPTIMIZERS",
     "GaLoreAdamW",

@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import torch
 
+from memfit.optim.cpu_adam import CPUAdamW
 from memfit.optim.frugal import FRUGAL
 from memfit.optim.galore import GaLoreAdamW
 from memfit.optim.groups import frugal_param_groups, galore_param_groups
@@ -45,8 +46,14 @@ def _frugal(named_params, target_modules=("attn", "mlp"), **options):
     return FRUGAL(frugal_param_groups(named_params, tuple(target_modules)), **options)
 
 
+def _cpu_adamw(named_params, **options):
+    """CPUAdamW, memfit's fused CPU kernel; every key is a CPUAdamW keyword."""
+    return CPUAdamW(_tensors(named_params), **options)
+
+
 _galore.forwards_to = GaLoreAdamW
 _frugal.forwards_to = FRUGAL
+_cpu_adamw.forwards_to = CPUAdamW
 
 
 def _tensors(named_params):
@@ -66,6 +73,7 @@ OPTIMIZERS: dict[str, Callable] = {
     "SGD": _sgd,
     "GaLoreAdamW": _galore,
     "FRUGAL": _frugal,
+    "CPUAdamW": _cpu_adamw,
 }
 DEEPSPEED_ONLY = {
     "OneBitAdam",

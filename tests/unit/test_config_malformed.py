@@ -124,8 +124,8 @@ MALFORMED_DICTS = [
     ({"optimizer": {"type": "Lamb"}}, 'config: optimizer.type: "Lamb" is supported by DeepSpeed, not by memfit'),
     (
         {"optimizer": {"type": "Adamz"}},
-        'config: optimizer.type: unknown optimizer "Adamz" (did you mean "Adam"?); known: Adam, AdamW, FRUGAL, '
-        "GaLoreAdamW, SGD",
+        'config: optimizer.type: unknown optimizer "Adamz" (did you mean "Adam"?); known: Adam, AdamW, CPUAdamW, '
+        "FRUGAL, GaLoreAdamW, SGD",
     ),
     (
         {"optimizer": {"params": "auto"}},
