@@ -13,9 +13,9 @@ import warnings
 import pytest
 import torch
 
+from memfit.config import ConfigError, load_config
 from memfit.optim import CPUAdamW, build_optimizer
 from memfit.optim.fused_adam import adam_isa, available_adam_isas, fused_adam_step, set_adam_isa
-from memfit.optim.registry import optimizer_param_problems
 
 SIZES = [1, 15, 16, 17, 1023, 2**20 + 3]
 RTOL = 2e-6
@@ -357,10 +357,16 @@ def test_registry_builds_it_from_config_keywords():
     assert isinstance(optimizer, CPUAdamW)
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
     assert optimizer.param_groups[0]["adamw_mode"] is False
-    assert optimizer_param_problems("CPUAdamW", {"lr": 1e-3, "bias_corection": True}) == [
+    assert config_problems({"lr": 1e-3, "bias_corection": True}) == [
         "optimizer.params.bias_corection: unknown key (did you mean 'bias_correction'?)"
     ]
-    assert optimizer_param_problems("CPUAdamW", {"lr": -1.0}) == ["optimizer.params: Invalid learning rate: -1.0"]
+    assert config_problems({"lr": -1.0}) == ["optimizer.params.lr: Invalid learning rate: -1.0"]
+
+
+def config_problems(params: dict) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        load_config({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "CPUAdamW", "params": params}})
+    return raised.value.problems
 
 
 def test_state_holds_only_tensors_and_numbers():
