@@ -47,12 +47,15 @@ def export_rank_state(engine, client_state: dict) -> dict:
     index_of = {id(param): index for index, param in enumerate(flat)}
     name_of = {id(master): name for name, master in zip(engine.masters.names, engine.masters.masters)}
     params, states = {}, {}
+    master_of = getattr(optimizer, "master_of", lambda param: None)
     if engine.stage > 0 or engine.rank == 0:  # stage 0: every rank holds the same values
         for name, master in zip(engine.masters.names, engine.masters.masters):
-            params[name] = master.detach().cpu()
+            held = master_of(master)  # an optimizer that keeps the fp32 master of a 16-bit tensor
+            params[name] = (held if held is not None else master).detach().float().cpu()
             states[name] = {
-                key: (value.cpu() if torch.is_tensor(value) else value)
+                key: _portable(key, value)
                 for key, value in saved["state"].get(index_of[id(master)], {}).items()
+                if key != "master"
             }
     groups = []
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
@@ -74,6 +77,14 @@ def export_rank_state(engine, client_state: dict) -> dict:
         "rng": rng_state(),
         "client_state": client_state,
     }
+
+
+def _portable(key: str, value):
+    """State in a form every optimizer of the family loads: the step as a number (torch's Adam
+    keeps a tensor, CPUAdamW an int), tensors on the CPU."""
+    if key == "step" and torch.is_tensor(value) and value.numel() == 1:
+        return int(value.item())
+    return value.cpu() if torch.is_tensor(value) else value
 
 
 def restore_rank_state(engine, source: StateSource) -> dict:
@@ -103,6 +114,13 @@ def restore_rank_state(engine, source: StateSource) -> dict:
     if engine.stage > 0 and engine.world_size > 1:
         broadcast_params(engine._buckets)  # owners hand the restored values to every rank
     _restore_optimizer(engine, source, same_world)
+    set_master = getattr(engine.optimizer, "set_master", None)
+    if set_master is not None:  # an optimizer that keeps the fp32 master of each 16-bit tensor
+        for name, master in zip(engine.masters.names, engine.masters.masters):
+            if master.dtype != torch.float32:
+                set_master(master, source.tensor(source.owner_of[name], f"params/{name}"))
+    if engine.host_tier is not None:
+        engine.host_tier.adopt(engine.optimizer)
     engine.global_step, engine.micro_step = base["global_step"], base["micro_step"]
     if engine.lr_scheduler is not None and base["scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(base["scheduler"])
@@ -149,6 +167,7 @@ def _restore_optimizer(engine, source: StateSource, same_world: bool) -> None:
     for owner_rank in sorted({source.owner_of[name] for name in engine.masters.names}):
         saved_groups += [(g, set(g["param_names"])) for g in source.payload(owner_rank)["param_groups"]]
     current = optimizer.state_dict()
+    tensor_steps = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD))
     state, groups, index = {}, [], 0
     for group, current_group in zip(optimizer.param_groups, current["param_groups"]):
         names = [name_of[id(p)] for p in group["params"] if id(p) in name_of]
@@ -169,6 +188,8 @@ def _restore_optimizer(engine, source: StateSource, same_world: bool) -> None:
                 owner_rank = source.owner_of[name]
                 saved_state = source.payload(owner_rank)["optimizer_state"].get(name, {})
                 state[index] = _verified_tree(source, owner_rank, saved_state, f"optimizer_state/{name}")
+                if tensor_steps and isinstance(state[index].get("step"), int):
+                    state[index]["step"] = torch.tensor(float(state[index]["step"]))
             indices.append(index)
             index += 1
         groups.append({**merged, "params": indices})

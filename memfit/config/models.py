@@ -77,8 +77,8 @@ class OffloadOptimizerConfig(Section):
     @field_validator("device")
     @classmethod
     def device_available(cls, device: str) -> str:
-        if device != "none":
-            raise ValueError(f"offload to {device!r} is not available yet in this memfit release; use 'none'")
+        if device == "nvme":
+            raise ValueError("offload to 'nvme' is not available yet in this memfit release; use 'none' or 'cpu'")
         return device
 
 

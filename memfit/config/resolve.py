@@ -69,10 +69,16 @@ def load_config(source) -> MemfitConfig:
     return resolve_config(source).config
 
 
-def engine_gaps(config: MemfitConfig) -> list[str]:
-    """Settings the config accepts that the engine cannot run yet, as problem lines; the engine
-    and `memfit config check` both refuse them."""
-    return ["fp16.enabled: not implemented yet"] if config.fp16.enabled else []
+def engine_gaps(config: MemfitConfig, world_size: int | None = None) -> list[str]:
+    """Settings the config accepts that the engine refuses at this world size, as problem lines;
+    the engine, `memfit config check --world-size` and `memfit run` all refuse them."""
+    zero = config.zero_optimization
+    if zero.offload_optimizer.device != "none" and zero.stage == 0 and (world_size or 1) > 1:
+        return [
+            f'zero_optimization.offload_optimizer.device: "{zero.offload_optimizer.device}" needs ZeRO stage 1 or 2 '
+            "on more than one rank (at stage 0 every rank would keep all the state)"
+        ]
+    return []
 
 
 def _raw(source) -> tuple[str, dict]:

@@ -41,7 +41,7 @@ def run(args) -> int:
         warnings.simplefilter("always")
         try:
             resolved = resolve_config(args.file, args.world_size)
-            gaps = engine_gaps(resolved.config)
+            gaps = engine_gaps(resolved.config, args.world_size)
             if gaps:
                 raise ConfigError(gaps, args.file)
         except ConfigError as error:

@@ -25,11 +25,20 @@ def build_parser():
     return parser
 
 
+def launch_world_size(args) -> int | None:
+    """nnodes x nproc-per-node when both are fixed numbers (not "auto", not an elastic range)."""
+    low, _, high = str(args.nnodes).partition(":")
+    nodes = low if not high or high == low else None
+    if nodes is not None and nodes.isdigit() and str(args.nproc_per_node).isdigit():
+        return int(nodes) * int(args.nproc_per_node)
+    return None
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.config is not None:
         try:
-            if gaps := engine_gaps(load_config(args.config)):
+            if gaps := engine_gaps(load_config(args.config), launch_world_size(args)):
                 raise ConfigError(gaps, args.config)
         except ConfigError as error:
             for problem in error.problems:

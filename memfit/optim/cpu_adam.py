@@ -18,6 +18,7 @@ Design:
 
 import numbers
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -50,7 +51,21 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
             adamw_mode=adamw_mode,
             bias_correction=bias_correction,
         )
+        # Where state tensors come from: the engine's host tier points this at its arena.
+        self.allocate_state: Callable[[tuple, torch.dtype], torch.Tensor] = _zeros
         super().__init__(params, defaults)
+
+    def master_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The fp32 master of a 16-bit parameter, once it has one (None for fp32 parameters,
+        which are their own master)."""
+        return self.state[param].get("master") if param in self.state else None
+
+    def set_master(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Gives a 16-bit parameter its fp32 master (a checkpoint's value); value is copied."""
+        state = self.state[param]
+        if "master" not in state:
+            state["master"] = self.allocate_state(tuple(param.shape), torch.float32)
+        state["master"].copy_(value)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -66,7 +81,9 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
         group["betas"] = tuple(group["betas"])
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale: float = 1.0):
+        """torch's step; grad_scale multiplies every gradient inside the kernel's one pass (loss
+        un-scaling and clipping at no extra pass over the gradients)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -85,7 +102,7 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
                     grad = _dense_grad(grad, param_index, group_index)
                 state = self.state[param]
                 if "exp_avg" not in state or (param.dtype != torch.float32 and "master" not in state):
-                    _ensure_state(param, state)
+                    _ensure_state(param, state, self.allocate_state)
                 state["step"] += 1
                 master = state.get("master", param)
                 out = None if master is param else param
@@ -103,7 +120,7 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
                     weight_decay=group["weight_decay"],
                     adamw_mode=group["adamw_mode"],
                     bias_correction=group["bias_correction"],
-                    grad_scale=1.0,
+                    grad_scale=grad_scale,
                 )
                 step_tensors(rows, constants)
             if stepped:
@@ -192,11 +209,16 @@ def _dense_grad(grad: torch.Tensor, param_index: int, group_index: int) -> torch
     return grad
 
 
-def _ensure_state(param: torch.Tensor, state: dict) -> None:
+def _zeros(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _ensure_state(param: torch.Tensor, state: dict, allocate) -> None:
     """Creates what a first step, or a state loaded from torch's AdamW (no master), lacks."""
     if "exp_avg" not in state:
         state["step"] = state.get("step", 0)
-        state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32)
-        state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32)
+        state["exp_avg"] = allocate(tuple(param.shape), torch.float32)
+        state["exp_avg_sq"] = allocate(tuple(param.shape), torch.float32)
     if param.dtype != torch.float32 and "master" not in state:
-        state["master"] = param.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        state["master"] = allocate(tuple(param.shape), torch.float32)
+        state["master"].copy_(param.detach())

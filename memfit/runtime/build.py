@@ -12,8 +12,11 @@ from memfit.config import ClientComponents, ConfigError, describe_config, engine
 from memfit.optim.registry import build_optimizer
 from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
+from memfit.runtime.loss_scale import build_loss_scaler
+from memfit.runtime.offload import HostTier, kernel_optimizer, planned_host_bytes
 from memfit.runtime.precision import MasterWeights
 from memfit.runtime.schedulers import build_scheduler
+from memfit.runtime.update import KernelUpdate, OptimizerUpdate
 from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flatten_params
 from memfit.runtime.zero.collectives import GradientReducer
 from memfit.runtime.zero.grad_sync import GradientSync
@@ -41,8 +44,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     client = ClientComponents(optimizer, lr_scheduler)
     resolved = resolve_config(config, world_size, client)
     cfg = resolved.config
-    if gaps := engine_gaps(cfg):
-        raise ConfigError(gaps)
+    if gaps := engine_gaps(cfg, world_size):
+        raise ConfigError(gaps, os.fspath(config) if isinstance(config, (str, os.PathLike)) else "config")
     if rank == 0:
         for line in resolved.resolved:
             logger.info("config: %s", line)
@@ -50,7 +53,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     _, micro_batch_size, accumulation_steps = cfg.batch_sizes(world_size)
     seed_everything(cfg.seed + rank)
 
-    model = prepare_model(model, device, cfg.bf16.enabled, world_size)
+    compute_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
+    model = prepare_model(model, device, compute_dtype, world_size)
     named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named_params:
         raise ValueError("model: no trainable parameters (every parameter has requires_grad=False)")
@@ -72,12 +76,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     grad_sync = GradientSync(
         named_params, buckets, reducer, stage=stage, world_size=world_size, overlap=cfg.zero_optimization.overlap_comm
     )
-    masters = MasterWeights([(n, p) for n, p in named_params if n in owned_names], keep_fp32_copy=cfg.bf16.enabled)
-    owned = list(zip(masters.names, masters.masters))
-    # A rank that owns nothing still keeps an optimizer (param_groups, lr, the scheduler): it
-    # holds one empty placeholder tensor, which never gets a gradient and is never saved.
-    placeholder = [(PLACEHOLDER_NAME, torch.nn.Parameter(torch.empty(0, device=device)))]
-    opt = make_optimizer(optimizer, cfg, owned or placeholder)
+    owned_params = [(n, p) for n, p in named_params if n in owned_names]
+    masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     return Engine(
         model=model,
@@ -91,16 +91,48 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         grad_sync=grad_sync,
         masters=masters,
         optimizer=opt,
+        update=update,
         lr_scheduler=scheduler,
+        loss_scaler=build_loss_scaler(cfg.fp16),
+        host_tier=tier,
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,
     )
 
 
-def prepare_model(model, device, bf16: bool, world_size: int):
+def build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size):
+    """(masters, optimizer, update, host tier or None) for the tensors this rank owns: the
+    optimizer on fp32 masters where the model runs, or, under offload_optimizer "cpu", on the
+    host tier: Adam/AdamW as CPUAdamW on the fused kernel, any other optimizer on host masters
+    with its state adopted into the tier."""
+    offload = cfg.zero_optimization.offload_optimizer
+    reduced = compute_dtype is not None
+    # A rank that owns nothing still keeps an optimizer (param_groups, lr, the scheduler): it
+    # holds one empty placeholder tensor, which never gets a gradient and is never saved.
+    placeholder = [(PLACEHOLDER_NAME, torch.nn.Parameter(torch.empty(0, device=device)))]
+    if offload.device != "cpu":
+        masters = MasterWeights(owned_params, keep_fp32_copy=reduced)
+        opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)) or placeholder)
+        return masters, opt, OptimizerUpdate(opt, masters), None
+    config_params = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
+    name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
+    tensors = [p for _, p in owned_params]
+    kernel = optimizer is None and kernel_optimizer(name, config_params, tensors or [placeholder[0][1]])
+    tier = HostTier(planned_host_bytes(tensors, kernel=bool(kernel), reduced_precision=reduced), pin=offload.pin_memory)
+    if kernel:
+        kernel.allocate_state = tier.zeros
+        return MasterWeights(owned_params, keep_fp32_copy=False), kernel, KernelUpdate(kernel, tensors, tier), tier
+    masters = MasterWeights(owned_params, keep_fp32_copy=reduced, allocate=tier.empty)
+    for master in masters.masters if reduced else []:
+        tier.hold(master)
+    opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)) or placeholder)
+    return masters, opt, OptimizerUpdate(opt, masters, tier), tier
+
+
+def prepare_model(model, device, compute_dtype, world_size: int):
     model.to(device)
-    if bf16:
-        model.to(torch.bfloat16)
+    if compute_dtype is not None:
+        model.to(compute_dtype)
     if world_size > 1:
         with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
             for tensor in list(model.parameters()) + list(model.buffers()):

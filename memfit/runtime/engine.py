@@ -19,6 +19,7 @@ Invariant: between steps, every rank holds identical compute parameters and no g
 
 import logging
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -42,7 +43,10 @@ class Engine:
         grad_sync,
         masters,
         optimizer,
+        update,
         lr_scheduler,
+        loss_scaler,
+        host_tier,
         micro_batch_size,
         accumulation_steps,
     ):
@@ -56,25 +60,37 @@ class Engine:
         self._grad_sync = grad_sync
         self.masters = masters
         self.optimizer = optimizer
+        self._update = update
         self.lr_scheduler = lr_scheduler
+        self.loss_scaler = loss_scaler
+        self.host_tier = host_tier
         self.micro_batch_size = micro_batch_size
         self.gradient_accumulation_steps = accumulation_steps
         self.global_step = 0
         self.micro_step = 0
+        self.skipped_steps = 0  # fp16 steps skipped for an overflow
         self.grad_bytes_after_reduce = 0  # gradient bytes this rank held after the last reduction
+        self._auto_cast = config.fp16.enabled and config.fp16.auto_cast
 
     # ---- phase 1: micro-steps -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if self._auto_cast:  # fp16.auto_cast: floating-point inputs in the compute dtype
+            args = tuple(_to_half(a) for a in args)
+            kwargs = {key: _to_half(value) for key, value in kwargs.items()}
         return self.module(*args, **kwargs)
 
     def is_boundary(self) -> bool:
         return (self.micro_step + 1) % self.gradient_accumulation_steps == 0
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of loss / (accumulation steps x world size). Stage 0/1 reduce on the boundary
-        micro-step (in step() unless overlapped); stage 2 reduces to owners here, every micro-step."""
+        """Backward of loss x loss scale / (accumulation steps x world size). Stage 0/1 reduce on the
+        boundary micro-step (in step() unless overlapped); stage 2 reduces to owners here, every
+        micro-step."""
         self._grad_sync.before_backward(reducing=self.is_boundary() or self._grad_sync.reduces_every_backward)
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         try:
+            if scale != 1.0:
+                loss = loss * scale
             (loss / (self.gradient_accumulation_steps * self.world_size)).backward()
         finally:
             self._grad_sync.after_backward()
@@ -87,7 +103,9 @@ class Engine:
 
     # ---- phases 2 to 4: reduce, clip, step, synchronise -----------------------------------------
     def step(self) -> None:
-        """At an accumulation boundary: reduce, clip, step, synchronise. Otherwise only counts."""
+        """At an accumulation boundary: reduce, clip, step, synchronise. Otherwise only counts. An
+        fp16 step whose gradients overflow on any rank is skipped (no update, no scheduler step),
+        as in DeepSpeed."""
         boundary = self.is_boundary()
         self.micro_step += 1
         if not boundary:
@@ -95,35 +113,57 @@ class Engine:
         touched = self._grad_sync.finish_step()
         if self.world_size > 1 and not self._grad_sync.reduces_every_backward:
             self._count_grad_bytes()
-        self.masters.take_grads({id(p) for (_, p), got in zip(self._named_params, touched) if got})
-        self._clip_gradients()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.masters.write_back()
+        grads = self._update.gradients({id(p) for (_, p), got in zip(self._named_params, touched) if got})
+        multiplier, overflow = self._gradient_multiplier(grads)
+        if overflow:
+            self._update.skip()
+            self.skipped_steps += 1
+        else:
+            self._update.apply(multiplier)
         self._grad_sync.reset_buffers()
-        if self.stage > 0 and self.world_size > 1:
+        if not overflow and self.stage > 0 and self.world_size > 1:
             broadcast_params(self._buckets)
-        if self.lr_scheduler is not None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow)
+        if not overflow and self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_step += 1
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
-            logger.info("step %d lr %s", self.global_step, [g["lr"] for g in self.optimizer.param_groups])
+            logger.info(
+                "step %d lr %s%s",
+                self.global_step,
+                [g["lr"] for g in self.optimizer.param_groups],
+                f" loss scale {self.loss_scaler.scale:g} skipped {self.skipped_steps}" if self.loss_scaler else "",
+            )
 
-    def _clip_gradients(self) -> float | None:
+    def _gradient_multiplier(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor | None, bool]:
+        """(what to multiply every gradient by, whether the step overflowed). The multiplier folds
+        the loss-scale division into the clipping coefficient, so gradients are touched once; the
+        global norm is one all-reduce of a scalar (owners hold disjoint parts of the gradient)."""
         max_norm = self.config.gradient_clipping
-        if max_norm <= 0:
-            return None
-        grads = self.masters.grads()
-        squares = torch.zeros((), dtype=torch.float32, device=self.device)
-        for grad in grads:
-            squares += grad.float().pow(2).sum()
+        scaler = self.loss_scaler
+        if max_norm <= 0 and scaler is None:
+            return None, False
+        if max_norm <= 0:  # fp16 without clipping: only the overflow check
+            overflow = self._agree_on_overflow(self._update.nonfinite(grads))
+            return (None if overflow else torch.tensor(1.0 / scaler.scale)), overflow
+        norms = [torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads]
+        squares = torch.linalg.vector_norm(torch.stack(norms)) ** 2 if norms else torch.zeros((), device=self.device)
         if self.stage > 0:
-            all_reduce_scalar(squares, self.world_size)  # owners hold disjoint parts of the gradient
+            all_reduce_scalar(squares, self.world_size)
         total_norm = squares.sqrt()
-        clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-        for grad in grads:
-            grad.mul_(clip_coef.to(grad.dtype))
-        return float(total_norm)
+        scale = scaler.scale if scaler is not None else 1.0
+        if scaler is not None and not bool(torch.isfinite(total_norm)):
+            return None, True
+        clip_coef = torch.clamp(max_norm / (total_norm / scale + 1e-6), max=1.0)
+        return (clip_coef / scale if scale != 1.0 else clip_coef), False
+
+    def _agree_on_overflow(self, local: bool) -> bool:
+        if self.stage == 0 or self.world_size == 1:
+            return local  # every rank holds the same reduced gradients
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        all_reduce_scalar(flag, self.world_size)
+        return bool(flag.item() > 0)
 
     # ---- inspection -----------------------------------------------------------------------------
     def ownership(self) -> dict:
@@ -131,23 +171,31 @@ class Engine:
         return self._plan.summary()
 
     def memory_report(self) -> dict:
-        """Bytes held by this rank, per category."""
+        """Bytes held by this rank, per category and per tier ("device": where the model runs,
+        "host": the host tier's arenas under CPU offload), and the process's peak RSS so far."""
 
         def nbytes(tensors):
             return sum(t.numel() * t.element_size() for t in tensors)
 
-        state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         buffered = {id(p) for bucket in self._buckets if bucket.grad_buffer is not None for p in bucket.params}
         grads = [bucket.grad_buffer for bucket in self._buckets if bucket.grad_buffer is not None]
         grads += [p.grad for _, p in self._named_params if p.grad is not None and id(p) not in buffered]
         if self.masters.separate:
             grads += self.masters.grads()
-        return {
+        report = {
             "params": nbytes(p for _, p in self._named_params),
             "grads": nbytes(grads),
-            "optimizer_state": nbytes(state),
-            "master_weights": self.masters.num_bytes,
+            "optimizer_state": self._update.state_bytes,
+            "master_weights": self._update.master_bytes,
         }
+        offloaded = report["optimizer_state"] + report["master_weights"]
+        host = self.host_tier.bytes_in_use if self.host_tier is not None else 0
+        report["by_tier"] = {
+            "device": report["params"] + report["grads"] + (0 if self.host_tier is not None else offloaded),
+            "host": host,
+        }
+        report["peak_rss_bytes"] = _peak_rss_bytes()
+        return report
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, *, keep=None) -> str:
         """Saves the state of every rank under save_dir/tag (default global_step<N>), atomically;
@@ -166,3 +214,21 @@ class Engine:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+
+def _to_half(value):
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(torch.float16)
+    return value
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident set (VmHWM), or its current RSS where /proc lacks it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return psutil.Process().memory_info().rss

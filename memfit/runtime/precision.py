@@ -7,12 +7,19 @@ class MasterWeights:
     """Maps owned compute parameters to the tensors the optimizer updates: fp32 copies under bf16,
     the parameters themselves otherwise."""
 
-    def __init__(self, owned: list[tuple[str, torch.nn.Parameter]], keep_fp32_copy: bool):
+    def __init__(self, owned: list[tuple[str, torch.nn.Parameter]], keep_fp32_copy: bool, allocate=None):
+        """allocate(shape, dtype) -> tensor: where fp32 copies live (the host tier's arena under
+        offload); torch's allocator by default."""
         self.names = [name for name, _ in owned]
         self.compute = [param for _, param in owned]
         self.separate = keep_fp32_copy
         if keep_fp32_copy:
-            self.masters = [torch.nn.Parameter(p.detach().float().clone()) for p in self.compute]
+            self.masters = []
+            for param in self.compute:
+                shape = tuple(param.shape)
+                master = torch.empty(shape, device=param.device) if allocate is None else allocate(shape, torch.float32)
+                master.copy_(param.detach())
+                self.masters.append(torch.nn.Parameter(master))
         else:
             self.masters = self.compute
 

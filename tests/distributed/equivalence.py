@@ -22,6 +22,8 @@ OPTIMIZERS = {
         "type": "FRUGAL",
         "params": {"lr": 1e-2, "weight_decay": 0.1, "density": 0.5, "update_gap": 2, "proj_type": "random"},
     },
+    "CPUAdamW": {"type": "CPUAdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
+    "SGD": {"type": "SGD", "params": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.1}},
 }
 # habit: what the training loop does besides backward and step.
 #   zero_start  model.zero_grad() and optimizer.zero_grad() at the start of every step
@@ -41,11 +43,13 @@ class Case:
     optimizer: str
     dtype: str = "float32"
     habit: str = "none"
+    offload: str = "none"
+    steps: int = STEPS
 
     def __str__(self):
         return (
             f"{self.model} stage{self.stage} {'overlap' if self.overlap else 'no-overlap'} acc{self.accumulation} "
-            f"clip{self.clip} {self.optimizer} {self.dtype} {self.habit}"
+            f"clip{self.clip} {self.optimizer} {self.dtype} {self.habit} offload-{self.offload} steps{self.steps}"
         )
 
 
@@ -61,7 +65,12 @@ def config(case: Case, world_size: int) -> dict:
         "gradient_clipping": case.clip,
         "optimizer": OPTIMIZERS[case.optimizer],
         "bf16": {"enabled": case.dtype == "bfloat16"},
-        "zero_optimization": {"stage": case.stage, "overlap_comm": case.overlap, "reduce_bucket_size": 300},
+        "zero_optimization": {
+            "stage": case.stage,
+            "overlap_comm": case.overlap,
+            "reduce_bucket_size": 300,
+            "offload_optimizer": {"device": case.offload},
+        },
     }
 
 
@@ -70,7 +79,7 @@ def batches(case: Case, world_size: int):
     size = world_size * case.accumulation * MICRO_BATCH
     return [
         (torch.randn(size, IN_FEATURES, generator=generator), torch.randn(size, OUT_FEATURES, generator=generator))
-        for _ in range(STEPS)
+        for _ in range(case.steps)
     ]
 
 

@@ -43,9 +43,12 @@ def check(*args):
         ),
         (b'{"seed": "\xff"}', None, ["line 1: not UTF-8 text (byte 0xff at offset 10)"]),
         (
-            b'{"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": true}}',
+            b'{"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}',
             "2",
-            ["fp16.enabled: not implemented yet"],
+            [
+                'zero_optimization.offload_optimizer.device: "cpu" needs ZeRO stage 1 or 2 on more than one rank '
+                "(at stage 0 every rank would keep all the state)"
+            ],
         ),
         (
             b'{"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": 5, "params": {"betas": [0.9]}}}',
@@ -111,7 +114,9 @@ def test_memfit_run_refuses_what_initialize_refuses_before_starting_workers(tmp_
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [f'memfit run: {path}: seed: expected an integer, got "1"']
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}}))
+    path.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    )
     result = subprocess.run(
         [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "2", "--config", str(path), "x.py"],
         capture_output=True,
@@ -120,4 +125,7 @@ def test_memfit_run_refuses_what_initialize_refuses_before_starting_workers(tmp_
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"memfit run: {path}: fp16.enabled: not implemented yet"]
+    assert result.stderr.splitlines() == [
+        f'memfit run: {path}: zero_optimization.offload_optimizer.device: "cpu" needs ZeRO stage 1 or 2 on more than '
+        "one rank (at stage 0 every rank would keep all the state)"
+    ]

@@ -41,6 +41,11 @@ ACCEPTED = {
         ],
         [],
     ),
+    "legacy_cpu_offload.json": (  # zero_optimization.cpu_offload: true is DeepSpeed's old name for CPU offload
+        [("zero_optimization.offload_optimizer.device", "cpu"), ("zero_optimization.stage", 2)],
+        ["train_batch_size = 8 (derived: train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size 2)"],
+        [],
+    ),
     "llama_factory_z2.json": (
         [("train_batch_size", 32), ("bf16.enabled", False), ("zero_optimization.stage", 2)],
         [
@@ -150,19 +155,14 @@ ALL_AUTO_BATCH = (
     "without train_micro_batch_size_per_gpu or train_batch_size; give train_micro_batch_size_per_gpu and "
     "gradient_accumulation_steps"
 )
-CPU_OFFLOAD = (
-    "zero_optimization.offload_optimizer.device: offload to 'cpu' is not available yet in this memfit release; "
-    "use 'none'"
-)
 STAGE_3 = (
     "zero_optimization.stage: stage 3 is supported by DeepSpeed, not by memfit (memfit implements stages 0, 1 and 2)"
 )
 PARAM_OFFLOAD = 'zero_optimization.offload_param: supported by DeepSpeed, not by memfit (parameter offload; memfit accepts device "none")'
 REFUSED = {
-    "hf_trainer_zero2_auto.json": [CPU_OFFLOAD, ALL_AUTO_BATCH],
-    "axolotl_zero2_offload.json": [CPU_OFFLOAD, ALL_AUTO_BATCH],
+    "hf_trainer_zero2_auto.json": [ALL_AUTO_BATCH],
+    "axolotl_zero2_offload.json": [ALL_AUTO_BATCH],
     "fastchat_s2.json": [
-        CPU_OFFLOAD,
         'train_micro_batch_size_per_gpu, gradient_accumulation_steps: "auto" cannot be derived without '
         "train_micro_batch_size_per_gpu or train_batch_size; give train_micro_batch_size_per_gpu and "
         "gradient_accumulation_steps",
@@ -173,8 +173,7 @@ REFUSED = {
         "steps; give it",
         STAGE_3,
     ],
-    "deepspeed_zero3_offload.json": [PARAM_OFFLOAD, STAGE_3, CPU_OFFLOAD],
-    "legacy_cpu_offload.json": [CPU_OFFLOAD.replace("offload_optimizer", "cpu_offload")],
+    "deepspeed_zero3_offload.json": [PARAM_OFFLOAD, STAGE_3],
 }
 
 

@@ -78,7 +78,6 @@ def test_warmup_without_max_lr_reaches_a_factorys_lr():
 @pytest.mark.parametrize(
     "overrides,text",
     [
-        ({"fp16": {"enabled": True}}, "config: fp16.enabled: not implemented yet"),
         (
             {"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": math.nan}}},
             "config: scheduler.params.warmup_max_lr: expected a finite number, got NaN",
