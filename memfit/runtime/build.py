@@ -12,6 +12,7 @@ from memfit.config import ClientComponents, ConfigError, describe_config, engine
 from memfit.optim.registry import build_optimizer
 from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
+from memfit.runtime.estimate import host_memory_problem
 from memfit.runtime.loss_scale import build_loss_scaler
 from memfit.runtime.offload import HostTier, kernel_optimizer, planned_host_bytes
 from memfit.runtime.precision import MasterWeights
@@ -69,6 +70,12 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
             UserWarning,
             stacklevel=2,
         )
+    shapes = [(name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()]
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    # Every rank decides before any of them allocates, and all fail together.
+    problem = host_memory_problem(shapes, cfg, world_size, rank, local_world_size, device.type)
+    if agree_on_failure(problem is not None, world_size, device):
+        raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")
     if world_size > 1 and stage > 0:
         flatten_params(buckets)  # owners broadcast each bucket in place
     attach_grad_buffers([b for b in buckets if stage < 2 or b.owner_rank == rank])
@@ -98,6 +105,15 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,
     )
+
+
+def agree_on_failure(failed: bool, world_size: int, device) -> bool:
+    """True on every rank when any rank failed."""
+    if world_size == 1:
+        return failed
+    flag = torch.tensor([1 if failed else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size):

@@ -109,13 +109,18 @@ class HostTier:
 KERNEL_OPTIMIZERS = ("Adam", "AdamW", "CPUAdamW")
 
 
+def runs_on_kernel(name: str) -> bool:
+    """Whether the config's optimizer becomes CPUAdamW on the host tier."""
+    return find_optimizer(name) in KERNEL_OPTIMIZERS
+
+
 def kernel_optimizer(name: str, config_params: dict, params: list[torch.Tensor]) -> CPUAdamW | None:
     """The CPUAdamW that a config's Adam, AdamW or CPUAdamW becomes on the host tier (same
     hyperparameters, DeepSpeed's adam_w_mode and bias_correction honoured); None for other
     optimizers, which run with torch ops on host tensors."""
-    registered = find_optimizer(name)
-    if registered not in KERNEL_OPTIMIZERS:
+    if not runs_on_kernel(name):
         return None
+    registered = find_optimizer(name)
     options = dict(config_params)
     if options.pop("amsgrad", False):
         raise ConfigError([f"optimizer.params.amsgrad: not supported with offload_optimizer (the {name} kernel)"])

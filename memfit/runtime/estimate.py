@@ -1,0 +1,204 @@
+"""Memory estimate per rank, per category and tier, for a model (its tensor shapes) and a config,
+without allocating anything: the same ownership plan and buckets the engine builds, and the
+optimizer built over meta tensors, whose planned_state_bytes() (GaLore, FRUGAL) or family
+(Adam: two fp32 moments; SGD with momentum: one) gives its state.
+
+Categories: params (compute copies, every rank), grads (stage 0/1: every gradient; stage 2: the
+owned ones plus the staging buffer a non-owned bucket is sent from), master_weights (fp32 copies
+of owned 16-bit tensors), optimizer_state. Tiers: "device" where the model runs, "host" the host
+tier under offload_optimizer "cpu". DeepSpeed's own estimate for ZeRO-2
+(estimate_zero2_model_states_mem_needs) is given beside it where it has one.
+"""
+
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from memfit.runtime.offload import planned_host_bytes, runs_on_kernel
+from memfit.runtime.zero.buckets import build_buckets
+from memfit.runtime.zero.ownership import plan_ownership
+
+CATEGORIES = ("params", "grads", "master_weights", "optimizer_state")
+
+
+@dataclass
+class RankEstimate:
+    rank: int
+    bytes: dict[str, int] = field(default_factory=dict)  # per category
+    tiers: dict[str, int] = field(default_factory=dict)  # "device", "host"
+    notes: list[str] = field(default_factory=list)
+
+
+def shapes_of(model: torch.nn.Module) -> list[tuple[str, tuple, bool]]:
+    """(name, shape, trainable) of every parameter; a model built on the meta device costs nothing."""
+    return [(name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()]
+
+
+def estimate(shapes, cfg, world_size: int) -> list[RankEstimate]:
+    """Per-rank estimate for shapes [(name, shape, trainable)] under a resolved MemfitConfig."""
+    zero = cfg.zero_optimization
+    reduced = cfg.bf16.enabled or cfg.fp16.enabled
+    compute_bytes = 2 if reduced else 4
+    trainable = [(name, torch.empty(shape, device="meta")) for name, shape, grad in shapes if grad]
+    frozen_numel = sum(_numel(shape) for _, shape, grad in shapes if not grad)
+    plan = plan_ownership(trainable, world_size if zero.stage > 0 else 1)
+    buckets = build_buckets(trainable, plan, zero.reduce_bucket_size)
+    all_numel = sum(t.numel() for _, t in trainable)
+    offloaded = zero.offload_optimizer.device == "cpu"
+    estimates = []
+    for rank in range(world_size):
+        owned_names = set(plan.owned(rank)) if zero.stage > 0 else set(plan.names)
+        owned = [(name, t) for name, t in trainable if name in owned_names]
+        owned_numel = sum(t.numel() for _, t in owned)
+        if zero.stage == 2 and world_size > 1:
+            multi = [b.numel for b in buckets if b.owner_rank != rank and len(b.params) > 1]
+            grads = owned_numel + (max(multi) if multi else 0)
+        else:
+            grads = all_numel
+        result = RankEstimate(rank)
+        state, note = _optimizer_state_bytes(cfg, owned, offloaded)
+        if note:
+            result.notes.append(note)
+        masters = 4 * owned_numel if reduced else 0
+        result.bytes = {
+            "params": compute_bytes * (all_numel + frozen_numel),
+            "grads": compute_bytes * grads,
+            "master_weights": masters,
+            "optimizer_state": state,
+        }
+        device = result.bytes["params"] + result.bytes["grads"]
+        if offloaded:
+            kernel = _runs_on_kernel(cfg)
+            host = (
+                planned_host_bytes([t for _, t in owned], kernel=True, reduced_precision=reduced)
+                if kernel
+                else masters + state
+            )
+            result.tiers = {"device": device, "host": host}
+        else:
+            result.tiers = {"device": device + masters + state, "host": 0}
+        estimates.append(result)
+    return estimates
+
+
+def _numel(shape) -> int:
+    return torch.Size(shape).numel()
+
+
+def _runs_on_kernel(cfg) -> bool:
+    return runs_on_kernel(cfg.optimizer.type if cfg.optimizer is not None else "AdamW")
+
+
+def _optimizer_state_bytes(cfg, owned, offloaded: bool) -> tuple[int, str | None]:
+    """The state the rank's optimizer will hold once every owned tensor has stepped."""
+    from memfit.optim.registry import build_optimizer
+
+    name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
+    params = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
+    if not owned:
+        return 0, None
+    masters = [(n, torch.nn.Parameter(torch.empty(t.shape, device="meta"))) for n, t in owned]
+    if offloaded and runs_on_kernel(name):
+        return 8 * sum(t.numel() for _, t in owned), None  # CPUAdamW: two fp32 moments
+    optimizer = build_optimizer(name, masters, params)
+    if hasattr(optimizer, "planned_state_bytes"):
+        return optimizer.planned_state_bytes(), None
+    numel = sum(t.numel() for _, t in owned)
+    defaults = optimizer.defaults
+    if "betas" in defaults:  # the Adam family: exp_avg and exp_avg_sq, fp32 like the masters
+        scalar_steps = 4 * len(owned) if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 0
+        return 8 * numel + scalar_steps, None
+    if isinstance(optimizer, torch.optim.SGD):
+        return (4 * numel if defaults.get("momentum", 0) else 0), None
+    return 0, f"optimizer {name}: state size unknown, counted as 0"
+
+
+def deepspeed_zero2_estimate(total_params: int, world_size: int, offload: bool) -> dict[str, int]:
+    """DeepSpeed's estimate_zero2_model_states_mem_needs (one node, additional_buffer_factor 1.5),
+    per GPU and for the CPU of the node."""
+    factor = 1.5
+    if offload:
+        return {"device": 2 * total_params, "host": int(total_params * max(4 * world_size, 16) * factor)}
+    return {"device": 4 * total_params + int(16 * total_params / world_size), "host": int(total_params * 4 * factor)}
+
+
+def format_table(estimates: list[RankEstimate], deepspeed: dict[str, int] | None = None) -> str:
+    from memfit.units import format_bytes
+
+    header = ["rank", "params", "grads", "fp32 masters", "optimizer state", "device", "host"]
+    rows = [
+        [str(e.rank)]
+        + [format_bytes(e.bytes[c]) for c in CATEGORIES]
+        + [format_bytes(e.tiers["device"]), format_bytes(e.tiers["host"])]
+        for e in estimates
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    if deepspeed is not None:
+        lines.append(
+            f"DeepSpeed ZeRO-2 estimate for the same model: device {format_bytes(deepspeed['device'])} per rank, "
+            f"host {format_bytes(deepspeed['host'])} per node"
+        )
+    for note in sorted({note for e in estimates for note in e.notes}):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def available_host_bytes() -> int:
+    """Memory this process can still take: the system's available memory, or less where a
+    cgroup (a container, a scheduler's job) limits it."""
+    available = psutil.virtual_memory().available
+    room = _cgroup_room()
+    return min(available, room) if room is not None else available
+
+
+def _cgroup_room() -> int | None:
+    try:
+        with open("/proc/self/cgroup") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            limit_file, usage_file = f"/sys/fs/cgroup{path}/memory.max", f"/sys/fs/cgroup{path}/memory.current"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            base = f"/sys/fs/cgroup/memory{path}"
+            limit_file, usage_file = f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            with open(limit_file) as limit, open(usage_file) as usage:
+                limit_text, usage_bytes = limit.read().strip(), int(usage.read())
+        except (OSError, ValueError):
+            continue
+        if limit_text != "max" and int(limit_text) < (1 << 60):
+            return max(int(limit_text) - usage_bytes, 0)
+    return None
+
+
+def host_memory_problem(shapes, cfg, world_size: int, rank: int, local_world_size: int, device_type: str):
+    """A ConfigError message if the ranks on this node would need more host memory than is
+    available (the host tier, and on a CPU machine also gradients, masters and optimizer state;
+    the parameters exist already), with the estimate as a table; None if it fits."""
+    offloaded = cfg.zero_optimization.offload_optimizer.device == "cpu"
+    if not offloaded and device_type != "cpu":
+        return None
+    estimates = estimate(shapes, cfg, world_size)
+    first = rank - rank % local_world_size
+    local = estimates[first : first + local_world_size]
+    needed = 0
+    for item in local:
+        needed += item.tiers["host"]
+        if device_type == "cpu":
+            needed += item.tiers["device"] - item.bytes["params"]
+    available = available_host_bytes()
+    if needed <= available:
+        return None
+    from memfit.units import format_bytes
+
+    return (
+        f"host memory: the {len(local)} rank(s) on this node need {format_bytes(needed)} more, "
+        f"{format_bytes(available)} is available; estimate per rank:\n{format_table(local)}"
+    )
