@@ -35,8 +35,9 @@ def shapes_of(model: torch.nn.Module) -> list[tuple[str, tuple, bool]]:
     return [(name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()]
 
 
-def estimate(shapes, cfg, world_size: int) -> list[RankEstimate]:
-    """Per-rank estimate for shapes [(name, shape, trainable)] under a resolved MemfitConfig."""
+def estimate(shapes, cfg, world_size: int, client_optimizer: bool = False) -> list[RankEstimate]:
+    """Per-rank estimate for shapes [(name, shape, trainable)] under a resolved MemfitConfig;
+    client_optimizer: initialize was given an optimizer of its own, whose state is unknown here."""
     zero = cfg.zero_optimization
     reduced = cfg.bf16.enabled or cfg.fp16.enabled
     compute_bytes = 2 if reduced else 4
@@ -57,7 +58,7 @@ def estimate(shapes, cfg, world_size: int) -> list[RankEstimate]:
         else:
             grads = all_numel
         result = RankEstimate(rank)
-        state, note = _optimizer_state_bytes(cfg, owned, offloaded)
+        state, note = _optimizer_state_bytes(cfg, owned, offloaded, client_optimizer)
         if note:
             result.notes.append(note)
         masters = 4 * owned_numel if reduced else 0
@@ -90,21 +91,23 @@ def _runs_on_kernel(cfg) -> bool:
     return runs_on_kernel(cfg.optimizer.type if cfg.optimizer is not None else "AdamW")
 
 
-def _optimizer_state_bytes(cfg, owned, offloaded: bool) -> tuple[int, str | None]:
+def _optimizer_state_bytes(cfg, owned, offloaded: bool, client_optimizer: bool) -> tuple[int, str | None]:
     """The state the rank's optimizer will hold once every owned tensor has stepped."""
-    from memfit.optim.registry import build_optimizer
+    from memfit.optim.registry import build_optimizer, find_optimizer
 
     name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
     params = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
     if not owned:
         return 0, None
+    numel = sum(t.numel() for _, t in owned)
+    if client_optimizer:
+        return 8 * numel, "optimizer passed to initialize: its state counted as Adam's, 8 bytes per parameter"
+    if find_optimizer(name) == "CPUAdamW" or (offloaded and runs_on_kernel(name)):
+        return 8 * numel, None  # CPUAdamW: two fp32 moments
     masters = [(n, torch.nn.Parameter(torch.empty(t.shape, device="meta"))) for n, t in owned]
-    if offloaded and runs_on_kernel(name):
-        return 8 * sum(t.numel() for _, t in owned), None  # CPUAdamW: two fp32 moments
     optimizer = build_optimizer(name, masters, params)
     if hasattr(optimizer, "planned_state_bytes"):
         return optimizer.planned_state_bytes(), None
-    numel = sum(t.numel() for _, t in owned)
     defaults = optimizer.defaults
     if "betas" in defaults:  # the Adam family: exp_avg and exp_avg_sq, fp32 like the masters
         scalar_steps = 4 * len(owned) if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 0
@@ -178,14 +181,16 @@ def _cgroup_room() -> int | None:
     return None
 
 
-def host_memory_problem(shapes, cfg, world_size: int, rank: int, local_world_size: int, device_type: str):
+def host_memory_problem(
+    shapes, cfg, world_size: int, rank: int, local_world_size: int, device_type: str, client_optimizer: bool = False
+):
     """A ConfigError message if the ranks on this node would need more host memory than is
     available (the host tier, and on a CPU machine also gradients, masters and optimizer state;
     the parameters exist already), with the estimate as a table; None if it fits."""
     offloaded = cfg.zero_optimization.offload_optimizer.device == "cpu"
     if not offloaded and device_type != "cpu":
         return None
-    estimates = estimate(shapes, cfg, world_size)
+    estimates = estimate(shapes, cfg, world_size, client_optimizer)
     first = rank - rank % local_world_size
     local = estimates[first : first + local_world_size]
     needed = 0
