@@ -29,6 +29,8 @@ class ClientComponents:
         """A callable that builds the optimizer itself, so config optimizer.params are not used."""
         if self.optimizer is None or self.optimizer_class is not None or self.built_optimizer is not None:
             return None
+        if getattr(self.optimizer, "uses_config", False):  # memfit.deepspeed's groups over the config's optimizer
+            return None
         return self.optimizer
 
     def describe_optimizer(self) -> str:

@@ -73,7 +73,9 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     shapes = [(name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()]
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     # Every rank decides before any of them allocates, and all fail together.
-    problem = host_memory_problem(shapes, cfg, world_size, rank, local_world_size, device.type)
+    problem = host_memory_problem(
+        shapes, cfg, world_size, rank, local_world_size, device.type, client_optimizer=optimizer is not None
+    )
     if agree_on_failure(problem is not None, world_size, device):
         raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")
     if world_size > 1 and stage > 0:
@@ -169,6 +171,9 @@ def make_optimizer(optimizer, cfg, named_params):
             "optimizer: pass the class or a factory params -> Optimizer, not an instance; memfit builds it over "
             "the parameters this rank owns"
         )
+    if getattr(optimizer, "memfit_named", False):  # memfit.deepspeed: names, and the config's builder
+        name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
+        return optimizer(list(named_params), lambda named: build_optimizer(name, named, config_params))
     if callable(optimizer):
         return optimizer(params)
     raise TypeError(f"optimizer: expected an Optimizer subclass or a factory, got {type(optimizer).__name__}")

@@ -79,10 +79,18 @@ class Engine:
             kwargs = {key: _to_half(value) for key, value in kwargs.items()}
         return self.module(*args, **kwargs)
 
+    def train(self, mode: bool = True) -> "Engine":
+        """The module's train mode, as on an nn.Module (dropout, batch-norm statistics)."""
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "Engine":
+        return self.train(False)
+
     def is_boundary(self) -> bool:
         return (self.micro_step + 1) % self.gradient_accumulation_steps == 0
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:
         """Backward of loss x loss scale / (accumulation steps x world size). Stage 0/1 reduce on the
         boundary micro-step (in step() unless overlapped); stage 2 reduces to owners here, every
         micro-step."""
@@ -91,7 +99,7 @@ class Engine:
         try:
             if scale != 1.0:
                 loss = loss * scale
-            (loss / (self.gradient_accumulation_steps * self.world_size)).backward()
+            (loss / (self.gradient_accumulation_steps * self.world_size)).backward(retain_graph=retain_graph)
         finally:
             self._grad_sync.after_backward()
         self._count_grad_bytes()
