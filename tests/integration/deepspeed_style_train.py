@@ -23,7 +23,9 @@ args = parser.parse_args()
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
 generator = torch.Generator().manual_seed(1)
-dataset = torch.utils.data.TensorDataset(torch.randn(96, 16, generator=generator), torch.randn(96, 8, generator=generator))
+dataset = torch.utils.data.TensorDataset(
+    torch.randn(96, 16, generator=generator), torch.randn(96, 8, generator=generator)
+)
 
 if args.api == "deepspeed":
     deepspeed.init_distributed()
@@ -38,7 +40,9 @@ if args.api == "deepspeed":
 else:
     with open(args.deepspeed_config) as file:
         config = json.load(file)
-    engine = memfit.initialize(model, config, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1))
+    engine = memfit.initialize(
+        model, config, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    )
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, engine.world_size, engine.rank)
     loader = torch.utils.data.DataLoader(dataset, batch_size=engine.micro_batch_size, sampler=sampler)
     start = 0
