@@ -1,5 +1,6 @@
 """`memfit run` and plain `torchrun` start the same 2-rank job of the example, in subprocesses,
-and produce the same training curve; the loss falls on the default corpus."""
+and produce the same training curve; the loss falls on the default corpus. `memfit run` refuses a
+bad config, wherever --config is, in one line before any worker starts."""
 
 import json
 import os
@@ -118,3 +119,45 @@ def test_resume_from_checkpoint_continues_the_curve(tmp_path):
         base + ["--max-steps", "6", "--metrics", str(split), "--resume"], check=True, capture_output=True, timeout=300
     )
     assert [r["loss"] for r in read_metrics(split)] == [r["loss"] for r in read_metrics(straight)]
+
+
+def memfit_cli(args, cwd, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "memfit.launcher.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize("where", ["before the script", "after the script", "after the script, with ="])
+def test_memfit_run_checks_the_config_wherever_it_is_given(tmp_path, where):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stgae": 2}}')
+    launch = ["run", "--nproc-per-node", "2"]
+    if where == "before the script":
+        command = launch + ["--config", str(bad), EXAMPLE]
+    elif where == "after the script":
+        command = launch + [EXAMPLE, "--config", str(bad)]
+    else:
+        command = launch + [EXAMPLE, f"--config={bad}"]
+    result = memfit_cli(command, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"memfit run: {bad}: zero_optimization.stgae: unknown key (did you mean 'stage'?)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "launch, world_size",
+    [
+        (["--nproc-per-node", "2"], 2),
+        (["--nnodes", "2", "--nproc-per-node", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"], 6),
+    ],
+)
+def test_memfit_run_checks_the_batch_sizes_for_the_world_it_launches(tmp_path, launch, world_size):
+    config = tmp_path / "batch.json"
+    config.write_text('{"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}')
+    result = memfit_cli(["run", *launch, EXAMPLE, "--config", str(config)], tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"memfit run: {config}: train_batch_size: 10 is not a multiple of train_micro_batch_size_per_gpu 4 x "
+        f"world size {world_size} = {4 * world_size}"
+    ]
