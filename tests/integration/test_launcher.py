@@ -1,6 +1,7 @@
 """`memfit run` and plain `torchrun` start the same 2-rank job of the example, in subprocesses,
 and produce the same training curve; the loss falls on the default corpus. `memfit run` refuses a
-bad config, wherever --config is, in one line before any worker starts."""
+bad config, wherever --config is, in one line before any worker starts; `memfit --help` and
+`memfit config schema` do not import torch."""
 
 import json
 import os
@@ -161,3 +162,24 @@ def test_memfit_run_checks_the_batch_sizes_for_the_world_it_launches(tmp_path, l
         f"memfit run: {config}: train_batch_size: 10 is not a multiple of train_micro_batch_size_per_gpu 4 x "
         f"world size {world_size} = {4 * world_size}"
     ]
+
+
+LEAN_CLI = """
+import sys
+from memfit.launcher.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print("torch imported:", "torch" in sys.modules, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["config", "--help"], ["config", "schema"], ["bench", "--help"]])
+def test_help_and_the_schema_do_not_import_torch(tmp_path, args):
+    result = subprocess.run(
+        [sys.executable, "-c", LEAN_CLI, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == "torch imported: False"
