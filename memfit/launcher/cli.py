@@ -10,6 +10,7 @@ import sys
 from memfit.launcher import config_cmd
 
 RUN_HELP = "launch a training script (torchrun's options plus --config)"
+REPORT_HELP = "print what memfit finds here: versions, devices, native extension, I/O, CPU, limits"
 
 
 def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help=RUN_HELP, add_help=False)
     config_cmd.add_arguments(commands)
+    commands.add_parser("report", help=REPORT_HELP)
     bench = commands.add_parser("bench", help="measure this machine").add_subparsers(dest="what", required=True)
     bench_io_parser = bench.add_parser("io", help="file I/O throughput of each backend")
     if list(argv[:2]) == ["bench", "io"]:
@@ -37,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     if args.command == "config":
         return config_cmd.run(args)
+    if args.command == "report":
+        from memfit.launcher.report import run as report
+
+        return report()
     if args.command == "bench" and args.what == "io":
         from memfit.launcher import bench_io
 
