@@ -86,9 +86,7 @@ class Heartbeat:
             ranks = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(str(rank) for rank in silent)
             cause = f"{ranks} stopped answering (no heartbeat in {watch_s:g} s)"
         else:
-            cause = (
-                "every rank is still alive: one is slower than the timeout, or the ranks called different collectives"
-            )
+            cause = "every rank is still alive: one is slower than the timeout, or they called different collectives"
         return f"collective timed out{waited}; {cause}"
 
 
