@@ -10,9 +10,10 @@ launcher is the pid in MEMFIT_LAUNCHER_PID (set by `memfit run`) or, under plain
 parent this process had when memfit was first imported: importing memfit is among the first
 things a training script does, long before it builds its model and joins the process group.
 
-Caveat: the kernel sends the signal when the parent *thread* that started the worker exits.
+Caveats: the kernel sends the signal when the parent *thread* that started the worker exits.
 torchrun starts workers from its main thread; a launcher that starts workers from a short-lived
-thread must set MEMFIT_EXIT_WITH_LAUNCHER=0.
+thread must set MEMFIT_EXIT_WITH_LAUNCHER=0. And the signal comes from the direct parent: a shell
+script between the launcher and python (torchrun --no-python) must `exec` python.
 
 On exit, an uncaught exception is written where torchrun's agent collects it
 (TORCHELASTIC_ERROR_FILE), so the launcher's summary can quote it; a collective timeout is
@@ -45,7 +46,12 @@ def started_by_launcher() -> bool:
 
 
 def launcher_pid() -> int:
-    return int(os.environ.get(LAUNCHER_PID_ENV, _parent_at_import))
+    value = os.environ.get(LAUNCHER_PID_ENV)
+    if value is None:
+        return _parent_at_import
+    if not value.isdigit():
+        raise ValueError(f"{LAUNCHER_PID_ENV}: expected the launcher's process id, got {value!r}")
+    return int(value)
 
 
 def exit_with_launcher() -> None:

@@ -57,6 +57,14 @@ def test_a_worker_whose_launcher_is_an_ancestor_keeps_running():
     assert result.stdout.strip() == "still running", result.stderr
 
 
+def test_a_malformed_launcher_pid_is_a_clear_error():
+    result = run_worker(ARM, TORCHELASTIC_RUN_ID="job", MEMFIT_LAUNCHER_PID="launcher")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ValueError: MEMFIT_LAUNCHER_PID: expected the launcher's process id, got 'launcher'"
+    )
+
+
 @pytest.mark.parametrize(
     "env",
     [
