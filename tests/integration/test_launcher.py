@@ -131,7 +131,7 @@ def memfit_cli(args, cwd, timeout=120):
 @pytest.mark.parametrize("where", ["before the script", "after the script", "after the script, with ="])
 def test_memfit_run_checks_the_config_wherever_it_is_given(tmp_path, where):
     bad = tmp_path / "bad.json"
-    bad.write_text('{"zero_optimization": {"stgae": 2}}')
+    bad.write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stgae": 2}}')
     launch = ["run", "--nproc-per-node", "2"]
     if where == "before the script":
         command = launch + ["--config", str(bad), EXAMPLE]
@@ -155,11 +155,11 @@ def test_memfit_run_checks_the_config_wherever_it_is_given(tmp_path, where):
 )
 def test_memfit_run_checks_the_batch_sizes_for_the_world_it_launches(tmp_path, launch, world_size):
     config = tmp_path / "batch.json"
-    config.write_text('{"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}')
+    config.write_text('{"train_batch_size": 12, "train_micro_batch_size_per_gpu": 4}')  # fits 1 or 3 ranks
     result = memfit_cli(["run", *launch, EXAMPLE, "--config", str(config)], tmp_path, timeout=60)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"memfit run: {config}: train_batch_size: 10 is not a multiple of train_micro_batch_size_per_gpu 4 x "
+        f"memfit run: {config}: train_batch_size: 12 is not a multiple of train_micro_batch_size_per_gpu 4 x "
         f"world size {world_size} = {4 * world_size}"
     ]
 

@@ -172,10 +172,20 @@ def test_which_errors_count_as_timeouts(error, expected):
     assert is_timeout(error) is expected
 
 
-@pytest.mark.parametrize("value", [0, -1, "30m", None])
-def test_collective_timeout_config_key_rejects_bad_values(value):
-    with pytest.raises(ConfigError, match="collective_timeout_s: "):
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (0, "expected a number >= 1, got 0"),
+        (0.5, "expected a number >= 1, got 0.5"),
+        (-1, "expected a number >= 1, got -1"),
+        ("30m", 'expected a number, got "30m"'),
+        (None, "expected a number, got null"),
+    ],
+)
+def test_collective_timeout_config_key_rejects_bad_values(value, message):
+    with pytest.raises(ConfigError) as caught:
         load_config({"train_micro_batch_size_per_gpu": 1, "collective_timeout_s": value})
+    assert caught.value.problems == [f"collective_timeout_s: {message}"]
 
 
 def test_collective_timeout_default_and_init_distributed_misuse():
