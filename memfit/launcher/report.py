@@ -52,13 +52,10 @@ def collect() -> list[tuple[str, str]]:
         ("torch", f"{torch.__version__}, {torch_build(torch)}, at {os.path.dirname(torch.__file__)}"),
         ("CUDA devices", cuda_devices(torch)),
     ]
-    extension_status, extension = native_extension()
-    rows.append(("native extension", extension_status))
+    rows.append(("native extension", native_extension()))
     rows += io_rows()
     rows += cpu_rows()
-    isa = adam_isa(extension)
-    if isa is not None:
-        rows.append(("Adam kernel ISA", isa))
+    rows.append(("Adam kernel ISA", adam_isa()))
     rows.append(("/dev/shm", shared_memory()))
     rows.append(("RLIMIT_MEMLOCK", memlock_limit()))
     return rows
@@ -82,20 +79,19 @@ def cuda_devices(torch) -> str:
     return "; ".join(devices)
 
 
-def native_extension():
-    """(status line, the memfit._C module or None)."""
+def native_extension() -> str:
     if os.environ.get("MEMFIT_NO_EXT") == "1":
-        return f"disabled by MEMFIT_NO_EXT=1; {PURE_PYTHON}", None
+        return f"disabled by MEMFIT_NO_EXT=1; {PURE_PYTHON}"
     try:
         from memfit import _C
     except ImportError as error:
         recorded = _recorded_build_failure()
         reason = f"not built at install: {recorded}" if recorded else f"cannot be loaded ({error})"
-        return f"{reason}; {PURE_PYTHON}", None
+        return f"{reason}; {PURE_PYTHON}"
     package_dir = os.path.dirname(os.path.abspath(sys.modules["memfit"].__file__))
     if os.path.dirname(os.path.abspath(_C.__file__)) != package_dir:  # another install's import hook supplied it
-        return f"built: {_C.__file__}, which belongs to another memfit install than {package_dir}", _C
-    return f"built: {_C.__file__}", _C
+        return f"built: {_C.__file__}, which belongs to another memfit install than {package_dir}"
+    return f"built: {_C.__file__}"
 
 
 def _recorded_build_failure() -> str | None:
@@ -171,19 +167,17 @@ def cpu_rows() -> list[tuple[str, str]]:
     ]
 
 
-def adam_isa(extension) -> str | None:
-    """The instruction set the native Adam kernel dispatched to, when the extension reports one
-    (a no-argument function whose name mentions the ISA)."""
-    if extension is None:
-        return None
-    for name in sorted(dir(extension)):
-        candidate = getattr(extension, name)
-        if "isa" in name.lower() and callable(candidate) and not isinstance(candidate, type):
-            try:
-                return str(candidate())
-            except TypeError:
-                continue
-    return None
+def adam_isa() -> str:
+    """The level the fused CPU Adam step runs at (chosen from the CPU, or forced with
+    MEMFIT_ADAM_ISA; "torch" is the fallback without the extension) and the levels available."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a missing extension is reported above, with its reason
+            from memfit.optim.fused_adam import adam_isa as level_in_use
+            from memfit.optim.fused_adam import available_adam_isas
+    except ValueError as error:  # a malformed MEMFIT_ADAM_ISA
+        return f"unknown ({error})"
+    return f"{level_in_use()} (available: {', '.join(available_adam_isas())})"
 
 
 def shared_memory() -> str:

@@ -15,6 +15,7 @@ import torch
 
 import memfit
 from memfit.io import available_backends, backend
+from memfit.optim.fused_adam import adam_isa, available_adam_isas
 from memfit.units import format_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,6 +83,7 @@ def test_report_names_versions_paths_and_machine_limits(tmp_path):
     assert fields["/dev/shm"] == (
         f"{format_bytes(shm.f_frsize * shm.f_blocks)}, {format_bytes(shm.f_frsize * shm.f_bavail)} free"
     )
+    assert fields["Adam kernel ISA"] == f"{adam_isa()} (available: {', '.join(available_adam_isas())})"
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     assert (
         fields["RLIMIT_MEMLOCK"]
@@ -95,6 +97,14 @@ def test_report_with_the_extension_disabled(tmp_path):
     assert fields["native extension"] == "disabled by MEMFIT_NO_EXT=1; memfit runs on its pure-Python fallbacks"
     assert fields["I/O backends"] == "python; auto picks python"
     assert fields["io_uring"] == "not used without the native extension"
+    assert fields["Adam kernel ISA"] == "torch (available: torch)"
+
+
+def test_report_shows_a_forced_adam_kernel_level(tmp_path):
+    assert report(tmp_path, MEMFIT_ADAM_ISA="scalar")["Adam kernel ISA"].startswith("scalar (available: torch, scalar")
+    assert report(tmp_path, MEMFIT_ADAM_ISA="sse9")["Adam kernel ISA"] == (
+        "unknown (MEMFIT_ADAM_ISA: unknown level 'sse9'; choose from auto, torch, scalar, avx2, avx512)"
+    )
 
 
 def copy_source_tree(destination) -> str:
