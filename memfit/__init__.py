@@ -5,6 +5,7 @@ Importing memfit initializes no CUDA context and compiles nothing; the native ex
 """
 
 from memfit.config import ConfigError
+from memfit.runtime import lifecycle as _lifecycle  # noqa: F401  (notes the launcher's pid as early as possible)
 
 __version__ = "0.1.0"
 

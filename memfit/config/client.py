@@ -6,8 +6,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 
 @dataclass(frozen=True)
 class ClientComponents:
@@ -17,11 +15,19 @@ class ClientComponents:
     @property
     def optimizer_class(self) -> type | None:
         """The class that config optimizer.params are passed to, if one was given."""
+        if self.optimizer is None:
+            return None
+        import torch  # here, not at the top: `memfit config check` runs without torch
+
         is_class = inspect.isclass(self.optimizer) and issubclass(self.optimizer, torch.optim.Optimizer)
         return self.optimizer if is_class else None
 
     @property
-    def built_optimizer(self) -> torch.optim.Optimizer | None:
+    def built_optimizer(self) -> "torch.optim.Optimizer | None":  # noqa: F821
+        if self.optimizer is None:
+            return None
+        import torch
+
         return self.optimizer if isinstance(self.optimizer, torch.optim.Optimizer) else None
 
     @property
@@ -51,6 +57,8 @@ class ClientComponents:
 
 
 def _as_config_value(value):
+    import torch
+
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     if isinstance(value, tuple):

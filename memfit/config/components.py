@@ -14,8 +14,6 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from memfit.config.client import ClientComponents
 from memfit.config.deepspeed_keys import NOT_MEMFIT, OPTIMIZER_PARAM_KEYS
 from memfit.config.params import Keyword, check_params, keywords_of
@@ -66,6 +64,8 @@ def resolve_optimizer(section, client: ClientComponents, found: Findings) -> tup
         extras = {}
 
         def attempt(values):
+            import torch  # here, not at the top: `memfit --help` runs without torch
+
             optimizer_class([torch.nn.Parameter(torch.zeros(4, 4))], **values)
 
     else:
@@ -80,6 +80,8 @@ def resolve_optimizer(section, client: ClientComponents, found: Findings) -> tup
         extras = OPTIMIZER_PARAM_KEYS.get(name.lower(), {})
 
         def attempt(values):
+            import torch
+
             OPTIMIZERS[name]([("attn.weight", torch.nn.Parameter(torch.zeros(4, 4)))], **values)
 
     params = _screen_extras("optimizer.params", params, extras, found)
@@ -123,6 +125,8 @@ def resolve_scheduler(section, client: ClientComponents, optimizer_lr, found: Fi
     )
 
     def attempt(values):
+        import torch
+
         # as many param groups as the longest per-group list: the real count is known only at build
         num_groups = max([len(value) for value in values.values() if isinstance(value, list)], default=1)
         groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(max(1, num_groups))]
@@ -160,6 +164,8 @@ def _registered_optimizer(name, found: Findings) -> str | None:
 
 
 def _known_schedule(name, found: Findings) -> str | None:
+    import torch
+
     from memfit.runtime.schedulers import SCHEDULERS
 
     if not isinstance(name, str):

@@ -139,6 +139,11 @@ class MemfitConfig(Section):
         1234, description="Seed for python, numpy and torch; rank r uses seed + r."
     )
     steps_per_print: Integer(minimum=1) = Field(10, description="Optimizer steps between progress prints.")
+    collective_timeout_s: Real(minimum=1) = Field(
+        1800.0,
+        description="Seconds a collective waits for the other ranks before the job fails and names the rank "
+        "that stopped answering. 30 minutes, as torch's gloo default: long enough for a slow checkpoint.",
+    )
     optimizer: OptimizerConfig | None = Field(None, description="Optimizer built by memfit when none is passed in.")
     scheduler: SchedulerConfig | None = Field(None, description="Learning-rate schedule stepped with the optimizer.")
     zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig, description="ZeRO sharding.")

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from memfit.config.errors import unknown_key
 from memfit.config.values import check_bool, check_finite_anywhere, check_int, check_number, check_string, show
 
@@ -78,6 +76,8 @@ def kind_from_hint(hint) -> Kind | None:
     """The Kind an annotation asks for, or None when it is not one a JSON value can meet."""
     if hint in (bool, int, float, str):
         return {bool: BOOL, int: INT, float: NUMBER, str: STRING}[hint]
+    import torch  # here, not at the top: `memfit --help` runs without torch (components load it first)
+
     if hint is torch.Tensor:
         return NUMBER  # torch.optim takes tensors for lr and betas; a config gives numbers
     if hint is type(None):

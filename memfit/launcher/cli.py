@@ -1,18 +1,32 @@
-"""Entry point of the `memfit` command."""
+"""Entry point of the `memfit` command.
+
+A subcommand's module is imported only when that subcommand runs: `memfit --help` and
+`memfit config schema` answer without importing torch, which alone takes seconds. (`memfit config
+check` needs it: checking a config resolves its optimizer through the registry.)"""
 
 import argparse
 import sys
 
-from memfit.launcher import bench_io, config_cmd
+from memfit.launcher import config_cmd
+
+RUN_HELP = "launch a training script (torchrun's options plus --config)"
+REPORT_HELP = "print what memfit finds here: versions, devices, native extension, I/O, CPU, limits"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
+    """The parser for argv; the options of `bench io` are added only when argv asks for it, since
+    they come from a module that imports torch."""
     parser = argparse.ArgumentParser(prog="memfit", description="memfit: memory-efficient distributed training")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="launch a training script (torchrun's options plus --config)", add_help=False)
+    commands.add_parser("run", help=RUN_HELP, add_help=False)
     config_cmd.add_arguments(commands)
+    commands.add_parser("report", help=REPORT_HELP)
     bench = commands.add_parser("bench", help="measure this machine").add_subparsers(dest="what", required=True)
-    bench_io.add_arguments(bench.add_parser("io", help="file I/O throughput of each backend"))
+    bench_io_parser = bench.add_parser("io", help="file I/O throughput of each backend")
+    if list(argv[:2]) == ["bench", "io"]:
+        from memfit.launcher import bench_io
+
+        bench_io.add_arguments(bench_io_parser)
     return parser
 
 
@@ -22,10 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         from memfit.launcher.run import main as run_main
 
         return run_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     if args.command == "config":
         return config_cmd.run(args)
+    if args.command == "report":
+        from memfit.launcher.report import run as report
+
+        return report()
     if args.command == "bench" and args.what == "io":
+        from memfit.launcher import bench_io
+
         return bench_io.run(args)
     raise AssertionError(f"unhandled command {args.command}")
 

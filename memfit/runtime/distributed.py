@@ -1,25 +1,43 @@
 """Process-group setup: reuse an existing group, join the one torchrun describes in the
-environment, or run as a single process."""
+environment, or run as a single process. A worker joining a job also ties its lifetime to its
+launcher and starts the heartbeat that explains collective timeouts (see lifecycle, heartbeat)."""
 
 import atexit
 import datetime
 import os
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from memfit.config import MemfitConfig
+from memfit.runtime import heartbeat, lifecycle
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device): gloo on the CPU, NCCL when CUDA is present."""
+DEFAULT_COLLECTIVE_TIMEOUT_S = MemfitConfig.model_fields["collective_timeout_s"].default
+
+_heartbeat: heartbeat.Heartbeat | None = None
+
+
+def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device): gloo on the CPU, NCCL when CUDA is present.
+
+    collective_timeout_s (the config's collective_timeout_s): how long a collective waits for the
+    other ranks; it applies when this call creates the process group."""
+    if not collective_timeout_s > 0:
+        raise ValueError(f"collective_timeout_s: must be positive, got {collective_timeout_s}")
+    lifecycle.exit_with_launcher()
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=collective_timeout_s)
+        )
         atexit.register(_shut_down_process_group)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
+        watch_collectives(rank, world_size, collective_timeout_s)
     else:
         rank, world_size = 0, 1
     if use_cuda:
@@ -44,6 +62,28 @@ def _shut_down_process_group() -> None:
     if dist.is_initialized():
         time.sleep(EXIT_GRACE_S)
         dist.destroy_process_group()
+
+
+def watch_collectives(rank: int, world_size: int, collective_timeout_s: float) -> None:
+    """Once per process: a heartbeat in the group's store and the exit hooks, so that a timed-out
+    collective names the rank that stopped answering. The timeout quoted is the group's own."""
+    global _heartbeat
+    if _heartbeat is not None:
+        return
+    store = heartbeat.default_store()
+    group_timeout_s = store.timeout.total_seconds() if store is not None else None
+    if group_timeout_s is not None and collective_timeout_s not in (group_timeout_s, DEFAULT_COLLECTIVE_TIMEOUT_S):
+        warnings.warn(
+            f"collective_timeout_s={collective_timeout_s:g} is ignored: the process group was created before "
+            f"memfit joined it, with a {group_timeout_s:g} s timeout",
+            UserWarning,
+            stacklevel=3,
+        )
+    if store is None or world_size == 1:
+        lifecycle.install_exit_hooks(rank)
+        return
+    _heartbeat = heartbeat.Heartbeat(store, rank, world_size, heartbeat.interval_for(group_timeout_s))
+    lifecycle.install_exit_hooks(rank, lambda: _heartbeat.explain_timeout(group_timeout_s))
 
 
 def seed_everything(seed: int) -> None:

@@ -1,5 +1,7 @@
 """`memfit run` and plain `torchrun` start the same 2-rank job of the example, in subprocesses,
-and produce the same training curve; the loss falls on the default corpus."""
+and produce the same training curve; the loss falls on the default corpus. `memfit run` refuses a
+bad config, wherever --config is, in one line before any worker starts; `memfit --help` and
+`memfit config schema` do not import torch."""
 
 import json
 import os
@@ -118,3 +120,66 @@ def test_resume_from_checkpoint_continues_the_curve(tmp_path):
         base + ["--max-steps", "6", "--metrics", str(split), "--resume"], check=True, capture_output=True, timeout=300
     )
     assert [r["loss"] for r in read_metrics(split)] == [r["loss"] for r in read_metrics(straight)]
+
+
+def memfit_cli(args, cwd, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "memfit.launcher.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize("where", ["before the script", "after the script", "after the script, with ="])
+def test_memfit_run_checks_the_config_wherever_it_is_given(tmp_path, where):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stgae": 2}}')
+    launch = ["run", "--nproc-per-node", "2"]
+    if where == "before the script":
+        command = launch + ["--config", str(bad), EXAMPLE]
+    elif where == "after the script":
+        command = launch + [EXAMPLE, "--config", str(bad)]
+    else:
+        command = launch + [EXAMPLE, f"--config={bad}"]
+    result = memfit_cli(command, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"memfit run: {bad}: zero_optimization.stgae: unknown key (did you mean 'stage'?)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "launch, world_size",
+    [
+        (["--nproc-per-node", "2"], 2),
+        (["--nnodes", "2", "--nproc-per-node", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"], 6),
+    ],
+)
+def test_memfit_run_checks_the_batch_sizes_for_the_world_it_launches(tmp_path, launch, world_size):
+    config = tmp_path / "batch.json"
+    config.write_text('{"train_batch_size": 12, "train_micro_batch_size_per_gpu": 4}')  # fits 1 or 3 ranks
+    result = memfit_cli(["run", *launch, EXAMPLE, "--config", str(config)], tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"memfit run: {config}: train_batch_size: 12 is not a multiple of train_micro_batch_size_per_gpu 4 x "
+        f"world size {world_size} = {4 * world_size}"
+    ]
+
+
+LEAN_CLI = """
+import sys
+from memfit.launcher.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print("torch imported:", "torch" in sys.modules, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["config", "--help"], ["config", "schema"], ["bench", "--help"]])
+def test_help_and_the_schema_do_not_import_torch(tmp_path, args):
+    result = subprocess.run(
+        [sys.executable, "-c", LEAN_CLI, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == "torch imported: False"
