@@ -27,6 +27,7 @@ import torch
 from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_positive_int
 from memfit.optim.exact_state import ExactStateLoading
 from memfit.optim.galore import adamw_step, param_seed
+from memfit.optim.groups import warn_nothing_projected
 from memfit.optim.projectors import basis_rank, choose_side, compute_basis, project, project_back, random_basis
 
 PROJ_TYPES = ("blockwise", "svd", "randomized", "random")
@@ -67,6 +68,8 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.seed = seed
+        if not any(group["projectable"] and group["params"] for group in self.param_groups):
+            warn_nothing_projected("FRUGAL", "projectable")
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then the same checks the constructor's groups get."""

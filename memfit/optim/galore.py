@@ -27,6 +27,7 @@ import torch
 
 from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_positive_int
 from memfit.optim.exact_state import ExactStateLoading
+from memfit.optim.groups import warn_nothing_projected
 from memfit.optim.projectors import (
     LEFT,
     METHODS,
@@ -78,10 +79,15 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         )
         if proj_dtype not in (torch.float32, *REDUCED_DTYPES):
             raise ValueError(f"Invalid proj_dtype: {proj_dtype!r} (expected torch.float32, bfloat16 or float16)")
+        # The options are checked before any group is: a rank whose share of a model holds no
+        # projected tensor must refuse a bad option like one that holds them.
+        self._check_projection_options(defaults)
         super().__init__(params, defaults)
         self.galore_compat = galore_compat
         self.proj_dtype = proj_dtype
         self.seed = seed
+        if not any(group["rank"] is not None and group["params"] for group in self.param_groups):
+            warn_nothing_projected("GaLoreAdamW", "rank")
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then the same checks the constructor's groups get."""
@@ -89,15 +95,20 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         self._check_group(self.param_groups[-1])
 
     @staticmethod
-    def _check_group(group) -> None:
+    def _check_projection_options(options: dict) -> None:
+        if options["rank"] is not None:
+            check_positive_int("rank", options["rank"])
+        check_positive_int("update_proj_gap", options["update_proj_gap"])
+        check_choice("proj_type", options["proj_type"], PROJ_TYPES)
+        check_choice("projector", options["projector"], METHODS)
+        check_choice("moments_on_refresh", options["moments_on_refresh"], MOMENT_MODES)
+
+    @classmethod
+    def _check_group(cls, group) -> None:
         check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         if group.get("rank") is None:
             return
-        check_positive_int("rank", group["rank"])
-        check_positive_int("update_proj_gap", group["update_proj_gap"])
-        check_choice("proj_type", group["proj_type"], PROJ_TYPES)
-        check_choice("projector", group["projector"], METHODS)
-        check_choice("moments_on_refresh", group["moments_on_refresh"], MOMENT_MODES)
+        cls._check_projection_options(group)
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(f"a group with 'rank' may hold only 2-D tensors, got shape {tuple(param.shape)}")

@@ -7,7 +7,7 @@ import torch
 from memfit.optim.cpu_adam import CPUAdamW
 from memfit.optim.frugal import FRUGAL
 from memfit.optim.galore import GaLoreAdamW
-from memfit.optim.groups import frugal_param_groups, galore_param_groups
+from memfit.optim.groups import current_layout, frugal_param_groups, galore_param_groups, quiet_if_model_projects
 
 
 def _adam(named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adam_w_mode=True, amsgrad=False):
@@ -33,17 +33,23 @@ def _sgd(named_params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, n
     )
 
 
-def _galore(named_params, rank=128, target_modules=("attn", "mlp"), proj_dtype="float32", **options):
-    """GaLoreAdamW over galore_param_groups (2-D weights of target modules get `rank`); every
-    other key is a GaLoreAdamW keyword, so the group options become the projected group's."""
-    groups = galore_param_groups(named_params, rank, tuple(target_modules))
-    return GaLoreAdamW(groups, proj_dtype=_dtype(proj_dtype), **options)
+def _galore(named_params, rank=128, target_modules=None, proj_dtype="float32", **options):
+    """GaLoreAdamW over galore_param_groups (the default rule, or target_modules, decided on the
+    whole model when memfit.initialize gives its layout); every other key is a GaLoreAdamW
+    keyword, so the group options become the projected group's."""
+    model = current_layout() or named_params
+    groups = galore_param_groups(named_params, rank, target_modules, layout=model)
+    with quiet_if_model_projects(model, target_modules):
+        return GaLoreAdamW(groups, proj_dtype=_dtype(proj_dtype), **options)
 
 
-def _frugal(named_params, target_modules=("attn", "mlp"), **options):
-    """FRUGAL over frugal_param_groups (2-D weights of target modules split, the rest AdamW);
+def _frugal(named_params, target_modules=None, **options):
+    """FRUGAL over frugal_param_groups (the same tensors as GaLore's split, the rest AdamW);
     every other key is a FRUGAL keyword."""
-    return FRUGAL(frugal_param_groups(named_params, tuple(target_modules)), **options)
+    model = current_layout() or named_params
+    groups = frugal_param_groups(named_params, target_modules, layout=model)
+    with quiet_if_model_projects(model, target_modules):
+        return FRUGAL(groups, **options)
 
 
 def _cpu_adamw(named_params, **options):

@@ -156,9 +156,9 @@ def test_bad_hyperparameters_raise(kwargs, message):
         FRUGAL([torch.nn.Parameter(torch.randn(4, 4))], **kwargs)
 
 
-def test_param_groups_helper():
+def test_param_groups_helper_with_target_modules():
     model = torch.nn.ModuleDict({"attn": torch.nn.Linear(4, 4), "norm": torch.nn.LayerNorm(4)})
-    plain, projectable = frugal_param_groups(model)
+    plain, projectable = frugal_param_groups(model, target_modules=["attn"])
     assert projectable["names"] == ["attn.weight"] and projectable["projectable"]
     assert plain["names"] == ["attn.bias", "norm.weight", "norm.bias"]
 
