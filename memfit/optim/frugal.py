@@ -5,12 +5,15 @@ norms, the output layer) run full AdamW. The subspace is renewed every update_ga
 
 proj_type:
   blockwise   whole tensors are Adam-active, the rest take signSGD (or SGD). The active set is
-              chosen by bytes: a window over the group's tensors, walking backwards from the last
-              one, takes tensors while the active bytes stay within density x the group's bytes;
-              the next renewal's window starts where this one stopped, so all take turns.
-              Inside memfit's engine each rank's optimizer holds only
-              the tensors that rank owns, so every rank keeps at most density x its own bytes of
-              Adam state: the shares are as balanced as the ownership plan itself. At a renewal,
+              chosen by bytes: a window over the group's tensors walks backwards, from the last
+              tensor at the first renewal and from where the previous window stopped after that
+              (so all take turns), and takes the number of tensors k whose bytes are nearest to
+              density x the group's bytes: k minimizes |bytes of the first k - density x total|
+              over k = 1..count, ties going to the smaller k; density 0 makes no tensor active.
+              So every density > 0 keeps at least one tensor on Adam, and density 1 all of them.
+              Inside memfit's engine each rank's optimizer holds only the tensors that rank owns,
+              so every rank keeps about density x its own bytes of Adam state: the shares are as
+              balanced as the ownership plan itself. At a renewal,
               reset_state_on_refresh (the reference's behaviour) restarts every active tensor's
               moments; with it off, a tensor that stays active keeps them.
   svd, randomized, random
@@ -115,22 +118,29 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         return loss
 
     # ---- blockwise ------------------------------------------------------------------------------
-    def _choose_blocks(self, group) -> None:
+    @staticmethod
+    def _window(group) -> list[int]:
+        """Indices of the tensors the next renewal makes Adam-active (see the module docstring)."""
         params = group["params"]
-        total = sum(p.numel() for p in params)
-        budget = group["density"] * total
         count = len(params)
+        if count == 0 or group["density"] == 0:
+            return []
         start = group["block_pointer"] % count
-        chosen, active_numel = set(), 0
-        for offset in range(count):  # a contiguous window, so every tensor gets its turn
-            index = (start - offset) % count
-            numel = params[index].numel()
-            if active_numel + numel > budget + 1e-9:
-                break
-            chosen.add(index)
-            active_numel += numel
-        group["block_pointer"] = (start - max(len(chosen), 1)) % count
-        for index, param in enumerate(params):
+        order = [(start - offset) % count for offset in range(count)]
+        target = group["density"] * sum(_nbytes(p) for p in params)
+        best_count, best_distance, window_bytes = 0, math.inf, 0
+        for num_active, index in enumerate(order, start=1):
+            window_bytes += _nbytes(params[index])
+            distance = abs(window_bytes - target)
+            if distance < best_distance:  # strict: a tie keeps the smaller count
+                best_count, best_distance = num_active, distance
+        return order[:best_count]
+
+    def _choose_blocks(self, group) -> None:
+        chosen = set(self._window(group))
+        if group["params"]:
+            group["block_pointer"] = (group["block_pointer"] - len(chosen)) % len(group["params"])
+        for index, param in enumerate(group["params"]):
             state = self.state[param]
             state["active"] = int(index in chosen)
             if not state["active"] or group["reset_state_on_refresh"]:
@@ -206,3 +216,7 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
