@@ -31,7 +31,16 @@ from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_
 from memfit.optim.exact_state import ExactStateLoading
 from memfit.optim.galore import adamw_step, param_seed
 from memfit.optim.groups import warn_nothing_projected
-from memfit.optim.projectors import basis_rank, choose_side, compute_basis, project, project_back, random_basis
+from memfit.optim.projectors import (
+    LEFT,
+    basis_rank,
+    choose_side,
+    compute_basis,
+    low_rank_numels,
+    project,
+    project_back,
+    random_basis,
+)
 
 PROJ_TYPES = ("blockwise", "svd", "randomized", "random")
 STATE_FREE = ("signsgd", "sgd")
@@ -172,12 +181,20 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
             return state["basis"]
         return random_basis(tuple(param.shape), state["side"], state["rank"], state["seed"], param.device)
 
+    def _side_and_rank(self, param, group) -> tuple[int, int]:
+        """GaLore's std side, and rank round(density x that side's size)."""
+        state = self.state.get(param, {})
+        if "side" in state:
+            return state["side"], state["rank"]
+        shape = tuple(param.shape)
+        side = choose_side(shape, "std")
+        side_dim = shape[0] if side == LEFT else shape[1]
+        return side, basis_rank(shape, round(group["density"] * side_dim))
+
     def _subspace_step(self, param, state, group, refresh, seed) -> None:
         grad = param.grad
         if "side" not in state:
-            state["side"] = choose_side(tuple(param.shape), "std")
-            side_dim = param.shape[0] if state["side"] == 0 else param.shape[1]
-            state["rank"] = basis_rank(tuple(param.shape), state["side"], round(group["density"] * side_dim))
+            state["side"], state["rank"] = self._side_and_rank(param, group)
             state["num_refreshes"] = 0
         param.mul_(1 - group["lr"] * group["weight_decay"])
         if state["rank"] == 0:
@@ -214,8 +231,36 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         self._state_free(param, residual.to(param.dtype), group)
 
     def state_bytes(self) -> int:
-        """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
+        """Exact bytes of optimizer state, bases included (a seeded random basis takes none); 0
+        before the first step, since state is created there (see planned_state_bytes)."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
+
+    def planned_state_bytes(self) -> int:
+        """The bytes state_bytes() reports once every parameter has taken a step, computed from
+        the shapes and settings alone (usable right after construction): AdamW moments for
+        the plain groups and the active tensors (the current window, or the one the first
+        renewal will take), fp32 moments and basis for the subspace types (no basis for
+        `random`). Between blockwise renewals it stays exact; a later window may hold a few
+        bytes more or less."""
+        total = 0
+        for group in self.param_groups:
+            params = group["params"]
+            if not group["projectable"]:
+                total += 2 * sum(_nbytes(p) for p in params)
+            elif group["proj_type"] == "blockwise":
+                chosen = [p for p in params if "active" in self.state.get(p, {})]
+                if chosen:
+                    active = [p for p in chosen if self.state[p]["active"]]
+                else:
+                    active = [params[index] for index in self._window(group)]
+                total += 2 * sum(_nbytes(p) for p in active)
+            else:
+                for param in params:
+                    side, rank = self._side_and_rank(param, group)
+                    moment_numel, basis_numel = low_rank_numels(tuple(param.shape), side, rank)
+                    basis_numel = 0 if group["proj_type"] == "random" else basis_numel
+                    total += (2 * moment_numel + basis_numel) * 4 if rank else 0
+        return total
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

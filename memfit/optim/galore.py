@@ -35,6 +35,8 @@ from memfit.optim.projectors import (
     basis_rank,
     choose_side,
     compute_basis,
+    dtype_bytes,
+    low_rank_numels,
     project,
     random_basis,
 )
@@ -140,7 +142,7 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
     def _refresh(self, param, grad, state, group, seed_base):
         if "side" not in state:
             state["side"] = choose_side(tuple(param.shape), group["proj_type"])
-            state["rank"] = basis_rank(tuple(param.shape), state["side"], group["rank"])
+            state["rank"] = basis_rank(tuple(param.shape), group["rank"])
             state["num_refreshes"] = 0
         old_basis = (
             self._basis(param, state, group)
@@ -218,8 +220,30 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         )
 
     def state_bytes(self) -> int:
-        """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
+        """Exact bytes of optimizer state, bases included (a seeded random basis takes none); 0
+        before the first step, since state is created there (see planned_state_bytes)."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
+
+    def planned_state_bytes(self) -> int:
+        """The bytes state_bytes() reports once every parameter has taken a step, computed from
+        the shapes and settings alone (usable right after construction): plain tensors two
+        moments of their own size; projected ones two moments of the projected size in the
+        parameter's dtype and, unless the projector is `random`, the basis in proj_dtype (in
+        the gradient's dtype with galore_compat)."""
+        total = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                if group["rank"] is None:
+                    total += 2 * param.numel() * param.element_size()
+                    continue
+                state, shape = self.state.get(param, {}), tuple(param.shape)
+                side = state.get("side", choose_side(shape, group["proj_type"]))
+                rank = state.get("rank", basis_rank(shape, group["rank"]))
+                moment_numel, basis_numel = low_rank_numels(shape, side, rank)
+                total += 2 * moment_numel * param.element_size()
+                if group["projector"] != "random":
+                    total += basis_numel * dtype_bytes(param.dtype if self.galore_compat else self.proj_dtype)
+        return total
 
 
 def param_seed(base_seed: int, group: dict, group_index: int, param_index: int) -> int:
