@@ -1,8 +1,8 @@
 """GaLoreAdamW: AdamW whose moments live in a low-rank projection of each 2-D gradient.
 
-A param group with a `rank` key is projected; other groups run plain AdamW (torch semantics), so
-galore-torch's param-group form works unchanged. Per projected matrix the state is the two
-moments on the larger side (2 * max(m, n) * r) and the basis (min(m, n) * r; none for the seeded
+A param group with a `rank` key is projected; other groups run plain AdamW (torch semantics,
+eps 1e-8 by default), so galore-torch's param-group form works unchanged. Per projected matrix
+the state is the two moments on the larger side (2 * max(m, n) * r) and the basis (min(m, n) * r; none for the seeded
 `random` projector, which is regenerated from its seed).
 
 The step per projected matrix W (m x n, gradient G), refreshed every update_proj_gap steps:
@@ -14,9 +14,13 @@ The basis comes from a randomized range finder unless projector="svd" (exact) or
 asked; the range finder's refresh is about 4x cheaper than the SVD at the same validation loss
 (benchmarks/converge.py).
 
-galore_compat=True reproduces galore-torch 1.0 instead (with the SVD unless a projector is
-named): eps not bias-corrected, weight decay applied after the update with the unscaled lr, and
-the basis kept in the gradient's dtype with the sign the SVD returned.
+correct_bias=False drops the bias correction (both moments), as in galore-torch.
+
+galore_compat=True reproduces galore-torch 1.0 instead, for projected and plain groups alike
+(memfit.optim.hf_adamw; the SVD unless a projector is named): eps defaults to 1e-6 and is not
+bias-corrected, weight decay comes after the update with the unscaled lr, and the basis is kept
+in the gradient's dtype with the sign the SVD returned. memfit.optim.galore_torch_compat has
+the same class under galore-torch's name and arguments.
 """
 
 import functools
@@ -25,9 +29,10 @@ import zlib
 
 import torch
 
-from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_positive_int
+from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_flag, check_positive_int
 from memfit.optim.exact_state import ExactStateLoading
 from memfit.optim.groups import warn_nothing_projected
+from memfit.optim.hf_adamw import hf_adam_direction, hf_adamw_step, hf_apply
 from memfit.optim.projectors import (
     LEFT,
     METHODS,
@@ -38,10 +43,12 @@ from memfit.optim.projectors import (
     dtype_bytes,
     low_rank_numels,
     project,
+    project_back,
     random_basis,
 )
 
 MOMENT_MODES = ("keep", "reset", "project")
+GALORE_TORCH_EPS = 1e-6  # galore-torch's (and Hugging Face's legacy AdamW's) default
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -51,9 +58,10 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         params,
         lr=1e-3,
         betas=(0.9, 0.999),
-        eps=1e-8,
+        eps=None,
         weight_decay=0.0,
         *,
+        correct_bias=True,
         rank=None,
         update_proj_gap=200,
         scale=0.25,
@@ -64,7 +72,10 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         proj_dtype=torch.float32,
         seed=0,
     ):
+        if eps is None:
+            eps = GALORE_TORCH_EPS if galore_compat else 1e-8
         check_adam_hyperparameters(lr, betas, eps, weight_decay)
+        check_flag("correct_bias", correct_bias)
         if projector is None:
             projector = "svd" if galore_compat else "randomized"
         defaults = dict(
@@ -72,6 +83,7 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
+            correct_bias=correct_bias,
             rank=rank,
             update_proj_gap=update_proj_gap,
             scale=scale,
@@ -108,6 +120,7 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
     @classmethod
     def _check_group(cls, group) -> None:
         check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        check_flag("correct_bias", group["correct_bias"])
         if group.get("rank") is None:
             return
         cls._check_projection_options(group)
@@ -127,7 +140,7 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
                     continue
                 state = self.state[param]
                 if group.get("rank") is None:
-                    adamw_step(param, param.grad, state, group)
+                    (hf_adamw_step if self.galore_compat else adamw_step)(param, param.grad, state, group)
                 else:
                     self._galore_step(param, state, group, param_seed(self.seed, group, group_index, param_index))
         return loss
@@ -198,19 +211,16 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
             state["moment_step"] = 0
         state["step"] = step + 1
         state["moment_step"] += 1
+        if self.galore_compat:
+            normalized, step_size = hf_adam_direction(state, low_rank, group, state["moment_step"])
+            hf_apply(param, project_back(normalized, basis, state["side"]) * group["scale"], step_size, group)
+            return
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(low_rank, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(low_rank, low_rank, value=1 - beta2)
         lr, weight_decay, scale, moment_step = group["lr"], group["weight_decay"], group["scale"], state["moment_step"]
-        bias1, bias2 = 1 - beta1**moment_step, 1 - beta2**moment_step
-        if self.galore_compat:
-            normalized = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-            step_size = lr * math.sqrt(bias2) / bias1
-            apply_back(param, normalized, basis, state["side"], beta=1.0, alpha=-step_size * scale)
-            if weight_decay > 0:
-                param.add_(param, alpha=-lr * weight_decay)
-            return
+        bias1, bias2 = (1 - beta1**moment_step, 1 - beta2**moment_step) if group["correct_bias"] else (1.0, 1.0)
         # (M / bias1) / (sqrt(V / bias2) + eps) == (sqrt(bias2) / bias1) * M / (sqrt(V) + eps sqrt(bias2)):
         # the constants move into addmm's alpha, saving a pass over the low-rank state.
         root_bias2 = math.sqrt(bias2)
@@ -294,7 +304,8 @@ def apply_back(param, normalized, basis, side, *, beta, alpha) -> None:
 
 
 def adamw_step(param, grad, state, group) -> None:
-    """torch.optim.AdamW's single-tensor step, same operations in the same order."""
+    """torch.optim.AdamW's single-tensor step, same operations in the same order (a group with
+    correct_bias false, GaLoreAdamW's option, skips the bias correction)."""
     if "exp_avg" not in state:
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(param)
@@ -305,6 +316,6 @@ def adamw_step(param, grad, state, group) -> None:
     param.mul_(1 - lr * group["weight_decay"])
     state["exp_avg"].lerp_(grad, 1 - beta1)
     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    bias1, bias2 = (1 - beta1**step, 1 - beta2**step) if group.get("correct_bias", True) else (1.0, 1.0)
     denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(group["eps"])
     param.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
