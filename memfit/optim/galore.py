@@ -2,8 +2,8 @@
 
 A param group with a `rank` key is projected; other groups run plain AdamW (torch semantics,
 eps 1e-8 by default), so galore-torch's param-group form works unchanged. Per projected matrix
-the state is the two moments on the larger side (2 * max(m, n) * r) and the basis (min(m, n) * r; none for the seeded
-`random` projector, which is regenerated from its seed).
+the state is the two moments on the larger side (2 * max(m, n) * r) and the basis
+(min(m, n) * r; none for the seeded `random` projector, which is regenerated from its seed).
 
 The step per projected matrix W (m x n, gradient G), refreshed every update_proj_gap steps:
     R = project(G)                        # r x n or m x r

@@ -97,12 +97,7 @@ def projected_names(model_or_named, target_modules: Sequence[str] | None = None)
         chosen = {name for name in matrices if any(target in name.rsplit(".", 1)[0] for target in targets)}
     else:
         chosen = set(matrices[1:-1])
-    names, seen = [], set()
-    for name, _ in layout:
-        if name in chosen and name not in seen:
-            names.append(name)
-            seen.add(name)
-    return names
+    return [name for name, _ in layout if name in chosen]
 
 
 def split_projectable(named_params, target_modules: Sequence[str] | None = None, *, layout=None):
