@@ -84,9 +84,20 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
             warn_nothing_projected("FRUGAL", "projectable")
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's add_param_group, then the same checks the constructor's groups get."""
+        """torch's add_param_group, then the same checks the constructor's groups get; a group
+        they refuse is not kept."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        group.setdefault("frugal_step", 0)
+        group.setdefault("block_pointer", -1)
+
+    @staticmethod
+    def _check_group(group) -> None:
         check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         density = group["density"]
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
@@ -94,8 +105,6 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         check_positive_int("update_gap", group["update_gap"])
         check_choice("proj_type", group["proj_type"], PROJ_TYPES)
         check_choice("state_free", group["state_free"], STATE_FREE)
-        group.setdefault("frugal_step", 0)
-        group.setdefault("block_pointer", -1)
         if group["projectable"] and group["proj_type"] != "blockwise":
             for param in group["params"]:
                 if param.dim() != 2:

@@ -104,9 +104,14 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
             warn_nothing_projected("GaLoreAdamW", "rank")
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's add_param_group, then the same checks the constructor's groups get."""
+        """torch's add_param_group, then the same checks the constructor's groups get; a group
+        they refuse is not kept."""
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @staticmethod
     def _check_projection_options(options: dict) -> None:
