@@ -9,8 +9,10 @@ resolved from what memfit.initialize was given, else from documented defaults:
                        any other key: the schedule's default, which is DeepSpeed's
 """
 
+import contextlib
 import difflib
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +68,8 @@ def resolve_optimizer(section, client: ClientComponents, found: Findings) -> tup
         def attempt(values):
             import torch  # here, not at the top: `memfit --help` runs without torch
 
-            optimizer_class([torch.nn.Parameter(torch.zeros(4, 4))], **values)
+            with _stand_in_build():
+                optimizer_class([torch.nn.Parameter(torch.zeros(4, 4))], **values)
 
     else:
         from memfit.optim.registry import OPTIMIZERS
@@ -82,7 +85,8 @@ def resolve_optimizer(section, client: ClientComponents, found: Findings) -> tup
         def attempt(values):
             import torch
 
-            OPTIMIZERS[name]([("attn.weight", torch.nn.Parameter(torch.zeros(4, 4)))], **values)
+            with _stand_in_build():
+                OPTIMIZERS[name]([("attn.weight", torch.nn.Parameter(torch.zeros(4, 4)))], **values)
 
     params = _screen_extras("optimizer.params", params, extras, found)
     params, unresolved = _resolve_auto("optimizer.params", params, keywords, {}, source, found)
@@ -91,6 +95,17 @@ def resolve_optimizer(section, client: ClientComponents, found: Findings) -> tup
     section["params"] = params
     default_lr = next((k.default for k in keywords if k.name == "lr" and not k.required), None)
     return section, params.get("lr", default_lr)
+
+
+@contextlib.contextmanager
+def _stand_in_build():
+    """The check builds the optimizer over one stand-in tensor: that a low-rank optimizer projects
+    none of it says nothing about the model."""
+    from memfit.optim.groups import NothingProjectedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingProjectedWarning)
+        yield
 
 
 def resolve_scheduler(section, client: ClientComponents, optimizer_lr, found: Findings) -> dict | None:

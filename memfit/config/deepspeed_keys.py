@@ -310,10 +310,10 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
     "aio": {"use_gds": only(False)},
 }
 
-# Extra keys DeepSpeed's Adam and AdamW take in optimizer.params (lower-case optimizer name).
+# Extra keys DeepSpeed's Adam and AdamW take in optimizer.params (lower-case optimizer name);
+# bias_correction and Adam's adam_w_mode are the factories' own keywords.
 _ADAM_KEYS = {
     "torch_adam": either(),  # picks torch's implementation over DeepSpeed's fused one: same math
-    "bias_correction": only(True),
 }
 OPTIMIZER_PARAM_KEYS: dict[str, dict[str, Handler]] = {
     "adam": _ADAM_KEYS,

@@ -6,7 +6,8 @@ import numbers
 import torch
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A finite real number (a 1-element float tensor too), not a bool."""
     if isinstance(value, bool):
         return False
     if torch.is_tensor(value):
@@ -17,17 +18,17 @@ def _is_number(value) -> bool:
 def check_adam_hyperparameters(lr, betas, eps, weight_decay) -> None:
     """torch.optim.AdamW's checks and messages; a value of the wrong type (a string, NaN) is a
     ValueError too, not a TypeError from a comparison."""
-    if not _is_number(lr) or lr < 0:
+    if not is_number(lr) or lr < 0:
         raise ValueError(f"Invalid learning rate: {lr!r}")
-    if not _is_number(eps) or eps < 0:
+    if not is_number(eps) or eps < 0:
         raise ValueError(f"Invalid epsilon value: {eps!r}")
     if (
         not isinstance(betas, (tuple, list))
         or len(betas) != 2
-        or not all(_is_number(beta) and 0.0 <= beta < 1.0 for beta in betas)
+        or not all(is_number(beta) and 0.0 <= beta < 1.0 for beta in betas)
     ):
         raise ValueError(f"Invalid betas: {betas!r}")
-    if not _is_number(weight_decay) or weight_decay < 0:
+    if not is_number(weight_decay) or weight_decay < 0:
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r}")
 
 
@@ -39,3 +40,8 @@ def check_positive_int(name: str, value) -> None:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {tuple(choices)})")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected true or false)")

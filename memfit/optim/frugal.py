@@ -5,12 +5,15 @@ norms, the output layer) run full AdamW. The subspace is renewed every update_ga
 
 proj_type:
   blockwise   whole tensors are Adam-active, the rest take signSGD (or SGD). The active set is
-              chosen by bytes: a window over the group's tensors, walking backwards from the last
-              one, takes tensors while the active bytes stay within density x the group's bytes;
-              the next renewal's window starts where this one stopped, so all take turns.
-              Inside memfit's engine each rank's optimizer holds only
-              the tensors that rank owns, so every rank keeps at most density x its own bytes of
-              Adam state: the shares are as balanced as the ownership plan itself. At a renewal,
+              chosen by bytes: a window over the group's tensors walks backwards, from the last
+              tensor at the first renewal and from where the previous window stopped after that
+              (so all take turns), and takes the number of tensors k whose bytes are nearest to
+              density x the group's bytes: k minimizes |bytes of the first k - density x total|
+              over k = 1..count, ties going to the smaller k; density 0 makes no tensor active.
+              So every density > 0 keeps at least one tensor on Adam, and density 1 all of them.
+              Inside memfit's engine each rank's optimizer holds only the tensors that rank owns,
+              so every rank keeps about density x its own bytes of Adam state: the shares are as
+              balanced as the ownership plan itself. At a renewal,
               reset_state_on_refresh (the reference's behaviour) restarts every active tensor's
               moments; with it off, a tensor that stays active keeps them.
   svd, randomized, random
@@ -27,7 +30,17 @@ import torch
 from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_positive_int
 from memfit.optim.exact_state import ExactStateLoading
 from memfit.optim.galore import adamw_step, param_seed
-from memfit.optim.projectors import basis_rank, choose_side, compute_basis, project, project_back, random_basis
+from memfit.optim.groups import warn_nothing_projected
+from memfit.optim.projectors import (
+    LEFT,
+    basis_rank,
+    choose_side,
+    compute_basis,
+    low_rank_numels,
+    project,
+    project_back,
+    random_basis,
+)
 
 PROJ_TYPES = ("blockwise", "svd", "randomized", "random")
 STATE_FREE = ("signsgd", "sgd")
@@ -67,11 +80,24 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.seed = seed
+        if not any(group["projectable"] and group["params"] for group in self.param_groups):
+            warn_nothing_projected("FRUGAL", "projectable")
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's add_param_group, then the same checks the constructor's groups get."""
+        """torch's add_param_group, then the same checks the constructor's groups get; a group
+        they refuse is not kept."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        group.setdefault("frugal_step", 0)
+        group.setdefault("block_pointer", -1)
+
+    @staticmethod
+    def _check_group(group) -> None:
         check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         density = group["density"]
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
@@ -79,8 +105,6 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         check_positive_int("update_gap", group["update_gap"])
         check_choice("proj_type", group["proj_type"], PROJ_TYPES)
         check_choice("state_free", group["state_free"], STATE_FREE)
-        group.setdefault("frugal_step", 0)
-        group.setdefault("block_pointer", -1)
         if group["projectable"] and group["proj_type"] != "blockwise":
             for param in group["params"]:
                 if param.dim() != 2:
@@ -112,22 +136,29 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         return loss
 
     # ---- blockwise ------------------------------------------------------------------------------
-    def _choose_blocks(self, group) -> None:
+    @staticmethod
+    def _window(group) -> list[int]:
+        """Indices of the tensors the next renewal makes Adam-active (see the module docstring)."""
         params = group["params"]
-        total = sum(p.numel() for p in params)
-        budget = group["density"] * total
         count = len(params)
+        if count == 0 or group["density"] == 0:
+            return []
         start = group["block_pointer"] % count
-        chosen, active_numel = set(), 0
-        for offset in range(count):  # a contiguous window, so every tensor gets its turn
-            index = (start - offset) % count
-            numel = params[index].numel()
-            if active_numel + numel > budget + 1e-9:
-                break
-            chosen.add(index)
-            active_numel += numel
-        group["block_pointer"] = (start - max(len(chosen), 1)) % count
-        for index, param in enumerate(params):
+        order = [(start - offset) % count for offset in range(count)]
+        target = group["density"] * sum(_nbytes(p) for p in params)
+        best_count, best_distance, window_bytes = 0, math.inf, 0
+        for num_active, index in enumerate(order, start=1):
+            window_bytes += _nbytes(params[index])
+            distance = abs(window_bytes - target)
+            if distance < best_distance:  # strict: a tie keeps the smaller count
+                best_count, best_distance = num_active, distance
+        return order[:best_count]
+
+    def _choose_blocks(self, group) -> None:
+        chosen = set(self._window(group))
+        if group["params"]:
+            group["block_pointer"] = (group["block_pointer"] - len(chosen)) % len(group["params"])
+        for index, param in enumerate(group["params"]):
             state = self.state[param]
             state["active"] = int(index in chosen)
             if not state["active"] or group["reset_state_on_refresh"]:
@@ -159,12 +190,20 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
             return state["basis"]
         return random_basis(tuple(param.shape), state["side"], state["rank"], state["seed"], param.device)
 
+    def _side_and_rank(self, param, group) -> tuple[int, int]:
+        """GaLore's std side, and rank round(density x that side's size)."""
+        state = self.state.get(param, {})
+        if "side" in state:
+            return state["side"], state["rank"]
+        shape = tuple(param.shape)
+        side = choose_side(shape, "std")
+        side_dim = shape[0] if side == LEFT else shape[1]
+        return side, basis_rank(shape, round(group["density"] * side_dim))
+
     def _subspace_step(self, param, state, group, refresh, seed) -> None:
         grad = param.grad
         if "side" not in state:
-            state["side"] = choose_side(tuple(param.shape), "std")
-            side_dim = param.shape[0] if state["side"] == 0 else param.shape[1]
-            state["rank"] = basis_rank(tuple(param.shape), state["side"], round(group["density"] * side_dim))
+            state["side"], state["rank"] = self._side_and_rank(param, group)
             state["num_refreshes"] = 0
         param.mul_(1 - group["lr"] * group["weight_decay"])
         if state["rank"] == 0:
@@ -201,5 +240,37 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         self._state_free(param, residual.to(param.dtype), group)
 
     def state_bytes(self) -> int:
-        """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
+        """Exact bytes of optimizer state, bases included (a seeded random basis takes none); 0
+        before the first step, since state is created there (see planned_state_bytes)."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
+
+    def planned_state_bytes(self) -> int:
+        """The bytes state_bytes() reports once every parameter has taken a step, computed from
+        the shapes and settings alone (usable right after construction): AdamW moments for
+        the plain groups and the active tensors (the current window, or the one the first
+        renewal will take), fp32 moments and basis for the subspace types (no basis for
+        `random`). Between blockwise renewals it stays exact; a later window may hold a few
+        bytes more or less."""
+        total = 0
+        for group in self.param_groups:
+            params = group["params"]
+            if not group["projectable"]:
+                total += 2 * sum(_nbytes(p) for p in params)
+            elif group["proj_type"] == "blockwise":
+                chosen = [p for p in params if "active" in self.state.get(p, {})]
+                if chosen:
+                    active = [p for p in chosen if self.state[p]["active"]]
+                else:
+                    active = [params[index] for index in self._window(group)]
+                total += 2 * sum(_nbytes(p) for p in active)
+            else:
+                for param in params:
+                    side, rank = self._side_and_rank(param, group)
+                    moment_numel, basis_numel = low_rank_numels(tuple(param.shape), side, rank)
+                    basis_numel = 0 if group["proj_type"] == "random" else basis_numel
+                    total += (2 * moment_numel + basis_numel) * 4 if rank else 0
+        return total
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

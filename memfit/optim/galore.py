@@ -1,9 +1,9 @@
 """GaLoreAdamW: AdamW whose moments live in a low-rank projection of each 2-D gradient.
 
-A param group with a `rank` key is projected; other groups run plain AdamW (torch semantics), so
-galore-torch's param-group form works unchanged. Per projected matrix the state is the two
-moments on the larger side (2 * max(m, n) * r) and the basis (min(m, n) * r; none for the seeded
-`random` projector, which is regenerated from its seed).
+A param group with a `rank` key is projected; other groups run plain AdamW (torch semantics,
+eps 1e-8 by default), so galore-torch's param-group form works unchanged. Per projected matrix
+the state is the two moments on the larger side (2 * max(m, n) * r) and the basis
+(min(m, n) * r; none for the seeded `random` projector, which is regenerated from its seed).
 
 The step per projected matrix W (m x n, gradient G), refreshed every update_proj_gap steps:
     R = project(G)                        # r x n or m x r
@@ -14,9 +14,13 @@ The basis comes from a randomized range finder unless projector="svd" (exact) or
 asked; the range finder's refresh is about 4x cheaper than the SVD at the same validation loss
 (benchmarks/converge.py).
 
-galore_compat=True reproduces galore-torch 1.0 instead (with the SVD unless a projector is
-named): eps not bias-corrected, weight decay applied after the update with the unscaled lr, and
-the basis kept in the gradient's dtype with the sign the SVD returned.
+correct_bias=False drops the bias correction (both moments), as in galore-torch.
+
+galore_compat=True reproduces galore-torch 1.0 instead, for projected and plain groups alike
+(memfit.optim.hf_adamw; the SVD unless a projector is named): eps defaults to 1e-6 and is not
+bias-corrected, weight decay comes after the update with the unscaled lr, and the basis is kept
+in the gradient's dtype with the sign the SVD returned. memfit.optim.galore_torch_compat has
+the same class under galore-torch's name and arguments.
 """
 
 import functools
@@ -25,8 +29,10 @@ import zlib
 
 import torch
 
-from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_positive_int
+from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_flag, check_positive_int
 from memfit.optim.exact_state import ExactStateLoading
+from memfit.optim.groups import warn_nothing_projected
+from memfit.optim.hf_adamw import hf_adam_direction, hf_adamw_step, hf_apply
 from memfit.optim.projectors import (
     LEFT,
     METHODS,
@@ -34,11 +40,15 @@ from memfit.optim.projectors import (
     basis_rank,
     choose_side,
     compute_basis,
+    dtype_bytes,
+    low_rank_numels,
     project,
+    project_back,
     random_basis,
 )
 
 MOMENT_MODES = ("keep", "reset", "project")
+GALORE_TORCH_EPS = 1e-6  # galore-torch's (and Hugging Face's legacy AdamW's) default
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -48,9 +58,10 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         params,
         lr=1e-3,
         betas=(0.9, 0.999),
-        eps=1e-8,
+        eps=None,
         weight_decay=0.0,
         *,
+        correct_bias=True,
         rank=None,
         update_proj_gap=200,
         scale=0.25,
@@ -61,7 +72,10 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         proj_dtype=torch.float32,
         seed=0,
     ):
+        if eps is None:
+            eps = GALORE_TORCH_EPS if galore_compat else 1e-8
         check_adam_hyperparameters(lr, betas, eps, weight_decay)
+        check_flag("correct_bias", correct_bias)
         if projector is None:
             projector = "svd" if galore_compat else "randomized"
         defaults = dict(
@@ -69,6 +83,7 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
+            correct_bias=correct_bias,
             rank=rank,
             update_proj_gap=update_proj_gap,
             scale=scale,
@@ -78,26 +93,42 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         )
         if proj_dtype not in (torch.float32, *REDUCED_DTYPES):
             raise ValueError(f"Invalid proj_dtype: {proj_dtype!r} (expected torch.float32, bfloat16 or float16)")
+        # The options are checked before any group is: a rank whose share of a model holds no
+        # projected tensor must refuse a bad option like one that holds them.
+        self._check_projection_options(defaults)
         super().__init__(params, defaults)
         self.galore_compat = galore_compat
         self.proj_dtype = proj_dtype
         self.seed = seed
+        if not any(group["rank"] is not None and group["params"] for group in self.param_groups):
+            warn_nothing_projected("GaLoreAdamW", "rank")
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's add_param_group, then the same checks the constructor's groups get."""
+        """torch's add_param_group, then the same checks the constructor's groups get; a group
+        they refuse is not kept."""
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @staticmethod
-    def _check_group(group) -> None:
+    def _check_projection_options(options: dict) -> None:
+        if options["rank"] is not None:
+            check_positive_int("rank", options["rank"])
+        check_positive_int("update_proj_gap", options["update_proj_gap"])
+        check_choice("proj_type", options["proj_type"], PROJ_TYPES)
+        check_choice("projector", options["projector"], METHODS)
+        check_choice("moments_on_refresh", options["moments_on_refresh"], MOMENT_MODES)
+
+    @classmethod
+    def _check_group(cls, group) -> None:
         check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        check_flag("correct_bias", group["correct_bias"])
         if group.get("rank") is None:
             return
-        check_positive_int("rank", group["rank"])
-        check_positive_int("update_proj_gap", group["update_proj_gap"])
-        check_choice("proj_type", group["proj_type"], PROJ_TYPES)
-        check_choice("projector", group["projector"], METHODS)
-        check_choice("moments_on_refresh", group["moments_on_refresh"], MOMENT_MODES)
+        cls._check_projection_options(group)
         for param in group["params"]:
             if param.dim() != 2:
                 raise ValueError(f"a group with 'rank' may hold only 2-D tensors, got shape {tuple(param.shape)}")
@@ -114,7 +145,7 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
                     continue
                 state = self.state[param]
                 if group.get("rank") is None:
-                    adamw_step(param, param.grad, state, group)
+                    (hf_adamw_step if self.galore_compat else adamw_step)(param, param.grad, state, group)
                 else:
                     self._galore_step(param, state, group, param_seed(self.seed, group, group_index, param_index))
         return loss
@@ -129,7 +160,7 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
     def _refresh(self, param, grad, state, group, seed_base):
         if "side" not in state:
             state["side"] = choose_side(tuple(param.shape), group["proj_type"])
-            state["rank"] = basis_rank(tuple(param.shape), state["side"], group["rank"])
+            state["rank"] = basis_rank(tuple(param.shape), group["rank"])
             state["num_refreshes"] = 0
         old_basis = (
             self._basis(param, state, group)
@@ -185,19 +216,16 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
             state["moment_step"] = 0
         state["step"] = step + 1
         state["moment_step"] += 1
+        if self.galore_compat:
+            normalized, step_size = hf_adam_direction(state, low_rank, group, state["moment_step"])
+            hf_apply(param, project_back(normalized, basis, state["side"]) * group["scale"], step_size, group)
+            return
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(low_rank, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(low_rank, low_rank, value=1 - beta2)
         lr, weight_decay, scale, moment_step = group["lr"], group["weight_decay"], group["scale"], state["moment_step"]
-        bias1, bias2 = 1 - beta1**moment_step, 1 - beta2**moment_step
-        if self.galore_compat:
-            normalized = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-            step_size = lr * math.sqrt(bias2) / bias1
-            apply_back(param, normalized, basis, state["side"], beta=1.0, alpha=-step_size * scale)
-            if weight_decay > 0:
-                param.add_(param, alpha=-lr * weight_decay)
-            return
+        bias1, bias2 = (1 - beta1**moment_step, 1 - beta2**moment_step) if group["correct_bias"] else (1.0, 1.0)
         # (M / bias1) / (sqrt(V / bias2) + eps) == (sqrt(bias2) / bias1) * M / (sqrt(V) + eps sqrt(bias2)):
         # the constants move into addmm's alpha, saving a pass over the low-rank state.
         root_bias2 = math.sqrt(bias2)
@@ -207,8 +235,30 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         )
 
     def state_bytes(self) -> int:
-        """Exact bytes of optimizer state, bases included (a seeded random basis takes none)."""
+        """Exact bytes of optimizer state, bases included (a seeded random basis takes none); 0
+        before the first step, since state is created there (see planned_state_bytes)."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
+
+    def planned_state_bytes(self) -> int:
+        """The bytes state_bytes() reports once every parameter has taken a step, computed from
+        the shapes and settings alone (usable right after construction): plain tensors two
+        moments of their own size; projected ones two moments of the projected size in the
+        parameter's dtype and, unless the projector is `random`, the basis in proj_dtype (in
+        the gradient's dtype with galore_compat)."""
+        total = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                if group["rank"] is None:
+                    total += 2 * param.numel() * param.element_size()
+                    continue
+                state, shape = self.state.get(param, {}), tuple(param.shape)
+                side = state.get("side", choose_side(shape, group["proj_type"]))
+                rank = state.get("rank", basis_rank(shape, group["rank"]))
+                moment_numel, basis_numel = low_rank_numels(shape, side, rank)
+                total += 2 * moment_numel * param.element_size()
+                if group["projector"] != "random":
+                    total += basis_numel * dtype_bytes(param.dtype if self.galore_compat else self.proj_dtype)
+        return total
 
 
 def param_seed(base_seed: int, group: dict, group_index: int, param_index: int) -> int:
@@ -259,7 +309,8 @@ def apply_back(param, normalized, basis, side, *, beta, alpha) -> None:
 
 
 def adamw_step(param, grad, state, group) -> None:
-    """torch.optim.AdamW's single-tensor step, same operations in the same order."""
+    """torch.optim.AdamW's single-tensor step, same operations in the same order (a group with
+    correct_bias false, GaLoreAdamW's option, skips the bias correction)."""
     if "exp_avg" not in state:
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(param)
@@ -270,6 +321,6 @@ def adamw_step(param, grad, state, group) -> None:
     param.mul_(1 - lr * group["weight_decay"])
     state["exp_avg"].lerp_(grad, 1 - beta1)
     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    bias1, bias2 = (1 - beta1**step, 1 - beta2**step) if group.get("correct_bias", True) else (1.0, 1.0)
     denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(group["eps"])
     param.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)

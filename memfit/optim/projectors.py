@@ -26,8 +26,21 @@ def choose_side(shape: tuple[int, int], proj_type: str) -> int:
     return LEFT if smaller_is_cols else RIGHT  # reverse_std
 
 
-def basis_rank(shape: tuple[int, int], side: int, rank: int) -> int:
-    return min(rank, shape[0] if side == LEFT else shape[1])
+def basis_rank(shape: tuple[int, int], rank: int) -> int:
+    """rank, capped at min(m, n): an SVD has no more singular vectors, whichever the side."""
+    return min(rank, *shape)
+
+
+def low_rank_numels(shape: tuple[int, int], side: int, rank: int) -> tuple[int, int]:
+    """(elements of the projected gradient and of each moment, elements of the basis)."""
+    rows, cols = shape
+    if side == LEFT:
+        return rank * cols, rows * rank
+    return rows * rank, rank * cols
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor, side: int) -> torch.Tensor:
@@ -41,6 +54,8 @@ def project_back(low_rank: torch.Tensor, basis: torch.Tensor, side: int) -> torc
 def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     """Makes the largest-magnitude entry of each column positive, so the basis is the same on
     every rank and every run whatever sign the SVD routine picked."""
+    if vectors.numel() == 0:  # a zero-size matrix has an empty basis
+        return vectors
     index = vectors.abs().argmax(dim=0)
     signs = torch.sign(vectors.gather(0, index.unsqueeze(0)))
     signs[signs == 0] = 1

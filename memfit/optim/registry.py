@@ -1,24 +1,69 @@
 """Optimizer names usable in a config's optimizer.type (in any case, as in DeepSpeed) and their factories."""
 
+import warnings
 from collections.abc import Callable
 
 import torch
 
+from memfit.optim.adam import adam_optimizer
 from memfit.optim.cpu_adam import CPUAdamW
 from memfit.optim.frugal import FRUGAL
 from memfit.optim.galore import GaLoreAdamW
-from memfit.optim.groups import frugal_param_groups, galore_param_groups
+from memfit.optim.groups import current_layout, frugal_param_groups, galore_param_groups, quiet_if_model_projects
+from memfit.optim.lamb import Lamb
 
 
-def _adam(named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adam_w_mode=True, amsgrad=False):
-    """DeepSpeed's "Adam": decoupled weight decay (AdamW) unless adam_w_mode is false."""
-    cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
-    return cls(_tensors(named_params), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+def _adam(
+    named_params,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    bias_correction=True,
+    adam_w_mode=True,
+    amsgrad=False,
+):
+    """DeepSpeed's "Adam": decoupled weight decay (AdamW) unless adam_w_mode is false, bias
+    correction unless bias_correction is false; torch's fused kernel where it has one."""
+    return adam_optimizer(
+        _tensors(named_params),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        adam_w_mode=adam_w_mode,
+        bias_correction=bias_correction,
+        amsgrad=amsgrad,
+    )
 
 
-def _adamw(named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False):
-    return torch.optim.AdamW(
-        _tensors(named_params), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad
+def _adamw(
+    named_params,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.01,
+    bias_correction=True,
+    adam_w_mode=True,
+    amsgrad=False,
+):
+    """AdamW; like DeepSpeed's "AdamW" it decouples weight decay whatever adam_w_mode says."""
+    if adam_w_mode is not True:
+        warnings.warn(
+            f"optimizer.params.adam_w_mode={adam_w_mode!r} is ignored: AdamW always decouples weight decay "
+            "(as in DeepSpeed); use type Adam for L2 regularization",
+            UserWarning,
+            stacklevel=3,
+        )
+    return adam_optimizer(
+        _tensors(named_params),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        adam_w_mode=True,
+        bias_correction=bias_correction,
+        amsgrad=amsgrad,
     )
 
 
@@ -33,17 +78,23 @@ def _sgd(named_params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, n
     )
 
 
-def _galore(named_params, rank=128, target_modules=("attn", "mlp"), proj_dtype="float32", **options):
-    """GaLoreAdamW over galore_param_groups (2-D weights of target modules get `rank`); every
-    other key is a GaLoreAdamW keyword, so the group options become the projected group's."""
-    groups = galore_param_groups(named_params, rank, tuple(target_modules))
-    return GaLoreAdamW(groups, proj_dtype=_dtype(proj_dtype), **options)
+def _galore(named_params, rank=128, target_modules: list[str] | None = None, proj_dtype="float32", **options):
+    """GaLoreAdamW over galore_param_groups (the default rule, or target_modules, decided on the
+    whole model when memfit.initialize gives its layout); every other key is a GaLoreAdamW
+    keyword, so the group options become the projected group's."""
+    model = current_layout() or named_params
+    groups = galore_param_groups(named_params, rank, target_modules, layout=model)
+    with quiet_if_model_projects(model, target_modules):
+        return GaLoreAdamW(groups, proj_dtype=_dtype(proj_dtype), **options)
 
 
-def _frugal(named_params, target_modules=("attn", "mlp"), **options):
-    """FRUGAL over frugal_param_groups (2-D weights of target modules split, the rest AdamW);
+def _frugal(named_params, target_modules: list[str] | None = None, **options):
+    """FRUGAL over frugal_param_groups (the same tensors as GaLore's split, the rest AdamW);
     every other key is a FRUGAL keyword."""
-    return FRUGAL(frugal_param_groups(named_params, tuple(target_modules)), **options)
+    model = current_layout() or named_params
+    groups = frugal_param_groups(named_params, target_modules, layout=model)
+    with quiet_if_model_projects(model, target_modules):
+        return FRUGAL(groups, **options)
 
 
 def _cpu_adamw(named_params, **options):
@@ -51,7 +102,17 @@ def _cpu_adamw(named_params, **options):
     return CPUAdamW(_tensors(named_params), **options)
 
 
+def _lamb(named_params, max_grad_norm=0.0, amsgrad=False, **options):
+    """DeepSpeed FusedLamb's step; every other key is a Lamb keyword."""
+    if max_grad_norm != 0:
+        raise ValueError("max_grad_norm: not an optimizer setting; use the config's gradient_clipping")
+    if amsgrad:
+        raise ValueError("amsgrad: Lamb has no AMSGrad variant (nor has DeepSpeed's FusedLamb)")
+    return Lamb(_tensors(named_params), **options)
+
+
 _galore.forwards_to = GaLoreAdamW
+_lamb.forwards_to = Lamb
 _frugal.forwards_to = FRUGAL
 _cpu_adamw.forwards_to = CPUAdamW
 
@@ -74,11 +135,11 @@ OPTIMIZERS: dict[str, Callable] = {
     "GaLoreAdamW": _galore,
     "FRUGAL": _frugal,
     "CPUAdamW": _cpu_adamw,
+    "Lamb": _lamb,
 }
 DEEPSPEED_ONLY = {
     "OneBitAdam",
     "ZeroOneAdam",
-    "Lamb",
     "OneBitLamb",
     "MuAdam",
     "MuAdamW",

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from memfit.config import ClientComponents, ConfigError, describe_config, engine_gaps, resolve_config
+from memfit.optim.groups import model_layout
 from memfit.optim.registry import build_optimizer
 from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
@@ -86,7 +87,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         named_params, buckets, reducer, stage=stage, world_size=world_size, overlap=cfg.zero_optimization.overlap_comm
     )
     owned_params = [(n, p) for n, p in named_params if n in owned_names]
-    masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
+    with model_layout(model):  # the low-rank factories decide what to project from the whole model
+        masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     return Engine(
         model=model,

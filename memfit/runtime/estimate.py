@@ -58,7 +58,7 @@ def estimate(shapes, cfg, world_size: int, client_optimizer: bool = False) -> li
         else:
             grads = all_numel
         result = RankEstimate(rank)
-        state, note = _optimizer_state_bytes(cfg, owned, offloaded, client_optimizer)
+        state, note = _optimizer_state_bytes(cfg, owned, trainable, offloaded, client_optimizer)
         if note:
             result.notes.append(note)
         masters = 4 * owned_numel if reduced else 0
@@ -91,8 +91,9 @@ def _runs_on_kernel(cfg) -> bool:
     return runs_on_kernel(cfg.optimizer.type if cfg.optimizer is not None else "AdamW")
 
 
-def _optimizer_state_bytes(cfg, owned, offloaded: bool, client_optimizer: bool) -> tuple[int, str | None]:
+def _optimizer_state_bytes(cfg, owned, trainable, offloaded: bool, client_optimizer: bool) -> tuple[int, str | None]:
     """The state the rank's optimizer will hold once every owned tensor has stepped."""
+    from memfit.optim.groups import model_layout
     from memfit.optim.registry import build_optimizer, find_optimizer
 
     name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
@@ -105,7 +106,8 @@ def _optimizer_state_bytes(cfg, owned, offloaded: bool, client_optimizer: bool) 
     if find_optimizer(name) == "CPUAdamW" or (offloaded and runs_on_kernel(name)):
         return 8 * numel, None  # CPUAdamW: two fp32 moments
     masters = [(n, torch.nn.Parameter(torch.empty(t.shape, device="meta"))) for n, t in owned]
-    optimizer = build_optimizer(name, masters, params)
+    with model_layout(trainable):  # as in initialize: GaLore and FRUGAL decide on the whole model
+        optimizer = build_optimizer(name, masters, params)
     if hasattr(optimizer, "planned_state_bytes"):
         return optimizer.planned_state_bytes(), None
     defaults = optimizer.defaults

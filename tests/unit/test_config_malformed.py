@@ -121,11 +121,14 @@ MALFORMED_DICTS = [
     ),
     # the optimizer section
     ({"optimizer": {"type": 5}}, "config: optimizer.type: expected a string, got 5"),
-    ({"optimizer": {"type": "Lamb"}}, 'config: optimizer.type: "Lamb" is supported by DeepSpeed, not by memfit'),
+    (
+        {"optimizer": {"type": "OneBitLamb"}},
+        'config: optimizer.type: "OneBitLamb" is supported by DeepSpeed, not by memfit',
+    ),
     (
         {"optimizer": {"type": "Adamz"}},
         'config: optimizer.type: unknown optimizer "Adamz" (did you mean "Adam"?); known: Adam, AdamW, CPUAdamW, '
-        "FRUGAL, GaLoreAdamW, SGD",
+        "FRUGAL, GaLoreAdamW, Lamb, SGD",
     ),
     (
         {"optimizer": {"params": "auto"}},
@@ -161,8 +164,9 @@ MALFORMED_DICTS = [
         "config: optimizer.params.max_grad_norm: not an optimizer parameter; use gradient_clipping",
     ),
     (
-        {"optimizer": {"type": "Adam", "params": {"bias_correction": False}}},
-        "config: optimizer.params.bias_correction: false is supported by DeepSpeed, not by memfit (memfit accepts true)",
+        {"optimizer": {"type": "Adam", "params": {"bias_correction": False, "amsgrad": True}}},
+        "config: optimizer.params: amsgrad: not available with bias_correction false (DeepSpeed's FusedAdam has no "
+        "amsgrad at all)",
     ),
     (
         {"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": -0.5}}},
@@ -178,7 +182,7 @@ MALFORMED_DICTS = [
     ),
     (
         {"optimizer": {"type": "GaLoreAdamW", "params": {"target_modules": "attn"}}},
-        'config: optimizer.params.target_modules: expected a list of strings, got "attn"',
+        'config: optimizer.params.target_modules: expected a list of strings or null, got "attn"',
     ),
     (
         {"optimizer": {"type": "FRUGAL", "params": {"density": 2}}},

@@ -72,7 +72,7 @@ def test_density_zero_is_signsgd_plus_adamw():
         assert torch.equal(ours.data, reference.data)
 
 
-def test_blockwise_keeps_density_by_bytes_and_cycles():
+def test_blockwise_tracks_density_by_bytes_and_cycles():
     matrices, vector = make_params()
     optimizer = frugal(matrices, vector, density=0.5, update_gap=2)
     total = sum(p.numel() for p in matrices)
@@ -83,7 +83,7 @@ def test_blockwise_keeps_density_by_bytes_and_cycles():
         optimizer.step()
         active = [i for i, p in enumerate(matrices) if optimizer.state[p].get("active")]
         seen_active.update(active)
-        assert 0 < sum(matrices[i].numel() for i in active) <= 0.5 * total
+        assert 0.5 * total - 640 <= sum(matrices[i].numel() for i in active) <= 0.5 * total + 640  # within a tensor
         adam_bytes = sum(
             v.numel() * 4 for p in matrices for k, v in optimizer.state[p].items() if k.startswith("exp_avg")
         )
@@ -156,9 +156,9 @@ def test_bad_hyperparameters_raise(kwargs, message):
         FRUGAL([torch.nn.Parameter(torch.randn(4, 4))], **kwargs)
 
 
-def test_param_groups_helper():
+def test_param_groups_helper_with_target_modules():
     model = torch.nn.ModuleDict({"attn": torch.nn.Linear(4, 4), "norm": torch.nn.LayerNorm(4)})
-    plain, projectable = frugal_param_groups(model)
+    plain, projectable = frugal_param_groups(model, target_modules=["attn"])
     assert projectable["names"] == ["attn.weight"] and projectable["projectable"]
     assert plain["names"] == ["attn.bias", "norm.weight", "norm.bias"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import memfit.optim.galore as galore_module
-from memfit.optim import GaLoreAdamW, galore_param_groups
+from memfit.optim import FRUGAL, GaLoreAdamW, galore_param_groups
+from memfit.optim.groups import NothingProjectedWarning
 from memfit.optim.projectors import LEFT, RIGHT, compute_basis, project, project_back
 
 SHAPES = [(16, 40), (40, 16), (24, 24)]
@@ -52,7 +53,9 @@ def test_plain_groups_equal_adamw_exactly():
     ours, reference = torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(7, 5))
     reference.data.copy_(ours.data)
     grads = grads_for((7, 5), 10)
-    run(GaLoreAdamW([ours], lr=1e-2, weight_decay=0.05), [ours], [grads])
+    with pytest.warns(NothingProjectedWarning):
+        optimizer = GaLoreAdamW([ours], lr=1e-2, weight_decay=0.05)
+    run(optimizer, [ours], [grads])
     run(torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.05, foreach=False), [reference], [grads])
     assert torch.equal(ours.data, reference.data)
 
@@ -259,3 +262,17 @@ def test_default_projector_is_randomized_and_compat_takes_svd():
     assert compat.param_groups[0]["projector"] == "svd"
     named = GaLoreAdamW([{"params": [param], "rank": 2, "projector": "random"}], galore_compat=True)
     assert named.param_groups[0]["projector"] == "random"
+
+
+@pytest.mark.parametrize("make", [lambda p: GaLoreAdamW(p), lambda p: FRUGAL(p)])
+def test_refused_param_group_is_not_kept(make):
+    """A group that fails the checks leaves the optimizer as it was, so the same tensor can be
+    added again with valid options."""
+    with pytest.warns(NothingProjectedWarning):
+        optimizer = make([torch.nn.Parameter(torch.randn(4, 4))])
+    extra = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="Invalid"):
+        optimizer.add_param_group({"params": [extra], "lr": -1.0})
+    assert len(optimizer.param_groups) == 1
+    optimizer.add_param_group({"params": [extra], "lr": 0.1})
+    assert len(optimizer.param_groups) == 2

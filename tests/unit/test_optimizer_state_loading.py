@@ -9,13 +9,20 @@ import torch
 
 from memfit.optim import FRUGAL, GaLoreAdamW, frugal_param_groups, galore_param_groups
 
+TARGETS = ("attn", "mlp")  # both layers of Block: the default would leave its input and output layers
 FACTORIES = {
-    "galore": lambda model, **kw: GaLoreAdamW(galore_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2, **kw),
-    "galore-bf16-basis": lambda model: GaLoreAdamW(
-        galore_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2, proj_dtype=torch.bfloat16
+    "galore": lambda model, **kw: GaLoreAdamW(
+        galore_param_groups(model, rank=4, target_modules=TARGETS, update_proj_gap=2), lr=1e-2, **kw
     ),
-    "frugal-blockwise": lambda model: FRUGAL(frugal_param_groups(model), lr=1e-2, density=0.5, update_gap=2),
-    "frugal-svd": lambda model: FRUGAL(frugal_param_groups(model), lr=1e-2, density=0.5, update_gap=2, proj_type="svd"),
+    "galore-bf16-basis": lambda model: GaLoreAdamW(
+        galore_param_groups(model, rank=4, target_modules=TARGETS, update_proj_gap=2),
+        lr=1e-2,
+        proj_dtype=torch.bfloat16,
+    ),
+    "frugal-blockwise": lambda model: FRUGAL(frugal_param_groups(model, TARGETS), lr=1e-2, density=0.5, update_gap=2),
+    "frugal-svd": lambda model: FRUGAL(
+        frugal_param_groups(model, TARGETS), lr=1e-2, density=0.5, update_gap=2, proj_type="svd"
+    ),
 }
 
 
