@@ -19,7 +19,7 @@ from memfit.runtime.offload import HostTier, kernel_optimizer, planned_host_byte
 from memfit.runtime.precision import MasterWeights
 from memfit.runtime.schedulers import build_scheduler
 from memfit.runtime.update import KernelUpdate, OptimizerUpdate
-from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flatten_params
+from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flatten_params, staging_numel
 from memfit.runtime.zero.collectives import GradientReducer
 from memfit.runtime.zero.grad_sync import GradientSync
 from memfit.runtime.zero.ownership import plan_ownership
@@ -82,7 +82,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     if world_size > 1 and stage > 0:
         flatten_params(buckets)  # owners broadcast each bucket in place
     attach_grad_buffers([b for b in buckets if stage < 2 or b.owner_rank == rank])
-    reducer = GradientReducer(stage, rank, max(b.numel for b in buckets))
+    reducer = GradientReducer(stage, rank, staging_numel(buckets, stage, rank))
     grad_sync = GradientSync(
         named_params, buckets, reducer, stage=stage, world_size=world_size, overlap=cfg.zero_optimization.overlap_comm
     )

@@ -179,8 +179,10 @@ class Engine:
         return self._plan.summary()
 
     def memory_report(self) -> dict:
-        """Bytes held by this rank, per category and per tier ("device": where the model runs,
-        "host": the host tier's arenas under CPU offload), and the process's peak RSS so far."""
+        """Bytes held by this rank, per category (params: every module parameter, frozen ones too;
+        grads, of which grad_staging is the buffer non-owned stage-2 buckets are sent from;
+        master_weights; optimizer_state) and per tier ("device": where the model runs, "host": the
+        host tier's arenas under CPU offload), and the process's peak RSS so far."""
 
         def nbytes(tensors):
             return sum(t.numel() * t.element_size() for t in tensors)
@@ -191,11 +193,12 @@ class Engine:
         if self.masters.separate:
             grads += self.masters.grads()
         report = {
-            "params": nbytes(p for _, p in self._named_params),
-            "grads": nbytes(grads),
+            "params": nbytes(self.module.parameters()),  # frozen ones too; a tied tensor once
+            "grads": nbytes(grads) + self._grad_sync.reducer.staging_bytes,
             "optimizer_state": self._update.state_bytes,
             "master_weights": self._update.master_bytes,
         }
+        report["grad_staging"] = self._grad_sync.reducer.staging_bytes  # included in grads
         offloaded = report["optimizer_state"] + report["master_weights"]
         host = self.host_tier.bytes_in_use if self.host_tier is not None else 0
         report["by_tier"] = {

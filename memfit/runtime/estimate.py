@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from memfit.runtime.offload import planned_host_bytes, runs_on_kernel
-from memfit.runtime.zero.buckets import build_buckets
+from memfit.runtime.offload import runs_on_kernel
+from memfit.runtime.zero.buckets import build_buckets, staging_numel
 from memfit.runtime.zero.ownership import plan_ownership
 
 CATEGORIES = ("params", "grads", "master_weights", "optimizer_state")
@@ -53,8 +53,7 @@ def estimate(shapes, cfg, world_size: int, client_optimizer: bool = False) -> li
         owned = [(name, t) for name, t in trainable if name in owned_names]
         owned_numel = sum(t.numel() for _, t in owned)
         if zero.stage == 2 and world_size > 1:
-            multi = [b.numel for b in buckets if b.owner_rank != rank and len(b.params) > 1]
-            grads = owned_numel + (max(multi) if multi else 0)
+            grads = owned_numel + staging_numel(buckets, zero.stage, rank)
         else:
             grads = all_numel
         result = RankEstimate(rank)
@@ -70,13 +69,7 @@ def estimate(shapes, cfg, world_size: int, client_optimizer: bool = False) -> li
         }
         device = result.bytes["params"] + result.bytes["grads"]
         if offloaded:
-            kernel = _runs_on_kernel(cfg)
-            host = (
-                planned_host_bytes([t for _, t in owned], kernel=True, reduced_precision=reduced)
-                if kernel
-                else masters + state
-            )
-            result.tiers = {"device": device, "host": host}
+            result.tiers = {"device": device, "host": masters + state}
         else:
             result.tiers = {"device": device + masters + state, "host": 0}
         estimates.append(result)
@@ -85,10 +78,6 @@ def estimate(shapes, cfg, world_size: int, client_optimizer: bool = False) -> li
 
 def _numel(shape) -> int:
     return torch.Size(shape).numel()
-
-
-def _runs_on_kernel(cfg) -> bool:
-    return runs_on_kernel(cfg.optimizer.type if cfg.optimizer is not None else "AdamW")
 
 
 def _optimizer_state_bytes(cfg, owned, trainable, offloaded: bool, client_optimizer: bool) -> tuple[int, str | None]:

@@ -30,7 +30,8 @@ def train(rank, world_size, cfg):
             output = engine(inputs.to(dtype)).float()
             engine.backward(torch.nn.functional.mse_loss(output, targets))
             if mid_accumulation is None:  # after the first micro-step's backward, before any step
-                mid_accumulation = engine.memory_report()["grads"]
+                report = engine.memory_report()
+                mid_accumulation = report["grads"] - report["grad_staging"]
             engine.step()
     params = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     report = {

@@ -70,3 +70,12 @@ def attach_grad_buffers(buckets: list[Bucket]) -> None:
         bucket.grad_views = _views(bucket.grad_buffer, bucket.params)
         for param, view in zip(bucket.params, bucket.grad_views):
             param.grad = view
+
+
+def staging_numel(buckets: list[Bucket], stage: int, rank: int) -> int:
+    """Elements of the buffer a rank sends non-owned multi-tensor buckets from at stage 2 (their
+    gradients are not contiguous there); 0 where every bucket it reduces has a buffer or one tensor."""
+    if stage < 2:
+        return 0
+    sizes = [b.numel for b in buckets if b.owner_rank != rank and len(b.params) > 1]
+    return max(sizes, default=0)

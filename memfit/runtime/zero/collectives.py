@@ -70,6 +70,10 @@ class GradientReducer:
             self._staged = pending
         return pending
 
+    @property
+    def staging_bytes(self) -> int:
+        return 0 if self._staging is None else self._staging.numel() * self._staging.element_size()
+
     def _stage(self, bucket: Bucket) -> torch.Tensor:
         """Copies a non-owned bucket's gradients into the staging buffer, after the previous staged
         reduce has finished sending from it."""
