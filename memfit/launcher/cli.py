@@ -7,7 +7,7 @@ check` needs it: checking a config resolves its optimizer through the registry.)
 import argparse
 import sys
 
-from memfit.launcher import config_cmd
+from memfit.launcher import config_cmd, estimate_cmd
 
 RUN_HELP = "launch a training script (torchrun's options plus --config)"
 REPORT_HELP = "print what memfit finds here: versions, devices, native extension, I/O, CPU, limits"
@@ -21,6 +21,7 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     commands.add_parser("run", help=RUN_HELP, add_help=False)
     config_cmd.add_arguments(commands)
     commands.add_parser("report", help=REPORT_HELP)
+    estimate_cmd.add_arguments(commands)
     bench = commands.add_parser("bench", help="measure this machine").add_subparsers(dest="what", required=True)
     bench_io_parser = bench.add_parser("io", help="file I/O throughput of each backend")
     if list(argv[:2]) == ["bench", "io"]:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     if args.command == "config":
         return config_cmd.run(args)
+    if args.command == "estimate":
+        return estimate_cmd.run(args)
     if args.command == "report":
         from memfit.launcher.report import run as report
 

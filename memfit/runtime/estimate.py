@@ -25,6 +25,7 @@ CATEGORIES = ("params", "grads", "master_weights", "optimizer_state")
 @dataclass
 class RankEstimate:
     rank: int
+    grad_staging: int = 0  # included in bytes["grads"]
     bytes: dict[str, int] = field(default_factory=dict)  # per category
     tiers: dict[str, int] = field(default_factory=dict)  # "device", "host"
     notes: list[str] = field(default_factory=list)
@@ -52,11 +53,9 @@ def estimate(shapes, cfg, world_size: int, client_optimizer: bool = False) -> li
         owned_names = set(plan.owned(rank)) if zero.stage > 0 else set(plan.names)
         owned = [(name, t) for name, t in trainable if name in owned_names]
         owned_numel = sum(t.numel() for _, t in owned)
-        if zero.stage == 2 and world_size > 1:
-            grads = owned_numel + staging_numel(buckets, zero.stage, rank)
-        else:
-            grads = all_numel
-        result = RankEstimate(rank)
+        staging = staging_numel(buckets, zero.stage, rank)
+        grads = owned_numel + staging if zero.stage == 2 else all_numel
+        result = RankEstimate(rank, grad_staging=compute_bytes * staging)
         state, note = _optimizer_state_bytes(cfg, owned, trainable, offloaded, client_optimizer)
         if note:
             result.notes.append(note)
@@ -120,10 +119,10 @@ def deepspeed_zero2_estimate(total_params: int, world_size: int, offload: bool) 
 def format_table(estimates: list[RankEstimate], deepspeed: dict[str, int] | None = None) -> str:
     from memfit.units import format_bytes
 
-    header = ["rank", "params", "grads", "fp32 masters", "optimizer state", "device", "host"]
+    header = ["rank", "params", "grads", "(staging)", "fp32 masters", "optimizer state", "device", "host"]
     rows = [
-        [str(e.rank)]
-        + [format_bytes(e.bytes[c]) for c in CATEGORIES]
+        [str(e.rank), format_bytes(e.bytes["params"]), format_bytes(e.bytes["grads"]), format_bytes(e.grad_staging)]
+        + [format_bytes(e.bytes[c]) for c in CATEGORIES[2:]]
         + [format_bytes(e.tiers["device"]), format_bytes(e.tiers["host"])]
         for e in estimates
     ]

@@ -55,14 +55,14 @@ def reports_and_estimates(rank, world_size):
                 engine.step()
         report = engine.memory_report()
         predicted = estimate(shapes, engine.config, world_size)[rank]
-        out.append((case, report, predicted.bytes, predicted.tiers))
+        out.append((case, report, {**predicted.bytes, "grad_staging": predicted.grad_staging}, predicted.tiers))
     return out
 
 
 def disagreements(results) -> list[str]:
     failures = []
     for case, report, predicted, tiers in results:
-        pairs = [(c, report[c], predicted[c]) for c in CATEGORIES]
+        pairs = [(c, report[c], predicted[c]) for c in (*CATEGORIES, "grad_staging")]
         pairs += [(f"tier {t}", report["by_tier"][t], tiers[t]) for t in ("device", "host")]
         for what, measured, estimated in pairs:
             if abs(measured - estimated) > TOLERANCE * measured or (measured == 0) != (estimated == 0):
