@@ -144,6 +144,8 @@ def main(argv=None) -> None:
             "tokens_per_s": round(tokens_per_s, 1),
             "lr": engine.optimizer.param_groups[0]["lr"],
         }
+        if engine.loss_scaler is not None:  # fp16
+            record.update(loss_scale=engine.loss_scaler.scale, skipped_steps=engine.skipped_steps)
         if done % engine.config.steps_per_print == 0 or done == args.max_steps or done % args.eval_every == 0:
             record["rss_bytes_per_rank"] = rss_per_rank(engine)
             record["memory"] = engine.memory_report()

@@ -1,4 +1,5 @@
-"""A short run of the example model makes the loss fall with each optimizer config."""
+"""A short run of the example model makes the loss fall with each optimizer and precision config,
+the host offload tier included."""
 
 import json
 import os
@@ -10,7 +11,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize("config", ["zero2.json", "galore.json", "frugal.json"])
+@pytest.mark.parametrize(
+    "config", ["zero2.json", "galore.json", "frugal.json", "zero2_bf16.json", "zero2_fp16.json", "cpu_offload.json"]
+)
 def test_loss_falls(tmp_path, config):
     metrics = tmp_path / "metrics.jsonl"
     subprocess.run(
