@@ -21,6 +21,9 @@ def add_arguments(commands) -> None:
     model.add_argument("--model", help="module:factory building the model (called on the meta device)")
     estimate.add_argument("--config", help="a memfit or DeepSpeed JSON config (default: AdamW, no ZeRO)")
     estimate.add_argument("--world-size", type=positive_int, default=1, help="data-parallel ranks (default 1)")
+    estimate.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda", help="where the model runs (default cuda)"
+    )
 
 
 def run(args) -> int:
@@ -37,7 +40,7 @@ def run(args) -> int:
     except (ValueError, OSError) as error:  # ConfigError is a ValueError
         print(f"memfit estimate: {error}", file=sys.stderr)
         return 2
-    estimates = estimate(shapes, cfg, args.world_size)
+    estimates = estimate(shapes, cfg, args.world_size, device_type=args.device)
     total = sum(_numel(shape) for _, shape, _ in shapes)
     zero = cfg.zero_optimization
     deepspeed = None
@@ -47,7 +50,7 @@ def run(args) -> int:
     precision = "bf16" if cfg.bf16.enabled else "fp16" if cfg.fp16.enabled else "fp32"
     print(f"model: {description}")
     print(
-        f"setup: {args.world_size} rank(s), ZeRO stage {zero.stage}, {precision}, {optimizer}, "
+        f"setup: {args.world_size} rank(s) on {args.device}, ZeRO stage {zero.stage}, {precision}, {optimizer}, "
         f"offload_optimizer {zero.offload_optimizer.device}"
     )
     shown = _rows_to_show(estimates)

@@ -15,7 +15,7 @@ from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
 from memfit.runtime.estimate import host_memory_problem
 from memfit.runtime.loss_scale import build_loss_scaler
-from memfit.runtime.offload import HostTier, kernel_optimizer, planned_host_bytes
+from memfit.runtime.offload import HostTier, kernel_optimizer, planned_host_bytes, runs_on_kernel, stages_through_host
 from memfit.runtime.precision import MasterWeights
 from memfit.runtime.schedulers import build_scheduler
 from memfit.runtime.update import KernelUpdate, OptimizerUpdate
@@ -137,15 +137,27 @@ def build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size
     config_params = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
     name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
     tensors = [p for _, p in owned_params]
-    kernel = optimizer is None and kernel_optimizer(name, config_params, tensors or [placeholder[0][1]])
-    tier = HostTier(planned_host_bytes(tensors, kernel=bool(kernel), reduced_precision=reduced), pin=offload.pin_memory)
-    if kernel:
+    on_kernel = optimizer is None and runs_on_kernel(name)
+    staged = stages_through_host(device)
+    keep_masters = reduced or staged
+    tier = HostTier(
+        planned_host_bytes(tensors, kernel=on_kernel, reduced_precision=keep_masters), pin=offload.pin_memory
+    )
+    if on_kernel and not staged:  # the kernel updates the compute parameters in place
+        kernel = kernel_optimizer(name, config_params, tensors or [placeholder[0][1]])
         kernel.allocate_state = tier.zeros
         return MasterWeights(owned_params, keep_fp32_copy=False), kernel, KernelUpdate(kernel, tensors, tier), tier
-    masters = MasterWeights(owned_params, keep_fp32_copy=reduced, allocate=tier.empty)
-    for master in masters.masters if reduced else []:
+    masters = MasterWeights(owned_params, keep_fp32_copy=keep_masters, allocate=tier.empty if keep_masters else None)
+    for master in masters.masters if keep_masters else []:
         tier.hold(master)
-    opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)) or placeholder)
+    if staged:
+        placeholder = [(PLACEHOLDER_NAME, torch.nn.Parameter(torch.empty(0)))]
+    named_masters = list(zip(masters.names, masters.masters)) or placeholder
+    if on_kernel:
+        opt = kernel_optimizer(name, config_params, [tensor for _, tensor in named_masters])
+        opt.allocate_state = tier.zeros
+    else:
+        opt = make_optimizer(optimizer, cfg, named_masters)
     return masters, opt, OptimizerUpdate(opt, masters, tier), tier
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from memfit.runtime.offload import runs_on_kernel
+from memfit.runtime.offload import runs_on_kernel, stages_through_host
 from memfit.runtime.zero.buckets import build_buckets, staging_numel
 from memfit.runtime.zero.ownership import plan_ownership
 
@@ -36,9 +36,13 @@ def shapes_of(model: torch.nn.Module) -> list[tuple[str, tuple, bool]]:
     return [(name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()]
 
 
-def estimate(shapes, cfg, world_size: int, client_optimizer: bool = False) -> list[RankEstimate]:
+def estimate(
+    shapes, cfg, world_size: int, client_optimizer: bool = False, device_type: str = "cpu"
+) -> list[RankEstimate]:
     """Per-rank estimate for shapes [(name, shape, trainable)] under a resolved MemfitConfig;
-    client_optimizer: initialize was given an optimizer of its own, whose state is unknown here."""
+    client_optimizer: initialize was given an optimizer of its own, whose state is unknown here;
+    device_type: where the model runs (off the CPU, the host tier keeps fp32 masters even for
+    fp32 compute)."""
     zero = cfg.zero_optimization
     reduced = cfg.bf16.enabled or cfg.fp16.enabled
     compute_bytes = 2 if reduced else 4
@@ -48,6 +52,7 @@ def estimate(shapes, cfg, world_size: int, client_optimizer: bool = False) -> li
     buckets = build_buckets(trainable, plan, zero.reduce_bucket_size)
     all_numel = sum(t.numel() for _, t in trainable)
     offloaded = zero.offload_optimizer.device == "cpu"
+    keep_masters = reduced or (offloaded and stages_through_host(torch.device(device_type)))
     estimates = []
     for rank in range(world_size):
         owned_names = set(plan.owned(rank)) if zero.stage > 0 else set(plan.names)
@@ -59,7 +64,7 @@ def estimate(shapes, cfg, world_size: int, client_optimizer: bool = False) -> li
         state, note = _optimizer_state_bytes(cfg, owned, trainable, offloaded, client_optimizer)
         if note:
             result.notes.append(note)
-        masters = 4 * owned_numel if reduced else 0
+        masters = 4 * owned_numel if keep_masters else 0
         result.bytes = {
             "params": compute_bytes * (all_numel + frozen_numel),
             "grads": compute_bytes * grads,
@@ -180,7 +185,7 @@ def host_memory_problem(
     offloaded = cfg.zero_optimization.offload_optimizer.device == "cpu"
     if not offloaded and device_type != "cpu":
         return None
-    estimates = estimate(shapes, cfg, world_size, client_optimizer)
+    estimates = estimate(shapes, cfg, world_size, client_optimizer, device_type)
     first = rank - rank % local_world_size
     local = estimates[first : first + local_world_size]
     needed = 0

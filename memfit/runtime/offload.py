@@ -14,6 +14,7 @@ arena rather than failing.
 """
 
 import logging
+import os
 
 import torch
 
@@ -107,6 +108,14 @@ class HostTier:
 
 
 KERNEL_OPTIMIZERS = ("Adam", "AdamW", "CPUAdamW")
+
+
+def stages_through_host(device: torch.device) -> bool:
+    """Whether the host tier keeps fp32 masters apart from the compute parameters, which then
+    cross to the host as gradients and back as parameters: where the model runs off the CPU. On
+    the CPU the kernel updates the compute parameters in place. MEMFIT_OFFLOAD_STAGED=1 forces the
+    staged path on the CPU (it is what a GPU runs; the tests compare the two)."""
+    return device.type != "cpu" or os.environ.get("MEMFIT_OFFLOAD_STAGED") == "1"
 
 
 def runs_on_kernel(name: str) -> bool:

@@ -1,11 +1,12 @@
-"""fp32 master weights for the parameters a rank owns, when compute runs in bfloat16."""
+"""fp32 master weights for the parameters a rank owns, when compute runs in 16 bits or the
+optimizer runs in the host tier while the model runs elsewhere (a GPU)."""
 
 import torch
 
 
 class MasterWeights:
-    """Maps owned compute parameters to the tensors the optimizer updates: fp32 copies under bf16,
-    the parameters themselves otherwise."""
+    """Maps owned compute parameters to the tensors the optimizer updates: fp32 copies (on the
+    device `allocate` gives, else the parameter's), or the parameters themselves."""
 
     def __init__(self, owned: list[tuple[str, torch.nn.Parameter]], keep_fp32_copy: bool, allocate=None):
         """allocate(shape, dtype) -> tensor: where fp32 copies live (the host tier's arena under
@@ -30,7 +31,7 @@ class MasterWeights:
         for master, param in zip(self.masters, self.compute):
             got = param.grad is not None and id(param) in touched_ids
             if self.separate:
-                master.grad = param.grad.float() if got else None
+                master.grad = param.grad.to(device=master.device, dtype=torch.float32) if got else None
                 param.grad = None
             elif not got:
                 param.grad = None
@@ -39,7 +40,7 @@ class MasterWeights:
         if self.separate:
             with torch.no_grad():
                 for master, param in zip(self.masters, self.compute):
-                    param.copy_(master)
+                    param.copy_(master)  # casts, and crosses from the host tier to the device
 
     def grads(self) -> list[torch.Tensor]:
         return [m.grad for m in self.masters if m.grad is not None]

@@ -56,7 +56,7 @@ class OptimizerUpdate:
     def apply(self, multiplier: torch.Tensor | None) -> None:
         if multiplier is not None:
             for grad in self.masters.grads():
-                grad.mul_(multiplier.to(grad.dtype))
+                grad.mul_(multiplier.to(device=grad.device, dtype=grad.dtype))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.masters.write_back()

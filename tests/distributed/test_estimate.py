@@ -3,6 +3,8 @@ training, per category and per tier, on every rank: stages 0/1/2, fp32 and bf16,
 the host tier, for each optimizer family, on models with frozen, tied, rank-routed and single
 tensors (a rank that owns nothing)."""
 
+import os
+
 import torch
 
 import memfit
@@ -38,11 +40,16 @@ def config_of(stage, dtype, offload, optimizer) -> dict:
     }
 
 
-def reports_and_estimates(rank, world_size):
+def reports_and_estimates(rank, world_size, staged=False):
+    """staged: the host tier as a GPU runs it (fp32 masters apart from the compute parameters)."""
+    if staged:
+        os.environ["MEMFIT_OFFLOAD_STAGED"] = "1"
     out = []
     generator = torch.Generator().manual_seed(0)
     for case in cases(world_size):
         model_name, *settings = case
+        if staged and case[3] != "cpu":
+            continue
         model = make_model(model_name)
         shapes = shapes_of(model)
         engine = memfit.initialize(model, config_of(*settings))
@@ -54,7 +61,7 @@ def reports_and_estimates(rank, world_size):
                 engine.backward(torch.nn.functional.mse_loss(output, targets))
                 engine.step()
         report = engine.memory_report()
-        predicted = estimate(shapes, engine.config, world_size)[rank]
+        predicted = estimate(shapes, engine.config, world_size, device_type="cuda" if staged else "cpu")[rank]
         out.append((case, report, {**predicted.bytes, "grad_staging": predicted.grad_staging}, predicted.tiers))
     return out
 
@@ -77,4 +84,11 @@ def test_estimate_equals_memory_report_on_two_ranks():
 
 def test_estimate_equals_memory_report_on_one_rank():
     failures = disagreements(run_ranks(reports_and_estimates, 1)[0])
+    assert not failures, "\n".join(failures[:40])
+
+
+def test_estimate_equals_memory_report_of_the_staged_host_tier():
+    failures = [
+        line for rank_results in run_ranks(reports_and_estimates, 2, True) for line in disagreements(rank_results)
+    ]
     assert not failures, "\n".join(failures[:40])

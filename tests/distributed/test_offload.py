@@ -56,6 +56,24 @@ def test_offloaded_training_equals_training_without_offload(model):
     assert not failures, "\n".join(failures)
 
 
+def run_cases_staged(rank, world_size, cases, staged):
+    if staged:
+        os.environ["MEMFIT_OFFLOAD_STAGED"] = "1"
+    return [run_engine(case, rank, world_size) for case in cases]
+
+
+@pytest.mark.slow
+def test_the_staged_path_a_gpu_runs_equals_the_in_place_path():
+    """Off the CPU, fp32 masters live in the tier apart from the compute parameters; gradients
+    cross to the host and parameters back. Forced on the CPU, that path gives the same bits."""
+    cases = grid(model=["moe", "single"], **{**AXES, "offload": ["cpu"], "steps": [4]})
+    in_place = run_ranks(run_cases_staged, 2, cases, False)[0]
+    staged = run_ranks(run_cases_staged, 2, cases, True)[0]
+    for case, expected, got in zip(cases, in_place, staged):
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), (case, name)
+
+
 def offload_config(offload: str, stage: int = 2, dtype: str = "bfloat16") -> dict:
     return {
         "train_batch_size": 8,
