@@ -47,6 +47,7 @@ def machine_description(path_for_disk: str | None = None) -> str:
         f"- CPU: {cpu_model()}, {os.cpu_count()} cores, flags: {cpu_flags()}",
         f"- RAM: {mem_gib:.1f} GiB",
         f"- Python {platform.python_version()}, torch {torch.__version__}, kernel {platform.release()}",
+        "- Load average when written (1, 5, 15 min): " + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
     ]
     if path_for_disk:
         fs = subprocess.run(["df", "-T", path_for_disk], capture_output=True, text=True).stdout.splitlines()[-1].split()
