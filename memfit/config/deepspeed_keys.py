@@ -77,6 +77,8 @@ def ignored(default, why: str, check=check_bool) -> Handler:
     return handle
 
 
+MEMFIT_IO_THREADS = "memfit's I/O engine sizes its own thread pool (io_uring needs none)"
+MEMFIT_IO_SUBMISSION = "memfit's I/O engine always submits in batches and reaps while submitting"
 STAGE3_SETTINGS = "ZeRO stage 3 settings, which DeepSpeed also ignores below stage 3"
 LOSS_SCALING_SETTINGS = "loss scaling settings, which apply to fp16 only"
 
@@ -307,7 +309,12 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
         ),
     },
     "fp16": {"fp16_master_weights_and_grads": only(False)},
-    "aio": {"use_gds": only(False)},
+    "aio": {
+        "use_gds": only(False),
+        "intra_op_parallelism": ignored(1, MEMFIT_IO_THREADS, check_int),
+        "single_submit": ignored(False, MEMFIT_IO_SUBMISSION),
+        "overlap_events": ignored(True, MEMFIT_IO_SUBMISSION),
+    },
 }
 
 # Extra keys DeepSpeed's Adam and AdamW take in optimizer.params (lower-case optimizer name);

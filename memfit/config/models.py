@@ -110,11 +110,12 @@ class ZeroConfig(Section):
 
 
 class AioConfig(Section):
-    block_size: Integer(minimum=4096, multiple_of=4096) = Field(1 << 20, description="Bytes per I/O piece.")
-    queue_depth: Integer(minimum=1, maximum=4096) = Field(32, description="I/O pieces in flight per engine.")
-    intra_op_parallelism: Integer(minimum=1) = Field(1, description="Worker threads per request (thread-pool backend).")
-    single_submit: Boolean = Field(False, description="Submit pieces one system call at a time.")
-    overlap_events: Boolean = Field(True, description="Keep submitting while completions are reaped.")
+    block_size: Integer(minimum=4096, multiple_of=4096) = Field(
+        1 << 20, description="Bytes per I/O piece, for every file memfit opens after initialize (swap, NVMe tier)."
+    )
+    queue_depth: Integer(minimum=1, maximum=4096) = Field(
+        32, description="I/O pieces in flight per engine, for every file memfit opens after initialize."
+    )
 
 
 class MemfitConfig(Section):

@@ -19,6 +19,7 @@ BACKENDS = ("io_uring", "threads", "python")
 
 _engines: dict = {}
 _engines_lock = threading.Lock()
+_default_geometry = (DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH)
 
 
 def _forget_engines_after_fork() -> None:
@@ -66,9 +67,25 @@ def check_geometry(block_size, queue_depth) -> tuple[int, int]:
     return block_size, queue_depth
 
 
-def get_engine(requested: str = "auto", block_size=DEFAULT_BLOCK_SIZE, queue_depth=DEFAULT_QUEUE_DEPTH):
+def set_default_geometry(block_size, queue_depth: int) -> None:
+    """Block size and queue depth of the files opened from now on without their own (the
+    config's aio section: memfit.initialize sets it for the process)."""
+    global _default_geometry
+    _default_geometry = check_geometry(block_size, queue_depth)
+
+
+def resolve_geometry(block_size=None, queue_depth: int | None = None) -> tuple[int, int]:
+    """(block size, queue depth), checked; None takes the process default."""
+    return check_geometry(
+        _default_geometry[0] if block_size is None else block_size,
+        _default_geometry[1] if queue_depth is None else queue_depth,
+    )
+
+
+def get_engine(requested: str = "auto", block_size=None, queue_depth: int | None = None):
+    """The shared engine of a backend and geometry; None takes the process default."""
     name = backend(requested)
-    block_size, queue_depth = check_geometry(block_size, queue_depth)
+    block_size, queue_depth = resolve_geometry(block_size, queue_depth)
     key = (name, block_size, queue_depth)
     with _engines_lock:
         engine = _engines.get(key)

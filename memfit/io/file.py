@@ -16,7 +16,7 @@ import threading
 import warnings
 
 from memfit.io.buffers import Span, buffer_span
-from memfit.io.engine import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, get_engine
+from memfit.io.engine import get_engine, resolve_geometry
 from memfit.units import parse_size
 
 MAX_FILE_BYTES = 2**63 - 1  # the largest offset off_t can hold
@@ -122,8 +122,8 @@ class AsyncFile:
         mode: str = "r",
         *,
         direct: bool = True,
-        block_size=DEFAULT_BLOCK_SIZE,
-        queue_depth: int = DEFAULT_QUEUE_DEPTH,
+        block_size=None,
+        queue_depth: int | None = None,
         backend: str = "auto",
         size=None,
     ):
@@ -137,8 +137,9 @@ class AsyncFile:
             raise ValueError(f"mode: expected 'r', 'w' or 'rw', got {mode!r}")
         self.path = os.fspath(path)
         self.mode = mode
+        self.block_size, self.queue_depth = resolve_geometry(block_size, queue_depth)  # None: the process default
         try:
-            self._engine = get_engine(backend, block_size, queue_depth)
+            self._engine = get_engine(backend, self.block_size, self.queue_depth)
         except OSError as error:  # no thread or no memory to start a new engine
             raise OSError(error.errno, f"cannot start the I/O engine: {error.strerror}", self.path) from None
         self._buffered_fd = os.open(self.path, _MODES[mode] | os.O_CLOEXEC, 0o644)

@@ -25,7 +25,6 @@ from typing import NamedTuple
 import torch
 
 from memfit.io.buffers import buffer_span
-from memfit.io.engine import DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH
 from memfit.io.extents import ExtentAllocator, align_up
 from memfit.io.file import AsyncFile, Request
 from memfit.units import format_bytes, parse_size
@@ -84,8 +83,8 @@ class SwapFile:
         path,
         capacity_bytes,
         *,
-        block_size=DEFAULT_BLOCK_SIZE,
-        queue_depth: int = DEFAULT_QUEUE_DEPTH,
+        block_size=None,
+        queue_depth: int | None = None,
         backend: str = "auto",
         direct: bool = True,
         keep: bool = False,

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from memfit.config import ClientComponents, ConfigError, describe_config, engine_gaps, resolve_config
+from memfit.io.engine import set_default_geometry
 from memfit.optim.groups import model_layout
 from memfit.optim.registry import build_optimizer
 from memfit.runtime.distributed import init_distributed, seed_everything
@@ -54,6 +55,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         logger.info("%s", describe_config(cfg, world_size, client=client))
     _, micro_batch_size, accumulation_steps = cfg.batch_sizes(world_size)
     seed_everything(cfg.seed + rank)
+    set_default_geometry(cfg.aio.block_size, cfg.aio.queue_depth)
 
     compute_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
     model = prepare_model(model, device, compute_dtype, world_size)

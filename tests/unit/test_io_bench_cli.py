@@ -51,7 +51,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
 
 def test_help_says_the_directory_is_created(capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench", "io", "--help"])
+        build_parser(["bench", "io", "--help"]).parse_args(["bench", "io", "--help"])
     assert "created if missing" in " ".join(capsys.readouterr().out.split())
 
 
