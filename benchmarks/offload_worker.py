@@ -23,18 +23,22 @@ def make_model(dim: int, layers: int, seq_len: int) -> GPT:
     return GPT(GPTConfig(dim=dim, n_layers=layers, n_heads=dim // 64, seq_len=seq_len))
 
 
-def memfit_setup(model, micro_batch: int):
-    import memfit
-
-    dist.init_process_group("gloo")
-    config = {
+def training_config(micro_batch: int) -> dict:
+    """The same config for both: DeepSpeed's keys mean the same in memfit."""
+    return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_clipping": CLIP,
         "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}},
         "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
     }
-    return memfit.initialize(model, config)
+
+
+def memfit_setup(model, micro_batch: int):
+    import memfit
+
+    dist.init_process_group("gloo")
+    return memfit.initialize(model, training_config(micro_batch))
 
 
 def deepspeed_setup(model, micro_batch: int):
@@ -42,14 +46,7 @@ def deepspeed_setup(model, micro_batch: int):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_clipping": CLIP,
-        "bf16": {"enabled": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}},
-        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-        "steps_per_print": 10**9,
-    }
+    config = {**training_config(micro_batch), "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
 
