@@ -155,7 +155,7 @@ class Engine:
         if max_norm <= 0:  # fp16 without clipping: only the overflow check
             overflow = self._agree_on_overflow(self._update.nonfinite(grads))
             return (None if overflow else torch.tensor(1.0 / scaler.scale)), overflow
-        norms = [torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads]
+        norms = [_fp32_norm(grad) for grad in grads]
         squares = torch.linalg.vector_norm(torch.stack(norms)) ** 2 if norms else torch.zeros((), device=self.device)
         if self.stage > 0:
             all_reduce_scalar(squares, self.world_size)
@@ -243,3 +243,19 @@ def _peak_rss_bytes() -> int:
     except OSError:
         pass
     return psutil.Process().memory_info().rss
+
+
+NORM_CHUNK_NUMEL = 1 << 18
+
+
+def _fp32_norm(grad: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of a gradient, accumulated in fp32. A 16-bit gradient is widened a chunk of
+    1 MiB at a time: torch's vector_norm(dtype=float32) returns a result that keeps the whole
+    widened copy alive, so the norms of all gradients held an fp32 copy of every one at once
+    (4 bytes per owned parameter at the step's peak)."""
+    if grad.dtype == torch.float32:
+        return torch.linalg.vector_norm(grad)
+    chunks = grad.reshape(-1).split(NORM_CHUNK_NUMEL)
+    if len(chunks) == 1:
+        return torch.linalg.vector_norm(chunks[0].float())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c.float()) for c in chunks]))
