@@ -31,9 +31,8 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
     lifecycle.exit_with_launcher()
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(
-            "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=collective_timeout_s)
-        )
+        timeout = datetime.timedelta(seconds=collective_timeout_s)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, **attempt_store(timeout))
         atexit.register(_shut_down_process_group)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -46,6 +45,24 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
     else:
         device = torch.device("cpu")
     return rank, world_size, device
+
+
+def attempt_store(timeout: datetime.timedelta) -> dict:
+    """init_process_group's store, rank and world size when torchrun's agent hosts the store: the
+    agent's store under a prefix of its own for each restart attempt. torch 2.13's agent keeps one
+    store across restarts and its workers use it unprefixed, so the workers of a restart read the
+    addresses a killed attempt left there and time out connecting to dead ranks (each attempt
+    failing in turn until the restarts are used up). The attempt is the agent's restart count,
+    which all workers of one node share (the prefix torch itself used up to 2.3). Elsewhere: {}."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    prefix = f"memfit/attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}/"
+    return {
+        "store": dist.PrefixStore(prefix, store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+    }
 
 
 EXIT_GRACE_S = 0.1
