@@ -17,6 +17,7 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import xxhash
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,14 @@ def rss_per_rank(engine) -> list[int]:
     return gathered
 
 
+def params_digest(engine) -> str:
+    """XXH3 of every parameter's bytes: equal digests mean bit-identical models."""
+    hasher = xxhash.xxh3_64()
+    for _, param in sorted(engine.module.named_parameters()):
+        hasher.update(param.detach().float().cpu().contiguous().view(torch.uint8).numpy())
+    return hasher.hexdigest()
+
+
 @torch.no_grad()
 def validation_loss(engine, data, args, micro_batch, seq_len) -> float:
     engine.module.eval()
@@ -94,8 +103,11 @@ def main(argv=None) -> None:
     model = GPT(model_cfg)
     engine = memfit.initialize(model, args.config)
     train, validation, source = load_corpus(args.data)
-    start_step = 0
-    if args.resume:
+    # Snapshots (config "snapshot"): each one keeps the data position, and a restarted job is
+    # restored by memfit.initialize; the loop continues where the snapshot was taken.
+    engine.set_client_state(lambda: {"data_position": engine.global_step})
+    start_step = engine.client_state["data_position"] if engine.restored_from is not None else 0
+    if args.resume and engine.restored_from is None:
         if os.path.exists(os.path.join(args.save_dir, "latest")):
             start_step = engine.load_checkpoint(args.save_dir)["data_position"]
         elif engine.rank == 0:
@@ -112,7 +124,8 @@ def main(argv=None) -> None:
             flush=True,
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
-    metrics = open(args.metrics, "a" if args.resume else "w") if is_main else None
+    restored = engine.restored_from is not None
+    metrics = open(args.metrics, "a" if args.resume or restored else "w") if is_main else None
     bar = tqdm(total=args.max_steps, initial=start_step, desc="train", disable=not is_main, dynamic_ncols=True)
 
     for step in range(start_step, args.max_steps):
@@ -146,11 +159,15 @@ def main(argv=None) -> None:
         }
         if engine.loss_scaler is not None:  # fp16
             record.update(loss_scale=engine.loss_scaler.scale, skipped_steps=engine.skipped_steps)
+        if restored and step == start_step:
+            record["restored_from"] = engine.restored_from
         if done % engine.config.steps_per_print == 0 or done == args.max_steps or done % args.eval_every == 0:
             record["rss_bytes_per_rank"] = rss_per_rank(engine)
             record["memory"] = engine.memory_report()
         if done % args.eval_every == 0 or done == args.max_steps:
             record["val_loss"] = round(validation_loss(engine, validation, args, micro, model_cfg.seq_len), 5)
+        if done == args.max_steps:
+            record["params_xxh3"] = params_digest(engine)
         if args.save_dir and ((args.save_every and done % args.save_every == 0) or done == args.max_steps):
             engine.save_checkpoint(args.save_dir, client_state={"data_position": done})
         if is_main:

@@ -149,6 +149,9 @@ class MemfitConfig(Section):
     scheduler: SchedulerConfig | None = Field(None, description="Learning-rate schedule stepped with the optimizer.")
     zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig, description="ZeRO sharding.")
     aio: AioConfig = Field(default_factory=AioConfig, description="Asynchronous file I/O engine defaults.")
+    snapshot: "SnapshotConfig" = Field(
+        default_factory=lambda: SnapshotConfig(), description="In-memory snapshots and their persistence."
+    )
 
     def batch_sizes(self, world_size: int) -> tuple[int, int, int]:
         """(train_batch_size, micro batch per rank, accumulation steps) for world_size ranks."""
@@ -158,3 +161,8 @@ class MemfitConfig(Section):
             self.train_batch_size, self.train_micro_batch_size_per_gpu, self.gradient_accumulation_steps, world_size
         )
         return train, micro, accumulation
+
+
+from memfit.config.snapshot import SnapshotConfig  # noqa: E402  (the section imports Section from here)
+
+MemfitConfig.model_rebuild()

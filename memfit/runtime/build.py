@@ -8,6 +8,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from memfit.checkpointing.restore import restore_latest
+from memfit.checkpointing.snapshot import build_snapshotter
 from memfit.config import ClientComponents, ConfigError, describe_config, engine_gaps, resolve_config
 from memfit.io.engine import set_default_geometry
 from memfit.optim.groups import model_layout
@@ -92,7 +94,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     with model_layout(model):  # the low-rank factories decide what to project from the whole model
         masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
-    return Engine(
+    engine = Engine(
         model=model,
         config=cfg,
         rank=rank,
@@ -111,6 +113,10 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,
     )
+    engine.snapshotter = build_snapshotter(cfg.snapshot, engine)
+    if engine.snapshotter is not None:
+        restore_latest(engine, engine.snapshotter)
+    return engine
 
 
 def agree_on_failure(failed: bool, world_size: int, device) -> bool:

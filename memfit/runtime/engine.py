@@ -71,6 +71,8 @@ class Engine:
         self.skipped_steps = 0  # fp16 steps skipped for an overflow
         self.grad_bytes_after_reduce = 0  # gradient bytes this rank held after the last reduction
         self._auto_cast = config.fp16.enabled and config.fp16.auto_cast
+        self.snapshotter = None  # set by the build when snapshots are on (memfit/checkpointing/snapshot.py)
+        self.client_state, self.restored_from, self._client_state_source = {}, None, None
 
     # ---- phase 1: micro-steps -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -118,6 +120,8 @@ class Engine:
         self.micro_step += 1
         if not boundary:
             return
+        if self.snapshotter is not None:
+            self.snapshotter.wait_for_copy()  # the last snapshot's lazy copy reads what the update writes
         touched = self._grad_sync.finish_step()
         if self.world_size > 1 and not self._grad_sync.reduces_every_backward:
             self._count_grad_bytes()
@@ -136,6 +140,8 @@ class Engine:
         if not overflow and self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_step += 1
+        if self.snapshotter is not None:
+            self.snapshotter.after_step(self)
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
             logger.info(
                 "step %d lr %s%s",
@@ -221,6 +227,11 @@ class Engine:
         from memfit.checkpointing import load_checkpoint
 
         return load_checkpoint(self, load_dir, tag)
+
+    def set_client_state(self, state) -> None:
+        """What each snapshot keeps as the client's state (the data position): a dict, or a callable
+        returning one, called at each snapshot. A restore hands it back as engine.client_state."""
+        self._client_state_source = state
 
     def barrier(self) -> None:
         if self.world_size > 1:

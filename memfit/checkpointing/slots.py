@@ -1,0 +1,249 @@
+"""Snapshot slots: one rank's payload as flat bytes in a shared-memory file, written in place by
+the worker and read zero-copy by a restarted worker, the agent and `memfit snapshot verify`.
+
+Layout of a slot file (little-endian):
+    0     magic "MFSLOT01"
+    8     sequence (u64): 0 while the slot is being written; set last, after everything else, to a
+          number larger than any earlier one of this rank, so the newer of two slots is known
+    16    step (i64)
+    24    index offset (u64), 32 index length (u64), 40 index digest (u64, XXH3 of the index)
+    4096  tensor bytes, each tensor at a 64-byte aligned offset
+    then  the index: a pickle of plain Python values only (no tensor, no class):
+          {"step", "world_size", "rank", "owner_of", "meta", "tensors": [(path, dtype, shape,
+          offset, nbytes, digest)]}; "meta" is the payload with each tensor replaced by
+          {TENSOR_MARK: path}
+A torn slot (a writer killed mid-copy) has sequence 0, or a digest that does not match: it is
+never taken. The checksums are XXH3-64 of each tensor's bytes, as integrity.py computes them.
+"""
+
+import io
+import mmap
+import os
+import pickle
+import struct
+
+import torch
+import xxhash
+
+from memfit.checkpointing.integrity import CheckpointError, walk_tensors
+
+MAGIC = b"MFSLOT01"
+HEADER = struct.Struct("<8sQqQQQ")
+DATA_OFFSET = 4096
+ALIGN = 64
+TENSOR_MARK = "__memfit_tensor__"
+SLOTS_PER_RANK = 2
+INDEX_ALLOWANCE_BYTES = 1 << 16  # room kept for the index beyond its size at the last estimate
+
+
+def slot_path(shm_dir: str, rank: int, slot: int) -> str:
+    return os.path.join(shm_dir, f"rank{rank}.slot{slot}")
+
+
+def _align(value: int, to: int = ALIGN) -> int:
+    return (value + to - 1) // to * to
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"unknown dtype {name!r} in a slot index")
+    return dtype
+
+
+def _without_tensors(tree, prefix: str = ""):
+    if torch.is_tensor(tree):
+        return {TENSOR_MARK: prefix}
+    if isinstance(tree, dict):
+        return {key: _without_tensors(value, f"{prefix}/{key}" if prefix else str(key)) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [
+            _without_tensors(value, f"{prefix}/{index}" if prefix else str(index)) for index, value in enumerate(tree)
+        ]
+    return tree
+
+
+def _with_tensors(tree, tensor_of):
+    if isinstance(tree, dict):
+        if set(tree) == {TENSOR_MARK}:
+            return tensor_of(tree[TENSOR_MARK])
+        return {key: _with_tensors(value, tensor_of) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_with_tensors(value, tensor_of) for value in tree]
+    return tree
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads plain values only: an index that names a class is refused, not executed."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"a slot index may hold plain values only, found {module}.{name}")
+
+
+def layout(payload: dict) -> tuple[list[tuple[str, torch.Tensor, int]], int]:
+    """([(path, tensor, offset)], bytes of tensor data) for a payload's tensors in the slot."""
+    placed, offset = [], DATA_OFFSET
+    for path, tensor in walk_tensors(payload):
+        placed.append((path, tensor, offset))
+        offset = _align(offset + tensor.numel() * tensor.element_size())
+    return placed, offset - DATA_OFFSET
+
+
+def needed_bytes(payload: dict) -> int:
+    """Slot size that holds payload, with room for its index."""
+    _, data_bytes = layout(payload)
+    index_bytes = len(pickle.dumps(_without_tensors(payload))) + 200 * sum(1 for _ in walk_tensors(payload))
+    return _align(DATA_OFFSET + data_bytes + index_bytes + INDEX_ALLOWANCE_BYTES, 1 << 20)
+
+
+class SlotFile:
+    """A slot file mapped read-write (the worker that fills it) for as long as it is in use."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "r+b")
+        self.num_bytes = os.fstat(self._file.fileno()).st_size
+        self._map = mmap.mmap(self._file.fileno(), self.num_bytes)
+        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def sequence(self) -> int:
+        magic, sequence, *_ = HEADER.unpack_from(self._map, 0)
+        return sequence if magic == MAGIC else 0
+
+    def invalidate(self) -> None:
+        """Marks the slot as being written, before any of its bytes change."""
+        HEADER.pack_into(self._map, 0, MAGIC, 0, -1, 0, 0, 0)
+
+    def copy_tensor(self, tensor: torch.Tensor, offset: int) -> str:
+        """Copies tensor's bytes to offset; returns their digest."""
+        num_bytes = tensor.numel() * tensor.element_size()
+        target = self.bytes[offset : offset + num_bytes]
+        if num_bytes:
+            target.copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+        return xxhash.xxh3_64_hexdigest(target.numpy())
+
+    def commit(self, step: int, sequence: int, index: dict) -> None:
+        """Writes the index after the tensor bytes, then the header, the sequence last."""
+        data = pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL)
+        end = max([entry[3] + entry[4] for entry in index["tensors"]], default=DATA_OFFSET)
+        index_offset = _align(end)
+        if index_offset + len(data) > self.num_bytes:
+            raise CheckpointError(f"{self.path}: index does not fit ({index_offset + len(data)} > {self.num_bytes})")
+        self._map[index_offset : index_offset + len(data)] = data
+        digest = xxhash.xxh3_64_intdigest(data)
+        HEADER.pack_into(self._map, 0, MAGIC, 0, step, index_offset, len(data), digest)
+        struct.pack_into("<Q", self._map, 8, sequence)
+
+    def close(self) -> None:
+        del self.bytes
+        self._map.close()
+        self._file.close()
+
+
+class SlotReader:
+    """A committed slot, mapped copy-on-write: tensors are views of the file's pages (zero-copy)
+    until written. Raises CheckpointError for an empty, torn or corrupted slot."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size < DATA_OFFSET:
+                    raise CheckpointError(f"{path}: {size} bytes, too short for a slot")
+                self._map = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
+        except OSError as error:
+            raise CheckpointError(f"{path}: {error.strerror}") from None
+        magic, self.sequence, self.step, index_offset, index_bytes, digest = HEADER.unpack_from(self._map, 0)
+        if magic != MAGIC:
+            raise CheckpointError(f"{path}: not a snapshot slot (bad magic)")
+        if self.sequence == 0:
+            raise CheckpointError(f"{path}: empty or being written (no committed snapshot)")
+        if index_offset + index_bytes > size:
+            raise CheckpointError(f"{path}: index beyond the end of the slot (corrupted header)")
+        data = self._map[index_offset : index_offset + index_bytes]
+        if xxhash.xxh3_64_intdigest(data) != digest:
+            raise CheckpointError(f"{path}: index checksum mismatch (corrupted index)")
+        try:
+            self.index = _PlainUnpickler(io.BytesIO(data)).load()
+        except Exception as error:
+            raise CheckpointError(f"{path}: unreadable index ({error})") from None
+        if self.index.get("step") != self.step:
+            raise CheckpointError(f"{path}: header step {self.step}, index step {self.index.get('step')}")
+        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._entries = {entry[0]: entry for entry in self.index["tensors"]}
+        self._verified: set[str] = set()
+
+    def tensor(self, path: str, verify: bool = True) -> torch.Tensor:
+        entry = self._entries.get(path)
+        if entry is None:
+            raise CheckpointError(f"{self.path}: no tensor {path!r}")
+        _, dtype_name, shape, offset, num_bytes, digest = entry
+        data = self._bytes[offset : offset + num_bytes]
+        if verify and path not in self._verified:
+            if xxhash.xxh3_64_hexdigest(data.numpy()) != digest:
+                raise CheckpointError(f"{self.path}: checksum mismatch in tensor {path!r} (corrupted data)")
+            self._verified.add(path)
+        return data.view(_dtype(dtype_name)).reshape(shape)
+
+    def verify(self) -> None:
+        """Checks every tensor; raises CheckpointError naming the first bad one."""
+        for path in self._entries:
+            self.tensor(path)
+
+    def payload(self, verify: bool = True) -> dict:
+        """The payload with its tensors as views of the slot."""
+        return _with_tensors(self.index["meta"], lambda path: self.tensor(path, verify))
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(entry[4] for entry in self.index["tensors"])
+
+
+def tensor_entry(path: str, tensor: torch.Tensor, offset: int, digest: str) -> tuple:
+    return (path, str(tensor.dtype), list(tensor.shape), offset, tensor.numel() * tensor.element_size(), digest)
+
+
+def index_for(payload: dict, step: int, world_size: int, rank: int, owner_of: dict, entries: list) -> dict:
+    return {
+        "step": step,
+        "world_size": world_size,
+        "rank": rank,
+        "owner_of": owner_of,
+        "meta": _without_tensors(payload),
+        "tensors": entries,
+    }
+
+
+def newest_committed(shm_dir: str, rank: int) -> list[SlotReader]:
+    """The rank's committed slots, newest first; unreadable ones are left out."""
+    readers = []
+    for slot in range(SLOTS_PER_RANK):
+        try:
+            readers.append(SlotReader(slot_path(shm_dir, rank, slot)))
+        except CheckpointError:
+            continue
+    return sorted(readers, key=lambda reader: reader.sequence, reverse=True)
+
+
+class SlotSource:
+    """Committed slots of one step, one per rank, as a StateSource for restore_rank_state."""
+
+    def __init__(self, readers: dict[int, SlotReader]):
+        any_reader = next(iter(readers.values()))
+        self.world_size = any_reader.index["world_size"]
+        self.owner_of = any_reader.index["owner_of"]
+        self.step = any_reader.step
+        self.description = f"snapshot of step {self.step} in {os.path.dirname(any_reader.path)}"
+        self._readers = readers
+
+    def _reader(self, rank: int) -> SlotReader:
+        if rank not in self._readers:
+            raise CheckpointError(f"{self.description}: no slot of rank {rank} here")
+        return self._readers[rank]
+
+    def payload(self, rank: int) -> dict:
+        return self._reader(rank).payload(verify=False)
+
+    def tensor(self, rank: int, path: str) -> torch.Tensor:
+        return self._reader(rank).tensor(path)

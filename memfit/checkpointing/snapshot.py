@@ -1,0 +1,181 @@
+"""The worker's side of in-memory snapshots: every `interval_steps` optimizer steps, the rank's
+training state goes into one of its two shared-memory slots, which the node's agent holds.
+
+Design note (the lazy copy of DataStates-LLM and CheckFreq). At a snapshot step, right after the
+optimizer step:
+  1. eagerly, on the training thread: what forward mutates or what is cheap (module buffers, RNG
+     states, scheduler, step counters, the client's state, all non-tensor values);
+  2. lazily, on a background thread, into the slot not holding the newest snapshot: parameters
+     (fp32 masters), optimizer state and frozen parameters, i.e. the rank's owned shard. Forward
+     and backward of the next step do not write these tensors; only the optimizer step does.
+  3. wait_for_copy(), called by the engine at the start of the next optimizer step, blocks until
+     the copy is done (the training stall, usually zero). The copy commits the slot (index, then
+     the sequence number last) and tells the agent.
+Invariant: at most one snapshot is in flight, and a slot is written only after the agent says it
+is not being persisted.
+
+The client's data position: `engine.set_client_state(dict_or_callable)`; a callable is called at
+each snapshot, so it can report the position the loop has reached. A restore hands it back as
+`engine.client_state`.
+"""
+
+import copy
+import logging
+import os
+import threading
+import time
+
+from memfit.checkpointing import agent
+from memfit.checkpointing.faults import fault_point
+from memfit.checkpointing.integrity import CheckpointError
+from memfit.checkpointing.slots import (
+    SLOTS_PER_RANK,
+    SlotFile,
+    index_for,
+    layout,
+    needed_bytes,
+    newest_committed,
+    slot_path,
+    tensor_entry,
+)
+from memfit.checkpointing.state import export_rank_state
+from memfit.config.snapshot import DEFAULT_SHM_ROOT, SHM_DIR_ENV
+from memfit.runtime import lifecycle
+
+logger = logging.getLogger("memfit")
+
+JOB_ID_ENV = "MEMFIT_JOB_ID"
+
+
+def resolve_shm_dir(config) -> str:
+    """MEMFIT_SNAPSHOT_SHM_DIR, else snapshot.shm_dir, else /dev/shm/memfit-<job id>."""
+    if os.environ.get(SHM_DIR_ENV):
+        return os.path.abspath(os.environ[SHM_DIR_ENV])
+    if config.shm_dir:
+        return config.shm_dir
+    job_id = os.environ.get(JOB_ID_ENV) or os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{lifecycle.launcher_pid()}"
+    return os.path.join(DEFAULT_SHM_ROOT, f"memfit-{job_id}")
+
+
+def agent_arguments(config) -> list[str]:
+    if config.persist.path is None:
+        return []
+    return ["--persist-path", os.path.abspath(config.persist.path), "--persist-keep", str(config.persist.keep)]
+
+
+class Snapshotter:
+    def __init__(self, config, engine):
+        self.config = config
+        self.interval_steps = config.interval_steps
+        self.shm_dir = resolve_shm_dir(config)
+        self.rank, self.world_size = engine.rank, engine.world_size
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", engine.world_size))
+        self.node_rank = int(os.environ.get("GROUP_RANK", "0"))
+        owner_of = engine.ownership()["owner_of"]
+        self.owner_of = {name: owner if engine.stage > 0 else 0 for name, owner in owner_of.items()}
+        agent.ensure_agent(self.shm_dir, lifecycle.launcher_pid(), agent_arguments(config), config.keep_shm)
+        committed = newest_committed(self.shm_dir, self.rank)
+        self.sequence = max((reader.sequence for reader in committed), default=0)
+        newest_slot = int(committed[0].path[-1]) if committed else SLOTS_PER_RANK - 1
+        self.next_slot = (newest_slot + 1) % SLOTS_PER_RANK
+        self.num_snapshots = 0
+        self._slots: list[SlotFile | None] = [None] * SLOTS_PER_RANK
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.stall_s = 0.0  # total time the optimizer step waited for a copy
+
+    def restored(self, slot: int | None, step: int) -> None:
+        """After a restore from `slot`: the next snapshot must not overwrite it."""
+        if slot is not None:
+            self.next_slot = (slot + 1) % SLOTS_PER_RANK
+        self.num_snapshots = step // self.interval_steps if self.interval_steps else 0
+
+    # ---- the step hooks -------------------------------------------------------------------------
+    def wait_for_copy(self) -> None:
+        """At the start of an optimizer step: blocks until the last snapshot's copy is done; raises
+        if it failed."""
+        fault_point("snapshot-barrier", self.rank)  # the n-th optimizer step, before it updates
+        self._join()
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            started = time.perf_counter()
+            self._thread.join()
+            self.stall_s += time.perf_counter() - started
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"snapshot of rank {self.rank} failed: {error}") from error
+
+    def after_step(self, engine) -> None:
+        if not self.interval_steps or engine.global_step % self.interval_steps != 0:
+            return
+        self._join()
+        source = engine._client_state_source
+        client_state = source() if callable(source) else (source or {})
+        payload = export_rank_state(engine, copy.deepcopy(client_state))
+        # Forward mutates buffers (batch-norm statistics): copy them now. RNG states are copies.
+        payload["buffers"] = {name: buffer.clone() for name, buffer in payload["buffers"].items()}
+        self.num_snapshots += 1
+        persist = self.config.persist.path is not None and self.num_snapshots % self.config.persist.every_snapshots == 0
+        slot_file = self._slot(self.next_slot, needed_bytes(payload))
+        index_header = index_for(payload, engine.global_step, self.world_size, self.rank, self.owner_of, [])
+        index_header["meta"] = copy.deepcopy(index_header["meta"])
+        job = (slot_file, self.next_slot, payload, index_header, persist)
+        self.next_slot = (self.next_slot + 1) % SLOTS_PER_RANK
+        self._thread = threading.Thread(target=self._copy, args=job, name="memfit-snapshot", daemon=True)
+        self._thread.start()
+
+    def _slot(self, slot: int, num_bytes: int) -> SlotFile:
+        current = self._slots[slot]
+        if current is not None and current.num_bytes >= num_bytes:
+            return current
+        agent.request(self.shm_dir, {"op": "allocate", "rank": self.rank, "bytes": num_bytes})
+        if current is not None:
+            current.close()
+        self._slots[slot] = SlotFile(slot_path(self.shm_dir, self.rank, slot))
+        return self._slots[slot]
+
+    def _copy(self, slot_file: SlotFile, slot: int, payload: dict, index: dict, persist: bool) -> None:
+        try:
+            agent.request(self.shm_dir, {"op": "acquire", "rank": self.rank, "slot": slot})
+            slot_file.invalidate()
+            entries = []
+            for number, (path, tensor, offset) in enumerate(layout(payload)[0]):
+                entries.append(tensor_entry(path, tensor, offset, slot_file.copy_tensor(tensor, offset)))
+                if number == 0:
+                    fault_point("snapshot-copying", self.rank)
+            index["tensors"] = entries
+            self.sequence += 1
+            slot_file.commit(index["step"], self.sequence, index)
+            fault_point("snapshot-committed", self.rank)
+            message = {
+                "op": "committed",
+                "rank": self.rank,
+                "slot": slot,
+                "step": index["step"],
+                "world_size": self.world_size,
+                "local_world_size": self.local_world_size,
+                "node_rank": self.node_rank,
+                "persist": persist,
+            }
+            agent.request(self.shm_dir, message)
+            if persist:
+                fault_point("snapshot-persist-requested", self.rank)
+        except BaseException as error:  # reported at the next optimizer step, on the training thread
+            self._error = error
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        for slot_file in self._slots:
+            if slot_file is not None:
+                slot_file.close()
+        self._slots = [None] * SLOTS_PER_RANK
+
+
+def build_snapshotter(config, engine) -> Snapshotter | None:
+    """The snapshotter for snapshot config `config`, or None when snapshots are off."""
+    if not config.interval_steps:
+        return None
+    return Snapshotter(config, engine)

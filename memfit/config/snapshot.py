@@ -1,0 +1,41 @@
+"""The `snapshot` section: in-memory snapshots held by a per-node agent, and their lazy
+persistence to disk (see memfit/checkpointing/snapshot.py)."""
+
+from pydantic import Field, field_validator
+
+from memfit.config.models import Section
+from memfit.config.values import Boolean, Integer, OneOf, Text
+
+DEFAULT_SHM_ROOT = "/dev/shm"
+SHM_DIR_ENV = "MEMFIT_SNAPSHOT_SHM_DIR"
+
+
+class PersistConfig(Section):
+    path: Text(optional=True) = Field(
+        None, description="Directory the agent writes snapshots to as checkpoints (engine.load_checkpoint reads it)."
+    )
+    every_snapshots: Integer(minimum=1) = Field(10, description="Persist every Nth in-memory snapshot.")
+    keep: Integer(minimum=1) = Field(2, description="Persisted snapshots kept; older ones are deleted.")
+
+
+class SnapshotConfig(Section):
+    interval_steps: Integer(minimum=0) = Field(
+        0, description="Optimizer steps between in-memory snapshots; 0 turns snapshots off."
+    )
+    persist: PersistConfig = Field(default_factory=PersistConfig, description="Lazy persistence to disk.")
+    shm_dir: Text(optional=True) = Field(
+        None,
+        description=f"Shared-memory directory for the slots; default {DEFAULT_SHM_ROOT}/memfit-<job id>. "
+        f"The environment variable {SHM_DIR_ENV} overrides it.",
+    )
+    keep_shm: Boolean = Field(False, description="Leave the slots in shared memory when the job ends.")
+    parity: OneOf("none") = Field(
+        "none", description='Redundancy across nodes: "none" (XOR parity across nodes comes in a later release).'
+    )
+
+    @field_validator("shm_dir")
+    @classmethod
+    def absolute(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError(f"expected an absolute path, got {path!r}")
+        return path
