@@ -40,7 +40,6 @@ from memfit.checkpointing.slots import SLOTS_PER_RANK, slot_path
 SOCKET_NAME = "agent.sock"
 LOCK_NAME = "agent.lock"
 SPAWN_LOCK_NAME = "agent.spawn.lock"
-LOG_NAME = "agent.log"
 WATCH_INTERVAL_S = 0.2
 START_TIMEOUT_S = 60.0
 
@@ -86,17 +85,14 @@ def ensure_agent(shm_dir: str, watch_pid: int, agent_args: list[str] = (), keep_
             return
         command = [sys.executable, "-m", "memfit.checkpointing.agent", shm_dir, "--watch-pid", str(watch_pid)]
         command += list(agent_args) + (["--keep-shm"] if keep_shm else [])
-        log = open(os.path.join(shm_dir, LOG_NAME), "a")
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        # The agent's log lines go where the starter's stderr goes: the job's output.
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not is_running(shm_dir):
             if process.poll() is not None:
-                raise AgentError(f"snapshot agent exited at start (status {process.returncode}); see {log.name}")
+                raise AgentError(f"snapshot agent exited at start (status {process.returncode}); see its lines above")
             if time.monotonic() > deadline:
-                raise AgentError(f"snapshot agent did not answer within {START_TIMEOUT_S:g} s; see {log.name}")
+                raise AgentError(f"snapshot agent did not answer within {START_TIMEOUT_S:g} s")
             time.sleep(0.05)
 
 

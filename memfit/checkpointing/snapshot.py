@@ -71,6 +71,7 @@ class Snapshotter:
         self.rank, self.world_size = engine.rank, engine.world_size
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", engine.world_size))
         self.node_rank = int(os.environ.get("GROUP_RANK", "0"))
+        self.stage = engine.stage
         owner_of = engine.ownership()["owner_of"]
         self.owner_of = {name: owner if engine.stage > 0 else 0 for name, owner in owner_of.items()}
         agent.ensure_agent(self.shm_dir, lifecycle.launcher_pid(), agent_arguments(config), config.keep_shm)
@@ -157,6 +158,7 @@ class Snapshotter:
                 "world_size": self.world_size,
                 "local_world_size": self.local_world_size,
                 "node_rank": self.node_rank,
+                "stage": self.stage,
                 "persist": persist,
             }
             agent.request(self.shm_dir, message)

@@ -57,6 +57,9 @@ def main(argv: list[str]) -> int:
     if args.config is not None:
         os.environ["MEMFIT_CONFIG"] = os.path.abspath(args.config)
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # workers exit if this process dies
+    if problem := start_snapshot_agent(config_paths(args)):
+        print(f"memfit run: {problem}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     if not args.standalone and not args.rdzv_endpoint and args.master_port is None and args.nnodes in SINGLE_NODE:
         args.standalone = True  # rendezvous on localhost with a free port
     del args.config
@@ -74,6 +77,24 @@ def main(argv: list[str]) -> int:
             print(f"memfit run: {line}", file=sys.stderr)
         return EXIT_WORKER_FAILED
     return 0
+
+
+def start_snapshot_agent(paths: list[str]) -> str | None:
+    """Starts this node's snapshot agent when the config turns snapshots on, before any worker, so
+    it outlives them; returns a problem line, or None. Workers started without it start it."""
+    from memfit.checkpointing.agent import AgentError, ensure_agent
+    from memfit.checkpointing.snapshot import JOB_ID_ENV, agent_arguments, resolve_shm_dir
+
+    configs = [load_config(path).snapshot for path in paths]
+    config = next((snapshot for snapshot in configs if snapshot.interval_steps), None)
+    if config is None:
+        return None
+    os.environ.setdefault(JOB_ID_ENV, f"run{os.getpid()}")
+    try:
+        ensure_agent(resolve_shm_dir(config), os.getpid(), agent_arguments(config), config.keep_shm)
+    except (AgentError, OSError) as error:
+        return f"snapshot agent: {error}"
+    return None
 
 
 def _interrupted(signum, frame) -> None:

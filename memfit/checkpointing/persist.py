@@ -1,0 +1,173 @@
+"""Lazy persistence of snapshots, in the agent, off the training path: a committed snapshot is
+written from the slots to disk as a checkpoint of disk.py's format, so engine.load_checkpoint
+(and the example's --resume) reads it at any world size.
+
+Commit across ranks and nodes (the persist path is shared by all nodes):
+  1. each node's agent writes its local ranks' files into <path>/.tmp-snapshot-global_step<N>/
+     (torch.save of the payload read back from the slot, checksums verified first; each file
+     fsynced), then a marker node<k>.json with their manifest entries, written durably;
+  2. the agent of node 0 waits until the markers cover every rank, writes the manifest, fsyncs it
+     and the directory, renames the directory into place, fsyncs <path>, and replaces `latest`.
+A failure anywhere (ENOSPC, a node that never writes its marker) leaves no manifest: the
+temporary directory is removed and the previous persisted snapshot stays whole. Training is not
+told; the agent logs the error.
+While a slot is being persisted it is held (agent.hold), so its writer waits before overwriting it.
+"""
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+
+import torch
+
+from memfit.checkpointing.disk import (
+    DEFAULT_TAG_PREFIX,
+    FORMAT,
+    FORMAT_VERSION,
+    LATEST,
+    MANIFEST,
+    _rotate,
+    _sealed,
+    _swap_into_place,
+    _write_durably,
+    _write_payload,
+    rank_file_name,
+)
+from memfit.checkpointing.faults import fault_point
+from memfit.checkpointing.integrity import CheckpointError, describe_os_error, fsync_directory
+from memfit.checkpointing.slots import SlotReader, slot_path
+
+logger = logging.getLogger("memfit.agent")
+
+TEMPORARY_PREFIX = ".tmp-snapshot-"
+NODES_WAIT_S = 600.0
+
+
+def _with_copies(tree):
+    if torch.is_tensor(tree):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {key: _with_copies(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_with_copies(value) for value in tree]
+    return tree
+
+
+class Persister:
+    def __init__(self, path: str, keep: int):
+        self.path = path
+        self.keep = keep
+        self._pending: dict[int, dict[int, dict]] = {}  # step -> rank -> committed message
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="memfit-persist", daemon=True)
+        self._thread.start()
+
+    def committed(self, message: dict, agent) -> None:
+        """Called for each rank's committed snapshot that is due for persistence; once every local
+        rank has committed the step, its slots are held and the persist is queued."""
+        step = int(message["step"])
+        with self._lock:
+            for other in [s for s in self._pending if s != step]:  # left by ranks of a killed attempt
+                del self._pending[other]
+            ranks = self._pending.setdefault(step, {})
+            ranks[int(message["rank"])] = message
+            if len(ranks) < int(message["local_world_size"]):
+                return
+            del self._pending[step]
+        keys = [(rank, int(m["slot"])) for rank, m in ranks.items()]
+        agent.hold(keys)  # before replying: the writer cannot start overwriting these slots
+        self._queue.put((step, ranks, keys, agent))
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            step, ranks, keys, agent = job
+            started = time.perf_counter()
+            try:
+                self.persist(step, ranks, agent, keys)
+            except Exception as error:
+                logger.error("persisting the snapshot of step %d failed: %s", step, error)
+            else:
+                logger.info("persisted step %d in %.2f s", step, time.perf_counter() - started)
+
+    def persist(self, step: int, ranks: dict[int, dict], agent, keys) -> None:
+        any_message = next(iter(ranks.values()))
+        tag = f"{DEFAULT_TAG_PREFIX}{step}"
+        temporary = os.path.join(self.path, TEMPORARY_PREFIX + tag)
+        node_rank = int(any_message["node_rank"])
+        try:
+            os.makedirs(temporary, exist_ok=True)
+            entries, owner_of, micro_step = [], None, None
+            for rank, message in sorted(ranks.items()):
+                reader = SlotReader(slot_path(agent.shm_dir, rank, int(message["slot"])))
+                reader.verify()
+                if reader.step != step:
+                    raise CheckpointError(f"{reader.path}: holds step {reader.step}, expected {step}")
+                # torch.save refuses views of one storage as several dtypes: one copy per tensor
+                payload = _with_copies(reader.payload(verify=False))
+                entries.append(_write_payload(payload, os.path.join(temporary, rank_file_name(rank))))
+                fault_point("snapshot-persisting")
+                owner_of, micro_step = reader.index["owner_of"], payload["micro_step"]
+            marker = {"entries": entries, "owner_of": owner_of, "micro_step": micro_step}
+            _write_durably(os.path.join(temporary, f"node{node_rank}.json"), json.dumps(marker))
+        except (CheckpointError, OSError) as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise CheckpointError(
+                describe_os_error(error, temporary) if isinstance(error, OSError) else str(error)
+            ) from None
+        finally:
+            agent.release(keys)  # the files are durable (or abandoned): the slots may be overwritten
+        if node_rank == 0:
+            self._commit(step, tag, temporary, int(any_message["world_size"]), int(any_message.get("stage", 0)))
+
+    def _commit(self, step: int, tag: str, temporary: str, world_size: int, stage: int) -> None:
+        deadline = time.monotonic() + NODES_WAIT_S
+        while True:
+            markers = [
+                json.load(open(os.path.join(temporary, name)))
+                for name in os.listdir(temporary)
+                if name.startswith("node") and name.endswith(".json")
+            ]
+            files = {entry["file"]: entry for marker in markers for entry in marker["entries"]}
+            if len(files) >= world_size:
+                break
+            if time.monotonic() > deadline:
+                shutil.rmtree(temporary, ignore_errors=True)
+                raise CheckpointError(f"{temporary}: {len(files)} of {world_size} rank files after {NODES_WAIT_S:g} s")
+            time.sleep(0.1)
+        body = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "tag": tag,
+            "global_step": step,
+            "micro_step": markers[0]["micro_step"],
+            "world_size": world_size,
+            "stage": stage,
+            "owner_of": markers[0]["owner_of"],
+            "files": files,
+        }
+        try:
+            _write_durably(os.path.join(temporary, MANIFEST), json.dumps(_sealed(body), indent=1))
+            fsync_directory(temporary)
+            final = os.path.join(self.path, tag)
+            _swap_into_place(temporary, final)
+            fsync_directory(self.path)
+            _write_durably(os.path.join(self.path, LATEST + ".tmp"), tag)
+            os.replace(os.path.join(self.path, LATEST + ".tmp"), os.path.join(self.path, LATEST))
+            fsync_directory(self.path)
+        except OSError as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise CheckpointError(describe_os_error(error, error.filename or self.path)) from None
+        _rotate(self.path, self.keep, protect=tag)
+
+    def close(self) -> None:
+        """Finishes the persists already queued."""
+        self._queue.put(None)
+        self._thread.join()

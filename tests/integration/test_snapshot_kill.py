@@ -1,0 +1,120 @@
+"""kill -9 of workers, of the agent and of the whole launcher while the example trains with
+snapshots: every job resumes and ends bit-identical to an uninterrupted run, having redone at most
+one snapshot interval of steps, and leaves no agent and no shared memory behind."""
+
+import os
+import random
+import shutil
+import time
+
+import pytest
+
+from memfit.checkpointing import verify_checkpoint
+from tests.integration.snapshot_job import (
+    INTERVAL,
+    Job,
+    assert_cleaned_up,
+    check_against,
+    new_shm_dir,
+    read_metrics,
+    write_config,
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("reference")
+    shm_dir = new_shm_dir()
+    metrics = str(directory / "metrics.jsonl")
+    job = Job(str(directory), write_config(str(directory)), shm_dir, metrics)
+    assert job.wait() == 0, job.output()[-3000:]
+    assert_cleaned_up(shm_dir)
+    records = read_metrics(metrics)
+    assert not any("restored_from" in record for record in records)
+    return records
+
+
+def run_with_fault(tmp_path, fault, persist=False):
+    shm_dir = new_shm_dir()
+    persist_path = str(tmp_path / "persist") if persist else None
+    metrics = str(tmp_path / "metrics.jsonl")
+    job = Job(str(tmp_path), write_config(str(tmp_path), persist_path), shm_dir, metrics, fault=fault)
+    status = job.wait()
+    assert status == 0, job.output()[-3000:]
+    assert_cleaned_up(shm_dir)
+    return read_metrics(metrics), job.output(), persist_path
+
+
+PHASES = {
+    "mid-copy": "snapshot-copying:3:1:0",  # rank 1 dies copying its 3rd snapshot: the 2nd is taken
+    "after-commit": "snapshot-committed:2:0:0",  # rank 0 dies right after committing its 2nd
+    "mid-step": "snapshot-barrier:6:1:0",  # rank 1 dies entering its 6th optimizer step
+    "mid-persist": "snapshot-persist-requested:1:0:0",  # rank 0 dies while the agent persists
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_worker_killed_at_a_phase_resumes_bit_identical(tmp_path, reference, phase):
+    records, output, persist_path = run_with_fault(tmp_path, PHASES[phase], persist=phase == "mid-persist")
+    restored = check_against(records, reference)
+    assert restored, "the job was not restored from a snapshot"
+    assert "from shared memory" in output
+    if persist_path:
+        for name in os.listdir(persist_path):
+            if name.startswith("global_step"):
+                assert verify_checkpoint(os.path.join(persist_path, name)) == []
+
+
+@pytest.mark.slow
+def test_agent_killed_mid_persist_is_replaced(tmp_path, reference):
+    """The agent dies writing a persisted snapshot: the workers fail at their next snapshot, torchrun
+    restarts them, they start a new agent and restore from the slots the dead agent left."""
+    records, output, persist_path = run_with_fault(tmp_path, "snapshot-persisting:1:*:0", persist=True)
+    assert check_against(records, reference)
+    for name in os.listdir(persist_path):
+        if name.startswith("global_step"):
+            assert verify_checkpoint(os.path.join(persist_path, name)) == []
+
+
+@pytest.mark.slow
+def test_random_kills_of_random_workers(tmp_path, reference):
+    rng = random.Random(7)
+    for round_index in range(15):
+        directory = tmp_path / f"round{round_index}"
+        directory.mkdir()
+        shm_dir = new_shm_dir()
+        metrics = str(directory / "metrics.jsonl")
+        job = Job(str(directory), write_config(str(directory)), shm_dir, metrics)
+        time.sleep(rng.uniform(6.0, 14.0))
+        workers = job.workers()
+        if workers:
+            rng.choice(workers).kill()
+        assert job.wait() == 0, job.output()[-3000:]
+        assert_cleaned_up(shm_dir)
+        check_against(read_metrics(metrics), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_shm", [False, True])
+def test_launcher_killed_then_relaunched(tmp_path, reference, keep_shm):
+    """The whole launcher and its workers are killed: the agent sees the launcher gone and exits.
+    The relaunched job restores from the slots when they were kept, else from disk."""
+    shm_dir = new_shm_dir()
+    persist_path = str(tmp_path / "persist")
+    config = write_config(str(tmp_path), persist_path, every_snapshots=1, keep_shm=keep_shm)
+    metrics = str(tmp_path / "metrics.jsonl")
+    job = Job(str(tmp_path), config, shm_dir, metrics)
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 3 * INTERVAL + 1):
+        assert time.monotonic() < deadline and job.process.poll() is None, job.output()[-3000:]
+        time.sleep(0.1)
+    job.kill_launcher_and_workers()
+    assert_cleaned_up(shm_dir, keep_shm=keep_shm)
+    relaunched = Job(str(tmp_path), config, shm_dir, metrics)
+    assert relaunched.wait() == 0, relaunched.output()[-3000:]
+    assert_cleaned_up(shm_dir, keep_shm=keep_shm)
+    assert ("from shared memory" if keep_shm else "from disk") in relaunched.output()
+    assert check_against(read_metrics(metrics), reference)
+    if keep_shm:
+        shutil.rmtree(shm_dir)
