@@ -46,7 +46,7 @@ START_TIMEOUT_S = 60.0
 logger = logging.getLogger("memfit.agent")
 
 
-class AgentError(RuntimeError):
+class AgentError(OSError):
     """The agent refused a request or cannot be reached; the message says why."""
 
 

@@ -74,7 +74,9 @@ class Snapshotter:
         self.stage = engine.stage
         owner_of = engine.ownership()["owner_of"]
         self.owner_of = {name: owner if engine.stage > 0 else 0 for name, owner in owner_of.items()}
-        agent.ensure_agent(self.shm_dir, lifecycle.launcher_pid(), agent_arguments(config), config.keep_shm)
+        # Without a launcher there is no restart to survive: the agent lives as long as this process.
+        watched = lifecycle.launcher_pid() if lifecycle.started_by_launcher() else os.getpid()
+        agent.ensure_agent(self.shm_dir, watched, agent_arguments(config), config.keep_shm)
         committed = newest_committed(self.shm_dir, self.rank)
         self.sequence = max((reader.sequence for reader in committed), default=0)
         newest_slot = int(committed[0].path[-1]) if committed else SLOTS_PER_RANK - 1
@@ -84,6 +86,8 @@ class Snapshotter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.stall_s = 0.0  # total time the optimizer step waited for a copy
+        # Reserve the slots now, so a tmpfs without room fails the start, not the first snapshot.
+        self._slot(self.next_slot, estimated_bytes(engine))
 
     def restored(self, slot: int | None, step: int) -> None:
         """After a restore from `slot`: the next snapshot must not overwrite it."""
@@ -174,6 +178,17 @@ class Snapshotter:
             if slot_file is not None:
                 slot_file.close()
         self._slots = [None] * SLOTS_PER_RANK
+
+
+def estimated_bytes(engine) -> int:
+    """Slot bytes for the engine's state before its first step: the payload as it is, plus two
+    moments per owned master where the optimizer has no state yet (Adam's; a slot grows later if
+    an optimizer keeps more)."""
+    payload = export_rank_state(engine, {})
+    missing = sum(
+        2 * payload["params"][name].numel() * 4 for name, state in payload["optimizer_state"].items() if not state
+    )
+    return needed_bytes(payload) + missing
 
 
 def build_snapshotter(config, engine) -> Snapshotter | None:
