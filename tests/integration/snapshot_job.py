@@ -12,6 +12,7 @@ import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "train_gpt.py")
+LAUNCHERS = {"memfit run": ["memfit.launcher.cli", "run"], "torchrun": ["torch.distributed.run", "--standalone"]}
 MAX_STEPS = 12
 INTERVAL = 2
 
@@ -53,13 +54,13 @@ def new_shm_dir() -> str:
 class Job:
     """`memfit run --max-restarts` of the example, in a session of its own."""
 
-    def __init__(self, directory, config, shm_dir, metrics, fault=None, max_restarts=3):
+    def __init__(self, directory, config, shm_dir, metrics, fault=None, max_restarts=3, launcher="memfit run"):
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env["MEMFIT_SNAPSHOT_SHM_DIR"] = shm_dir
         env.pop("MEMFIT_FAULT_AT", None)
         if fault:
             env["MEMFIT_FAULT_AT"] = fault
-        command = [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "2"]
+        command = [sys.executable, "-m", *LAUNCHERS[launcher], "--nproc-per-node", "2"]
         command += ["--max-restarts", str(max_restarts), EXAMPLE, "--config", config]
         command += ["--data", write_corpus(directory), "--max-steps", str(MAX_STEPS), "--eval-every", "1000"]
         command += ["--metrics", metrics]

@@ -34,11 +34,12 @@ def reference(tmp_path_factory):
     return records
 
 
-def run_with_fault(tmp_path, fault, persist=False):
+def run_with_fault(tmp_path, fault, persist=False, launcher="memfit run"):
     shm_dir = new_shm_dir()
     persist_path = str(tmp_path / "persist") if persist else None
     metrics = str(tmp_path / "metrics.jsonl")
-    job = Job(str(tmp_path), write_config(str(tmp_path), persist_path), shm_dir, metrics, fault=fault)
+    config = write_config(str(tmp_path), persist_path)
+    job = Job(str(tmp_path), config, shm_dir, metrics, fault=fault, launcher=launcher)
     status = job.wait()
     assert status == 0, job.output()[-3000:]
     assert_cleaned_up(shm_dir)
@@ -67,6 +68,13 @@ def test_worker_killed_at_a_phase_resumes_bit_identical(tmp_path, reference, pha
 
 
 @pytest.mark.slow
+def test_under_plain_torchrun_the_first_worker_starts_the_agent(tmp_path, reference):
+    records, output, _ = run_with_fault(tmp_path, PHASES["mid-copy"], launcher="torchrun")
+    assert check_against(records, reference)
+    assert output.count("holding snapshots in") == 1  # one agent for both ranks and both attempts
+
+
+@pytest.mark.slow
 def test_agent_killed_mid_persist_is_replaced(tmp_path, reference):
     """The agent dies writing a persisted snapshot: the workers fail at their next snapshot, torchrun
     restarts them, they start a new agent and restore from the slots the dead agent left."""
@@ -78,6 +86,7 @@ def test_agent_killed_mid_persist_is_replaced(tmp_path, reference):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_random_kills_of_random_workers(tmp_path, reference):
     rng = random.Random(7)
     for round_index in range(15):
