@@ -1,0 +1,222 @@
+"""In-memory snapshots against torch.distributed.checkpoint.async_save, 2 gloo ranks, the same
+state on both sides (a stack of bias-free Linear layers sized so each rank owns about --state-mb of
+fp32 masters and AdamW moments under ZeRO-2).
+
+Measured in one job, interleaved (A B A B ...), medians over --reps:
+  - training stall per snapshot: memfit = the eager part at the snapshot step plus any wait at the
+    next optimizer step for the lazy copy; DCP = the time async_save takes to return (plus any wait
+    for the previous save, one in flight at most), to a disk directory and to /dev/shm;
+  - step time with snapshots every 1 and every 10 steps, against none;
+  - restore time from the shared-memory slots against engine.load_checkpoint from disk (the format
+    persisted snapshots use).
+
+    python benchmarks/snapshot_bench.py                 # 512 MB of state per rank
+    python benchmarks/snapshot_bench.py --quick         # a small check that the script runs
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BYTES_PER_OWNED_PARAM = 12  # fp32 master + AdamW's two fp32 moments
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state-mb", type=float, default=512, help="snapshot state per rank, MB (default 512)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
+    parser.add_argument("--steps", type=int, default=20, help="steps per step-time measurement (default 20)")
+    parser.add_argument("--disk-dir", default=None, help="directory on the disk under test (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="16 MB, 2 reps, 10 steps; no results file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.state_mb, args.reps, args.steps = 16, 2, 10
+    return args
+
+
+# ---- the worker (one per rank, under torchrun) --------------------------------------------------
+def build_engine(args, shm_dir):
+    import torch
+
+    import memfit
+
+    width = 1024
+    total_params = int(args.state_mb * 1e6 / BYTES_PER_OWNED_PARAM) * 2  # two ranks, each owns half
+    num_layers = max(2, round(total_params / (width * width)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(num_layers)])
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+        "zero_optimization": {"stage": 2},
+        "snapshot": {"interval_steps": 1, "shm_dir": shm_dir},
+    }
+    return memfit.initialize(model, config), width
+
+
+def train_step(engine, width):
+    import torch
+
+    inputs = torch.randn(4, width)
+    engine.backward(engine(inputs).square().mean())
+    engine.step()
+
+
+def timed(action) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from memfit.checkpointing.integrity import walk_tensors
+    from memfit.checkpointing.restore import restore_from_memory
+    from memfit.checkpointing.state import export_rank_state
+
+    rank = int(os.environ["RANK"])
+    shm_dir = os.path.join("/dev/shm", f"memfit-bench-{os.environ['TORCHELASTIC_RUN_ID']}")
+    engine, width = build_engine(args, shm_dir)
+    snapshotter = engine.snapshotter
+    eager = []
+    after_step = snapshotter.after_step
+
+    def timed_after_step(engine_):
+        eager.append(timed(lambda: after_step(engine_)))
+
+    snapshotter.after_step = timed_after_step
+    for _ in range(3):  # warm-up: optimizer state exists, slots are mapped
+        train_step(engine, width)
+    snapshotter.wait_for_copy()
+
+    state = {f"rank{rank}/{path}": tensor for path, tensor in walk_tensors(export_rank_state(engine, {}))}
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    disk_root = args.disk_dir or tempfile.gettempdir()
+    dcp_dirs = {"disk": os.path.join(disk_root, "snapshot-bench-dcp"), "shm": "/dev/shm/snapshot-bench-dcp"}
+
+    # DCP's background save runs collectives: on a group of its own, or they interleave with training's
+    dcp_group = dist.new_group(backend="gloo")
+    stalls = {"memfit": [], "dcp-disk": [], "dcp-shm": []}
+    for rep in range(args.reps):
+        # memfit: a snapshot at this step, its copy behind the next step's forward and backward
+        snapshotter.interval_steps = 1
+        before_wait = snapshotter.stall_s
+        eager.clear()
+        train_step(engine, width)
+        snapshotter.interval_steps = 0
+        train_step(engine, width)
+        stalls["memfit"].append(eager[0] + snapshotter.stall_s - before_wait)
+        for where in ("disk", "shm"):
+            train_step(engine, width)
+            state = {f"rank{rank}/{path}": t for path, t in walk_tensors(export_rank_state(engine, {}))}
+            path = os.path.join(dcp_dirs[where], f"rep{rep}")
+            started = time.perf_counter()
+            future = dcp.async_save(state, checkpoint_id=path, process_group=dcp_group)
+            stall = time.perf_counter() - started
+            train_step(engine, width)
+            started = time.perf_counter()
+            future.result()  # one save in flight at most, as the DCP tutorial asks: counted as stall
+            stalls[f"dcp-{where}"].append(stall + time.perf_counter() - started)
+
+    step_times = {0: [], 1: [], 10: []}
+    for _ in range(args.reps):
+        for interval in (0, 1, 10):
+            snapshotter.wait_for_copy()
+            snapshotter.interval_steps = interval
+            dist.barrier()
+            step_times[interval].append(timed(lambda: [train_step(engine, width) for _ in range(args.steps)]))
+    snapshotter.interval_steps = 0
+    snapshotter.wait_for_copy()
+
+    checkpoint_dir = os.path.join(disk_root, "snapshot-bench-ckpt")
+    engine.save_checkpoint(checkpoint_dir)
+    restores = {"shm": [], "disk": []}
+    for _ in range(args.reps):
+        dist.barrier()
+        restores["shm"].append(timed(lambda: restore_from_memory(engine, shm_dir)))
+        dist.barrier()
+        restores["disk"].append(timed(lambda: engine.load_checkpoint(checkpoint_dir)))
+
+    result = {
+        "state_bytes": state_bytes,
+        "stall_s": {key: statistics.median(values) for key, values in stalls.items()},
+        "step_s": {key: statistics.median(values) / args.steps for key, values in step_times.items()},
+        "restore_s": {key: statistics.median(values) for key, values in restores.items()},
+    }
+    gathered = [None] * engine.world_size
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        for directory in list(dcp_dirs.values()) + [checkpoint_dir]:
+            shutil.rmtree(directory, ignore_errors=True)
+        print("RESULT " + json.dumps(gathered), flush=True)
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+def slowest(results: list[dict], group: str, key: str) -> float:
+    """The slowest rank's median: a stall on any rank stalls the job."""
+    return max(result[group][key] for result in results)
+
+
+def report(args, results: list[dict]) -> str:
+    stall = {key: slowest(results, "stall_s", key) for key in results[0]["stall_s"]}
+    step = {key: slowest(results, "step_s", key) for key in results[0]["step_s"]}
+    restore = {key: slowest(results, "restore_s", key) for key in results[0]["restore_s"]}
+    mb = results[0]["state_bytes"] / 1e6
+    lines = [
+        f"State per rank: {mb:.0f} MB (fp32 masters and AdamW moments of the owned tensors), 2 gloo ranks; "
+        f"medians of {args.reps} interleaved repetitions, slowest rank.",
+        "",
+        "| training stall per snapshot | seconds | memfit / this |",
+        "| --- | --- | --- |",
+    ]
+    for key in ("memfit", "dcp-disk", "dcp-shm"):
+        lines.append(f"| {key} | {stall[key]:.4f} | {stall['memfit'] / stall[key]:.3f} |")
+    lines += ["", "| snapshots | step time (s) | overhead |", "| --- | --- | --- |"]
+    for interval in ("0", "1", "10"):
+        name = "none" if interval == "0" else f"every {interval} steps"
+        lines.append(f"| {name} | {step[interval]:.4f} | {step[interval] / step['0'] - 1:+.1%} |")
+    lines += ["", "| restore | seconds |", "| --- | --- |"]
+    lines += [
+        f"| from shared memory | {restore['shm']:.4f} |",
+        f"| from disk (load_checkpoint) | {restore['disk']:.4f} |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import command_line, machine_description, write_section
+
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [os.path.abspath(__file__), "--worker", "--state-mb", str(args.state_mb), "--reps", str(args.reps)]
+    command += ["--steps", str(args.steps)] + (["--disk-dir", args.disk_dir] if args.disk_dir else [])
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if line is None:
+        print(done.stderr[-4000:], file=sys.stderr)
+        return 1
+    table = report(args, json.loads(line[len("RESULT ") :]))
+    print(table)
+    if not args.quick:
+        body = f"`{command_line()}`\n\n{machine_description(args.disk_dir or tempfile.gettempdir())}\n\n{table}"
+        print("results:", write_section("Snapshots: memfit vs DCP async_save", body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
