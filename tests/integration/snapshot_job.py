@@ -26,7 +26,7 @@ def write_corpus(directory) -> str:
     return path
 
 
-def write_config(directory, persist_path=None, every_snapshots=2, keep_shm=False) -> str:
+def write_config(directory, persist_path=None, every_snapshots=2, keep_shm=False, offload=False) -> str:
     snapshot = {"interval_steps": INTERVAL, "keep_shm": keep_shm}
     if persist_path:
         snapshot["persist"] = {"path": persist_path, "every_snapshots": every_snapshots, "keep": 2}
@@ -38,7 +38,11 @@ def write_config(directory, persist_path=None, every_snapshots=2, keep_shm=False
         "steps_per_print": 100,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.003, "betas": [0.9, 0.95], "weight_decay": 0.1}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "warmup_max_lr": 0.003}},
-        "zero_optimization": {"stage": 2, "overlap_comm": True},
+        "zero_optimization": {
+            "stage": 2,
+            "overlap_comm": True,
+            "offload_optimizer": {"device": "cpu" if offload else "none"},
+        },
         "snapshot": snapshot,
     }
     path = os.path.join(directory, f"config-{uuid.uuid4().hex[:6]}.json")

@@ -68,6 +68,22 @@ def test_worker_killed_at_a_phase_resumes_bit_identical(tmp_path, reference, pha
 
 
 @pytest.mark.slow
+def test_offloaded_optimizer_state_is_snapshotted(tmp_path):
+    """Under offload_optimizer "cpu" the masters and moments live in the host arena: the snapshot
+    copies them too, and a killed job ends as an uninterrupted one with the same config."""
+    reference_metrics = str(tmp_path / "reference.jsonl")
+    job = Job(str(tmp_path), write_config(str(tmp_path), offload=True), new_shm_dir(), reference_metrics)
+    assert job.wait() == 0, job.output()[-3000:]
+    shm_dir = new_shm_dir()
+    metrics = str(tmp_path / "metrics.jsonl")
+    config = write_config(str(tmp_path), offload=True)
+    job = Job(str(tmp_path), config, shm_dir, metrics, fault=PHASES["mid-copy"])
+    assert job.wait() == 0, job.output()[-3000:]
+    assert_cleaned_up(shm_dir)
+    assert check_against(read_metrics(metrics), read_metrics(reference_metrics))
+
+
+@pytest.mark.slow
 def test_under_plain_torchrun_the_first_worker_starts_the_agent(tmp_path, reference):
     records, output, _ = run_with_fault(tmp_path, PHASES["mid-copy"], launcher="torchrun")
     assert check_against(records, reference)
