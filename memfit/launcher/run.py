@@ -27,6 +27,7 @@ from memfit.config import ConfigError, engine_gaps, load_config
 from memfit.runtime.lifecycle import LAUNCHER_PID_ENV
 
 SINGLE_NODE = ("1", "1:1")
+FRESH_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"  # torch's opt-out of one agent store for all rounds
 NOT_AVAILABLE = "<N/A>"  # torch's error_file when a worker wrote none
 SIGNALS_TORCHRUN_HANDLES = "SIGTERM,SIGHUP,SIGQUIT"  # torchrun's default, less SIGINT
 EXIT_BAD_CONFIG = 2
@@ -57,6 +58,11 @@ def main(argv: list[str]) -> int:
     if args.config is not None:
         os.environ["MEMFIT_CONFIG"] = os.path.abspath(args.config)
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # workers exit if this process dies
+    if args.nnodes not in SINGLE_NODE:
+        # Nodes restart their workers with different restart counts (a node restarting for another
+        # node's failure does not count it), so the per-attempt store prefix of init_distributed
+        # cannot name an attempt across nodes: each rendezvous round gets a fresh store instead.
+        os.environ.setdefault(FRESH_STORE_ENV, "1")
     if problem := start_snapshot_agent(config_paths(args)):
         print(f"memfit run: {problem}", file=sys.stderr)
         return EXIT_BAD_CONFIG
