@@ -47,6 +47,13 @@ TEMPORARY_PREFIX = ".tmp-snapshot-"
 NODES_WAIT_S = 600.0
 
 
+def _read_json(path: str) -> dict | None:
+    if not os.path.basename(path).startswith("node") or not path.endswith(".json"):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
 def _with_copies(tree):
     if torch.is_tensor(tree):
         return tree.clone()
@@ -116,7 +123,11 @@ class Persister:
                 fault_point("snapshot-persisting")
                 owner_of, micro_step = reader.index["owner_of"], payload["micro_step"]
             marker = {"entries": entries, "owner_of": owner_of, "micro_step": micro_step}
-            _write_durably(os.path.join(temporary, f"node{node_rank}.json"), json.dumps(marker))
+            # by rename: node 0's agent reads markers while other nodes write theirs
+            _write_durably(os.path.join(temporary, f".node{node_rank}.json"), json.dumps(marker))
+            os.replace(
+                os.path.join(temporary, f".node{node_rank}.json"), os.path.join(temporary, f"node{node_rank}.json")
+            )
         except (CheckpointError, OSError) as error:
             shutil.rmtree(temporary, ignore_errors=True)
             raise CheckpointError(
@@ -130,11 +141,8 @@ class Persister:
     def _commit(self, step: int, tag: str, temporary: str, world_size: int, stage: int) -> None:
         deadline = time.monotonic() + NODES_WAIT_S
         while True:
-            markers = [
-                json.load(open(os.path.join(temporary, name)))
-                for name in os.listdir(temporary)
-                if name.startswith("node") and name.endswith(".json")
-            ]
+            markers = [_read_json(os.path.join(temporary, name)) for name in sorted(os.listdir(temporary))]
+            markers = [marker for marker in markers if marker is not None]
             files = {entry["file"]: entry for marker in markers for entry in marker["entries"]}
             if len(files) >= world_size:
                 break

@@ -125,7 +125,6 @@ class Snapshotter:
         persist = self.config.persist.path is not None and self.num_snapshots % self.config.persist.every_snapshots == 0
         slot_file = self._slot(self.next_slot, needed_bytes(payload))
         index_header = index_for(payload, engine.global_step, self.world_size, self.rank, self.owner_of, [])
-        index_header["meta"] = copy.deepcopy(index_header["meta"])
         job = (slot_file, self.next_slot, payload, index_header, persist)
         self.next_slot = (self.next_slot + 1) % SLOTS_PER_RANK
         self._thread = threading.Thread(target=self._copy, args=job, name="memfit-snapshot", daemon=True)
