@@ -92,8 +92,10 @@ class NvmeOptimizerUpdate:
                 while len(writes) > (self.buffer_count if self.pipeline_write else 0):
                     self.space.wait(writes.pop(0), "writing")
         finally:
-            self.space.wait([r for requests in reads.values() for r, _ in requests], "reading")
-            self.space.wait([r for requests in writes for r in requests], "writing")
+            try:
+                self.space.wait([r for requests in reads.values() for r, _ in requests], "reading")
+            finally:
+                self.space.wait([r for requests in writes for r in requests], "writing")
         if not self.swapped_masters:
             self.masters.write_back()
 

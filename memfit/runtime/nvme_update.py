@@ -224,8 +224,10 @@ class NvmeKernelUpdate:
                     self.space.wait(writes[position % num_buffers], "writing")
                     writes[position % num_buffers] = []
         finally:
-            pending = [request for requests in list(reads.values()) + writes for request in requests]
-            self.space.wait(pending, "transferring")
+            try:
+                self.space.wait([request for requests in reads.values() for request in requests], "reading")
+            finally:
+                self.space.wait([request for requests in writes for request in requests], "writing")
 
     def _update(self, pieces, buffer, grads, row_key, constants) -> list:
         batches: dict[tuple, list] = {}
