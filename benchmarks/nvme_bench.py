@@ -19,7 +19,6 @@ import sys
 import time
 
 import torch
-
 from common import command_line, machine_description, median, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
