@@ -13,6 +13,7 @@ are in flight.
 import torch
 
 from memfit.runtime.nvme_tier import SwapSpace, check_pipeline
+from memfit.runtime.precision import MasterWeights
 
 
 def _swappable(value) -> bool:
@@ -25,6 +26,18 @@ def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
 
 
+def swapped_master_weights(owned_params, reduced: bool) -> MasterWeights:
+    """MasterWeights whose fp32 masters (under bf16/fp16) are placeholders from the start: their
+    values go to the swap file one tensor at a time (NvmeOptimizerUpdate), never all in RAM."""
+    masters = MasterWeights(owned_params, keep_fp32_copy=False)
+    if reduced:
+        masters.separate = True
+        masters.masters = [
+            torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(param.shape)) for param in masters.compute
+        ]
+    return masters
+
+
 class NvmeOptimizerUpdate:
     def __init__(self, optimizer, masters, space: SwapSpace, offload):
         self.optimizer, self.masters, self.space = optimizer, masters, space
@@ -33,9 +46,8 @@ class NvmeOptimizerUpdate:
         self.keys: list[set[str]] = [set() for _ in self.names]  # state keys on the swap, per tensor
         self.swapped_masters = masters.separate
         if self.swapped_masters:
-            for name, master in zip(self.names, masters.masters):
-                self._put([(f"{name}/master", master.data)])
-                master.data = _placeholder(master.data)
+            for name, param in zip(self.names, masters.compute):
+                self._put([(f"{name}/master", param.detach().to(torch.float32))])
         self.groups, current, current_bytes = [], [], 0
         for index, master in enumerate(masters.masters):
             num_bytes = 12 * master.numel()
@@ -53,19 +65,35 @@ class NvmeOptimizerUpdate:
 
     # ---- the update interface (see update.py) ---------------------------------------------------
     def gradients(self, touched_ids: set[int]) -> list[torch.Tensor]:
-        self.masters.take_grads(touched_ids)
-        return self.masters.grads()
+        """The compute parameters' gradients: their fp32 copies are made per sub-group in apply(),
+        not for every owned tensor at once."""
+        grads = []
+        for param in self.masters.compute:
+            if param.grad is not None and id(param) in touched_ids:
+                grads.append(param.grad)
+            else:
+                param.grad = None
+        return grads
 
     def nonfinite(self, grads: list[torch.Tensor]) -> bool:
         return any(not bool(torch.isfinite(grad).all()) for grad in grads)
 
-    def apply(self, multiplier: torch.Tensor | None) -> None:
+    def _master_grad(self, grad: torch.Tensor | None, multiplier: torch.Tensor | None) -> torch.Tensor | None:
+        """What the optimizer reads as a master's gradient, as OptimizerUpdate makes it: the fp32
+        copy of the reduced gradient, times the multiplier."""
+        if grad is None:
+            return None
+        if self.masters.separate:
+            grad = grad.float()
         if multiplier is not None:
-            for grad in self.masters.grads():
-                grad.mul_(multiplier.to(grad.dtype))
-        grads = [master.grad for master in self.masters.masters]
-        for master in self.masters.masters:
-            master.grad = None
+            grad.mul_(multiplier.to(grad.dtype))
+        return grad
+
+    def apply(self, multiplier: torch.Tensor | None) -> None:
+        # Only the stepping sub-group's tensors may carry a gradient during its step() call.
+        grads = [param.grad for param in self.masters.compute]
+        for param in self.masters.compute:
+            param.grad = None
         before = [
             {key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups
         ]
@@ -81,8 +109,9 @@ class NvmeOptimizerUpdate:
                     reads[position + 1] = self._start_reads(self.groups[position + 1])
                 self._finish_reads(indices, reads.pop(position))
                 for index in indices:
-                    self.masters.masters[index].grad = grads[index]
-                self.optimizer.step()
+                    self.masters.masters[index].grad = self._master_grad(grads[index], multiplier)
+                    grads[index] = None
+                self._step_only(indices)
                 for index in indices:
                     self.masters.masters[index].grad = None
                     if self.swapped_masters:
@@ -99,8 +128,25 @@ class NvmeOptimizerUpdate:
         if not self.swapped_masters:
             self.masters.write_back()
 
+    def _step_only(self, indices) -> None:
+        """optimizer.step() for the resident sub-group alone: what the call does to the state of
+        other tensors (FRUGAL's renewal resets every tensor's moments) is undone, since each
+        tensor's own call makes the same decision for it."""
+        resident = {id(self.masters.masters[index]) for index in indices}
+        state = self.optimizer.state
+        others = [master for master in self.masters.masters if id(master) not in resident]
+        before = {master: dict(state[master]) for master in others if master in state}
+        self.optimizer.step()
+        for master in others:
+            if master in before:
+                state[master] = before[master]
+            else:
+                state.pop(master, None)
+
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        for param in self.masters.compute:
+            param.grad = None
 
     def _start_reads(self, indices) -> list:
         requests = []
@@ -199,7 +245,14 @@ class NvmeOptimizerUpdate:
     @property
     def state_bytes(self) -> int:
         table = self.space.swap.table()
-        return sum(table[f"{name}/{key}"][1] for name, keys in zip(self.names, self.keys) for key in keys)
+        swapped = sum(table[f"{name}/{key}"][1] for name, keys in zip(self.names, self.keys) for key in keys)
+        in_ram = sum(  # scalar step counters (torch's Adam keeps a tensor)
+            value.numel() * value.element_size()
+            for state in self.optimizer.state.values()
+            for value in state.values()
+            if torch.is_tensor(value)
+        )
+        return swapped + in_ram
 
     @property
     def bytes_in_use(self) -> int:

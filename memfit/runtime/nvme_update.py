@@ -14,8 +14,9 @@ NvmeOptimizerUpdate (GaLoreAdamW, FRUGAL, SGD, any torch optimizer): their state
 torch, so it moves whole: sub-groups of whole tensors; for each, the masters and state tensors
 are read into host tensors, the optimizer's step() runs with only that sub-group's gradients
 present, and they are written back and dropped. Group-level values the step changes (FRUGAL's
-step counter and window) are restored before every sub-group's call, so each call is the same
-step for its tensors and the result equals one step() over all of them. Between steps a master
+step counter and window) are restored before every sub-group's call, and what a call does to the
+state of tensors outside its sub-group is undone after it, so each call is the same step for its
+own tensors and the result equals one step() over all of them. Between steps a master
 is a stride-0 placeholder of its shape (its numel and dtype stay right, its values are on NVMe).
 
 Both expose the hooks the checkpoint code uses to stream state tensor by tensor:
@@ -34,7 +35,7 @@ from memfit.io.extents import align_up
 from memfit.optim.cpu_adam import CPUAdamW
 from memfit.optim.fused_adam import adam_constants, step_tensors
 from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, SwapSpace, check_pipeline, open_swap, plan_subgroups
-from memfit.runtime.nvme_torch_update import NvmeOptimizerUpdate
+from memfit.runtime.nvme_torch_update import NvmeOptimizerUpdate, swapped_master_weights
 from memfit.runtime.offload import kernel_optimizer, runs_on_kernel
 from memfit.runtime.precision import MasterWeights
 
@@ -349,7 +350,7 @@ def build_nvme_update(optimizer, cfg, owned_params, compute_dtype, placeholder, 
         kernel = kernel_optimizer(name, config_params, tensors or [placeholder[0][1]], cls=StreamedAdamW)
         update = NvmeKernelUpdate(kernel, owned_params, swap_space(kernel_swap_bytes(tensors)), offload)
         return MasterWeights(owned_params, keep_fp32_copy=False), kernel, update, update
-    masters = MasterWeights(owned_params, keep_fp32_copy=compute_dtype is not None)
+    masters = swapped_master_weights(owned_params, reduced=compute_dtype is not None)
     opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)) or placeholder)
     numels = [param.numel() for param in tensors]
     capacity = optimizer_swap_bytes(numels, compute_dtype is not None, planned_state_bytes(opt, sum(numels)))

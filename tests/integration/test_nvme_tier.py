@@ -23,17 +23,27 @@ PATH_KEY = "zero_optimization.offload_optimizer.nvme_path"
 
 def make_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)  # 64 x 64 weights: 4096 elements, split by a 12 KiB ring buffer
-    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)
+    )
 
 
-def make_config(device: str, nvme_path=None, bf16: bool = True, **offload) -> dict:
+OPTIMIZERS = {
+    "AdamW": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
+    "SGD": {"type": "SGD", "params": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.1}},
+    "GaLoreAdamW": {"type": "GaLoreAdamW", "params": {"lr": 1e-2, "rank": 4, "update_proj_gap": 2}},
+    "FRUGAL": {"type": "FRUGAL", "params": {"lr": 1e-2, "density": 0.5, "update_gap": 2, "proj_type": "blockwise"}},
+}
+
+
+def make_config(device: str, nvme_path=None, bf16: bool = True, optimizer: str = "AdamW", **offload) -> dict:
     section = {"device": device, **({"nvme_path": nvme_path} if nvme_path is not None else {}), **offload}
     return {
         "train_batch_size": 4,
         "gradient_accumulation_steps": 2,
         "gradient_clipping": 0.5,
         "bf16": {"enabled": bf16},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
+        "optimizer": OPTIMIZERS[optimizer],
         "zero_optimization": {"stage": 1, "offload_optimizer": section},
     }
 
@@ -127,6 +137,65 @@ def test_split_tensors_and_every_pipeline_give_the_host_tier_bits(tmp_path, ring
     planned = estimate(shapes_of(engine.module), engine.config, 1)[0].tiers
     assert planned["nvme"] >= report["by_tier"]["nvme"]
     assert planned["host"] == report["by_tier"]["host"]
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "GaLoreAdamW", "FRUGAL", "client AdamW"])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_torch_made_state_through_the_tier_gives_the_host_tier_bits(tmp_path, optimizer, bf16):
+    """FRUGAL blockwise renews its window every 2 steps: its group counters must see one step per
+    engine step although step() runs once per sub-group."""
+    name, client = ("AdamW", torch.optim.AdamW) if optimizer == "client AdamW" else (optimizer, None)
+    hosted = memfit.initialize(make_model(), make_config("cpu", bf16=bf16, optimizer=name), optimizer=client)
+    expected = train(hosted, 6)
+    streamed = memfit.initialize(
+        make_model(), make_config("nvme", str(tmp_path), bf16, name, buffer_size=3 * 4096), optimizer=client
+    )
+    assert len(streamed._update.groups) >= 3
+    got = train(streamed, 6)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    report = streamed.memory_report()
+    assert report["optimizer_state"] == hosted.memory_report()["optimizer_state"]
+    scalar_steps = 4 * len(streamed.masters.names) if client else 0  # torch's AdamW: a tensor in RAM
+    assert report["by_tier"]["nvme"] + scalar_steps >= report["optimizer_state"] + report["master_weights"]
+    if optimizer == "FRUGAL":
+        assert [g["frugal_step"] for g in streamed.optimizer.param_groups] == [
+            g["frugal_step"] for g in hosted.optimizer.param_groups
+        ]
+
+
+def test_fp16_overflow_skips_on_the_nvme_tier_as_on_the_host_tier(tmp_path):
+    def fp16(device, path=None):
+        config = make_config(device, path, bf16=False, buffer_size=3 * 4096)
+        config.update(fp16={"enabled": True, "initial_scale_power": 24}, gradient_clipping=0.0)
+        return config
+
+    hosted = memfit.initialize(make_model(), fp16("cpu"))
+    streamed = memfit.initialize(make_model(), fp16("nvme", str(tmp_path)))
+    expected, got = train(hosted, 4), train(streamed, 4)
+    assert streamed.skipped_steps == hosted.skipped_steps > 0  # 2**24 overflows at first
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_a_checkpoint_reads_state_from_the_swap_file_without_copying(tmp_path):
+    from memfit.checkpointing.state import export_rank_state
+
+    engine = memfit.initialize(make_model(), make_config("nvme", str(tmp_path), buffer_size=3 * 4096))
+    train(engine, 1)
+    payload = export_rank_state(engine, {})
+    swap = engine._update.space.path
+    with open("/proc/self/maps") as maps:
+        ranges = [line.split() for line in maps]
+    mapped = [tuple(int(bound, 16) for bound in fields[0].split("-")) for fields in ranges if fields[-1] == swap]
+
+    def in_swap(tensor):
+        return any(start <= tensor.data_ptr() < end for start, end in mapped)
+
+    assert mapped
+    for name, state in payload["optimizer_state"].items():
+        assert in_swap(state["exp_avg"]) and in_swap(state["exp_avg_sq"]), name
+        assert in_swap(payload["params"][name]), name  # the fp32 master, not the bf16 weight
 
 
 def test_pipeline_read_with_one_buffer_warns_and_reads_in_turn(tmp_path):
