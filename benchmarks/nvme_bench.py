@@ -36,7 +36,9 @@ import json, os, sys, torch, memfit
 sys.path.insert(0, os.path.join(sys.argv[1], "examples"))
 from gpt_model import GPT, GPTConfig
 torch.manual_seed(0)
+torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of the model at start
 model = GPT(GPTConfig(dim=int(sys.argv[2]), n_layers=int(sys.argv[3]), n_heads=8, seq_len=64))
+torch.set_default_dtype(torch.float32)
 config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
           "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "nvme", "nvme_path": sys.argv[4]}}}

@@ -96,7 +96,7 @@ def _nvme_tiers(owned, offload, keep_masters: bool, state: int, kernel: bool) ->
         buffer_elements = offload.buffer_size // 4 // ALIGN_ELEMENTS * ALIGN_ELEMENTS
         num_groups = len(plan_subgroups(numels, [kinds] * len(numels), buffer_elements))
         host = max(1, min(offload.buffer_count, num_groups)) * buffer_elements * 4
-        return {"host": host, "nvme": sum(kinds * align_up(4 * n) for n in numels)}
+        return {"host": host, "nvme": sum(kinds * align_up(max(4 * n, 1)) for n in numels)}
     total = 4 * sum(numels) + state
     host = min(total, (offload.buffer_count + 1) * offload.buffer_size) if owned else 0
     return {"host": host, "nvme": optimizer_swap_bytes(numels, keep_masters, state)}

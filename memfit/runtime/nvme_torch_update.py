@@ -27,10 +27,11 @@ def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def swapped_master_weights(owned_params, reduced: bool) -> MasterWeights:
-    """MasterWeights whose fp32 masters (under bf16/fp16) are placeholders from the start: their
-    values go to the swap file one tensor at a time (NvmeOptimizerUpdate), never all in RAM."""
+    """MasterWeights whose fp32 masters (under bf16/fp16, or for a model off the CPU) are CPU
+    placeholders from the start: their values go to the swap file one tensor at a time
+    (NvmeOptimizerUpdate), never all in RAM."""
     masters = MasterWeights(owned_params, keep_fp32_copy=False)
-    if reduced:
+    if reduced or any(param.device.type != "cpu" for _, param in owned_params):
         masters.separate = True
         masters.masters = [
             torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(param.shape)) for param in masters.compute
@@ -84,7 +85,7 @@ class NvmeOptimizerUpdate:
         if grad is None:
             return None
         if self.masters.separate:
-            grad = grad.float()
+            grad = grad.to("cpu", torch.float32)
         if multiplier is not None:
             grad.mul_(multiplier.to(grad.dtype))
         return grad

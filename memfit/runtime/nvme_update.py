@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from memfit.io import HostArena
 from memfit.io.extents import align_up
-from memfit.optim.cpu_adam import CPUAdamW
-from memfit.optim.fused_adam import adam_constants, step_tensors
+from memfit.optim.cpu_adam import CPUAdamW, check_hyperparameters
+from memfit.optim.fused_adam import GRAD_DTYPES, adam_constants, step_tensors
 from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, SwapSpace, check_pipeline, open_swap, plan_subgroups
 from memfit.runtime.nvme_torch_update import NvmeOptimizerUpdate, swapped_master_weights
 from memfit.runtime.offload import kernel_optimizer, runs_on_kernel
@@ -52,7 +52,7 @@ def kernel_kinds(param: torch.Tensor) -> tuple[str, ...]:
 
 
 def kernel_swap_bytes(params) -> int:
-    return sum(len(kernel_kinds(p)) * align_up(4 * p.numel()) for p in params)
+    return sum(len(kernel_kinds(p)) * align_up(max(4 * p.numel(), 1)) for p in params)
 
 
 def planned_state_bytes(optimizer, numel: int) -> int:
@@ -68,7 +68,7 @@ def planned_state_bytes(optimizer, numel: int) -> int:
 def optimizer_swap_bytes(numels: list[int], reduced: bool, state_bytes: int) -> int:
     """Swap for torch-made state: masters, the planned state, room for 4 KiB rounding of up to
     three state tensors per parameter and an eighth for state that changes size (FRUGAL)."""
-    masters = sum(align_up(4 * n) for n in numels) if reduced else 0
+    masters = sum(align_up(max(4 * n, 1)) for n in numels) if reduced else 0
     return masters + state_bytes + state_bytes // 8 + 3 * 4096 * len(numels)
 
 
@@ -77,6 +77,25 @@ class StreamedAdamW(CPUAdamW):
     only, and step() runs the streamed step of the NvmeKernelUpdate that owns it."""
 
     stream = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        """CPUAdamW's checks, less its device check: the streamed step copies gradients of a model
+        off the CPU to the host and the updated weights back."""
+        torch.optim.Optimizer.add_param_group(self, param_group)
+        group = self.param_groups[-1]
+        try:
+            check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            for param_index, param in enumerate(group["params"]):
+                if param.dtype not in GRAD_DTYPES or not param.is_contiguous():
+                    raise ValueError(
+                        f"params: parameter {param_index} of group {len(self.param_groups) - 1} is {param.dtype}"
+                        f"{'' if param.is_contiguous() else ', not contiguous'}; the kernel steps contiguous "
+                        "fp32, bf16 and fp16 tensors"
+                    )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        group["betas"] = tuple(group["betas"])
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: float = 1.0):
