@@ -222,6 +222,38 @@ def test_stale_swap_files_are_deleted_and_live_ones_kept(tmp_path):
     assert all(torch.equal(got[name], value) for name, value in expected.items())
 
 
+KILLED_SCRIPT = """
+import sys, time, memfit
+from tests.integration.test_nvme_tier import make_config, make_model, train
+engine = memfit.initialize(make_model(), make_config("nvme", sys.argv[1], buffer_size=3 * 4096))
+train(engine, 1)
+print(engine._update.space.path, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_swap_file_of_a_killed_run_is_deleted_by_the_next_run(tmp_path):
+    killed = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SCRIPT, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    try:
+        left_behind = killed.stdout.readline().strip()
+        assert os.path.getsize(left_behind) > 0
+    finally:
+        killed.kill()  # SIGKILL: no exit handler removes the file
+        killed.wait()
+    assert os.path.exists(left_behind)
+    expected = train(memfit.initialize(make_model(), make_config("cpu")))
+    engine = memfit.initialize(make_model(), make_config("nvme", str(tmp_path), buffer_size=3 * 4096))
+    assert not os.path.exists(left_behind) and os.path.exists(engine._update.space.path)
+    got = train(engine)
+    assert all(torch.equal(got[name], value) for name, value in expected.items())
+
+
 # ---- a write that fails mid-step ----------------------------------------------------------------
 FAULT_SCRIPT = """
 import os, subprocess, sys, torch, memfit
