@@ -62,7 +62,6 @@ class NvmeOptimizerUpdate:
         self.buffer_count = offload.buffer_count
         self.pipeline_read = check_pipeline(offload.buffer_count, offload.pipeline_read)
         self.pipeline_write = offload.pipeline_write
-        self.tier = self
 
     # ---- the update interface (see update.py) ---------------------------------------------------
     def gradients(self, touched_ids: set[int]) -> list[torch.Tensor]:

@@ -25,8 +25,6 @@ restore_master(name, value) (NvmeOptimizerUpdate), adopt(optimizer); and bytes_i
 swap_bytes for memory_report.
 """
 
-import logging
-
 import torch
 import torch.distributed as dist
 
@@ -38,8 +36,6 @@ from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, SwapSpace, check_pipeline, 
 from memfit.runtime.nvme_torch_update import NvmeOptimizerUpdate, swapped_master_weights
 from memfit.runtime.offload import kernel_optimizer, runs_on_kernel
 from memfit.runtime.precision import MasterWeights
-
-logger = logging.getLogger("memfit")
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -103,6 +99,8 @@ class StreamedAdamW(CPUAdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.stream is None:
+            raise RuntimeError("StreamedAdamW steps inside an engine with offload_optimizer nvme; use CPUAdamW alone")
         self.stream.run(grad_scale)
         return loss
 
@@ -128,11 +126,12 @@ class NvmeKernelUpdate:
         buffer_elements = offload.buffer_size // 4 // ALIGN_ELEMENTS * ALIGN_ELEMENTS
         self.groups = plan_subgroups([p.numel() for p in self.params], [len(k) for k in self.kinds], buffer_elements)
         num_buffers = max(1, min(offload.buffer_count, len(self.groups)))
-        self.arena = HostArena(num_buffers * buffer_elements * 4, register_cuda=offload.pin_memory and _has_cuda())
+        self.arena = HostArena(
+            num_buffers * buffer_elements * 4, register_cuda=offload.pin_memory and torch.cuda.is_available()
+        )
         self.ring = [self.arena.alloc((buffer_elements,), torch.float32) for _ in range(num_buffers)]
         self.pipeline_read = check_pipeline(offload.buffer_count, offload.pipeline_read) and num_buffers >= 2
         self.pipeline_write = offload.pipeline_write
-        self.tier = self
 
     # ---- the update interface (see update.py) ---------------------------------------------------
     def gradients(self, touched_ids: set[int]) -> list[torch.Tensor]:
@@ -340,10 +339,6 @@ def _dense_cpu(grad: torch.Tensor) -> torch.Tensor:
     if grad.device.type != "cpu":
         grad = grad.to("cpu")
     return grad if grad.is_contiguous() else grad.contiguous()
-
-
-def _has_cuda() -> bool:
-    return torch.cuda.is_available()
 
 
 def build_nvme_update(optimizer, cfg, owned_params, compute_dtype, placeholder, make_optimizer):
