@@ -76,7 +76,10 @@ def estimate(
         }
         device = result.bytes["params"] + result.bytes["grads"]
         if offload.device == "nvme":
-            result.tiers = {"device": device, **_nvme_tiers(owned, offload, keep_masters, state, runs_on_kernel(_optimizer_name(cfg)))}
+            result.tiers = {
+                "device": device,
+                **_nvme_tiers(owned, offload, keep_masters, state, runs_on_kernel(_optimizer_name(cfg))),
+            }
         elif offloaded:
             result.tiers = {"device": device, "host": masters + state}
         else:
@@ -87,7 +90,7 @@ def estimate(
 
 def _nvme_tiers(owned, offload, keep_masters: bool, state: int, kernel: bool) -> dict[str, int]:
     """The host ring and the swap file of one rank, as build_nvme_update allocates them."""
-    from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, plan_subgroups
+    from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, plan_subgroups, swap_file_bytes
     from memfit.runtime.nvme_update import optimizer_swap_bytes
 
     numels = [t.numel() for _, t in owned]
@@ -96,10 +99,10 @@ def _nvme_tiers(owned, offload, keep_masters: bool, state: int, kernel: bool) ->
         buffer_elements = offload.buffer_size // 4 // ALIGN_ELEMENTS * ALIGN_ELEMENTS
         num_groups = len(plan_subgroups(numels, [kinds] * len(numels), buffer_elements))
         host = max(1, min(offload.buffer_count, num_groups)) * buffer_elements * 4
-        return {"host": host, "nvme": sum(kinds * align_up(max(4 * n, 1)) for n in numels)}
+        return {"host": host, "nvme": swap_file_bytes(sum(kinds * align_up(max(4 * n, 1)) for n in numels))}
     total = 4 * sum(numels) + state
     host = min(total, (offload.buffer_count + 1) * offload.buffer_size) if owned else 0
-    return {"host": host, "nvme": optimizer_swap_bytes(numels, keep_masters, state)}
+    return {"host": host, "nvme": swap_file_bytes(optimizer_swap_bytes(numels, keep_masters, state))}
 
 
 def _optimizer_name(cfg) -> str:

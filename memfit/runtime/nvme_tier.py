@@ -105,13 +105,18 @@ def _directory_locked(directory: str):
         os.close(descriptor)
 
 
+def swap_file_bytes(planned_bytes: int) -> int:
+    """The size of a swap file planned to hold planned_bytes (one block at least)."""
+    return max(align_up(planned_bytes), ALIGNMENT)
+
+
 def open_swap(directory: str, rank: int, capacity_bytes: int, *, block_size: int, queue_depth: int) -> SwapFile:
     """This rank's swap file, after deleting the stale ones of killed runs."""
     with _directory_locked(directory):
         for stale in _stale_swap_files(directory):
             os.unlink(stale)
         path = os.path.join(directory, f"{SWAP_PREFIX}rank{rank}-{os.getpid()}-{next(_engine_numbers)}{SWAP_SUFFIX}")
-        return SwapFile(path, max(capacity_bytes, ALIGNMENT), block_size=block_size, queue_depth=queue_depth)
+        return SwapFile(path, swap_file_bytes(capacity_bytes), block_size=block_size, queue_depth=queue_depth)
 
 
 def check_pipeline(buffer_count: int, pipeline_read: bool) -> bool:
@@ -219,8 +224,8 @@ class SwapSpace:
         return views
 
     @property
-    def bytes_in_use(self) -> int:
-        return self.swap.bytes_in_use
+    def capacity_bytes(self) -> int:
+        return self.swap.capacity_bytes
 
     def close(self) -> None:
         self.swap.close()

@@ -13,6 +13,7 @@ are in flight.
 import torch
 
 from memfit.runtime.nvme_tier import SwapSpace, check_pipeline
+from memfit.runtime.offload import stages_through_host
 from memfit.runtime.precision import MasterWeights
 
 
@@ -31,7 +32,7 @@ def swapped_master_weights(owned_params, reduced: bool) -> MasterWeights:
     placeholders from the start: their values go to the swap file one tensor at a time
     (NvmeOptimizerUpdate), never all in RAM."""
     masters = MasterWeights(owned_params, keep_fp32_copy=False)
-    if reduced or any(param.device.type != "cpu" for _, param in owned_params):
+    if reduced or any(stages_through_host(param.device) for _, param in owned_params):
         masters.separate = True
         masters.masters = [
             torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(param.shape)) for param in masters.compute
@@ -260,4 +261,5 @@ class NvmeOptimizerUpdate:
 
     @property
     def swap_bytes(self) -> int:
-        return self.space.bytes_in_use
+        """What the rank's swap file takes on disk (preallocated at start)."""
+        return self.space.capacity_bytes

@@ -34,7 +34,7 @@ from memfit.optim.cpu_adam import CPUAdamW, check_hyperparameters
 from memfit.optim.fused_adam import GRAD_DTYPES, adam_constants, step_tensors
 from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, SwapSpace, check_pipeline, open_swap, plan_subgroups
 from memfit.runtime.nvme_torch_update import NvmeOptimizerUpdate, swapped_master_weights
-from memfit.runtime.offload import kernel_optimizer, runs_on_kernel
+from memfit.runtime.offload import kernel_optimizer, runs_on_kernel, stages_through_host
 from memfit.runtime.precision import MasterWeights
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -42,8 +42,8 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def kernel_kinds(param: torch.Tensor) -> tuple[str, ...]:
     """The fp32 tensors the kernel keeps per parameter: a master unless the parameter is an fp32
-    CPU tensor (then it is its own master)."""
-    own_master = param.dtype == torch.float32 and param.device.type == "cpu"
+    tensor the kernel updates in place (on the CPU, not staged: see stages_through_host)."""
+    own_master = param.dtype == torch.float32 and not stages_through_host(param.device)
     return MOMENTS if own_master else ("master", *MOMENTS)
 
 
@@ -119,6 +119,7 @@ class NvmeKernelUpdate:
         self.params = [param for _, param in named_params]
         self.index_of = {id(param): index for index, param in enumerate(self.params)}
         self.kinds = [kernel_kinds(param) for param in self.params]
+        self.staged = [stages_through_host(param.device) for param in self.params]
         self.stored: list[set[str]] = [set() for _ in self.params]  # kinds whose values are on the swap
         for name, param, kinds in zip(self.names, self.params, self.kinds):
             for kind in kinds:
@@ -167,7 +168,8 @@ class NvmeKernelUpdate:
 
     @property
     def swap_bytes(self) -> int:
-        return self.space.bytes_in_use
+        """What the rank's swap file takes on disk (preallocated at start)."""
+        return self.space.capacity_bytes
 
     # ---- the streamed step ----------------------------------------------------------------------
     def run(self, grad_scale: float) -> None:
@@ -262,7 +264,7 @@ class NvmeKernelUpdate:
             if "master" in views and "master" not in stored:
                 views["master"].copy_(param)
             grad = grads[index].view(-1)[piece.start : piece.stop]
-            if param.device.type != "cpu":
+            if self.staged[index]:  # the master crosses back to the compute parameter after the kernel
                 master, out = views["master"], None
                 copies.append((param, master))
             elif "master" in views:
@@ -274,7 +276,7 @@ class NvmeKernelUpdate:
         for key, rows in batches.items():
             step_tensors(rows, constants[key[:2]])
         for param, master in copies:
-            param.copy_(master, non_blocking=True)
+            param.copy_(master)  # blocking: the ring buffer is read into again soon
         requests = []
         for piece in pieces:
             for kind, view in self._views(buffer, piece).items():

@@ -139,3 +139,84 @@ def test_checkpoints_move_between_nvme_and_host_tiers(tmp_path, optimizer):
                 assert torch.equal(value, reference[name]), (saved_with, name)
         for name, value in per_rank[("nvme", "nvme")].items():
             assert torch.equal(value, per_rank[("cpu", "cpu")][name]), name
+
+
+STAGED_CASES = grid(
+    model=["moe", "single"],
+    stage=[2],
+    overlap=[True],
+    accumulation=[3],
+    clip=[0.5],
+    optimizer=["AdamW", "SGD"],
+    dtype=["float32", "bfloat16"],
+    offload=["cpu", "nvme"],
+    steps=[4],
+)
+
+
+def run_staged_cases(rank, world_size, cases, nvme_path):
+    os.environ["MEMFIT_OFFLOAD_STAGED"] = "1"  # the path a GPU runs: masters apart, copies both ways
+    return run_cases(rank, world_size, cases, nvme_path)
+
+
+def test_staged_nvme_tier_equals_staged_host_tier(tmp_path):
+    """What a model off the CPU runs (fp32 masters apart from the compute parameters, gradients
+    copied to the host, masters copied back), forced on the CPU."""
+    per_rank = run_ranks(run_staged_cases, 2, STAGED_CASES, str(tmp_path))
+    for rank in range(2):
+        results = {case: per_rank[rank][index] for index, case in enumerate(STAGED_CASES)}
+        for case in STAGED_CASES:
+            if case.offload == "nvme":
+                (streamed, report), (hosted, _) = results[case], results[replace(case, offload="cpu")]
+                for name, value in hosted.items():
+                    assert torch.equal(streamed[name], value), (rank, str(case), name)
+                if case.model != "single" or rank == 0:  # fp32 too: the masters are on the swap
+                    assert report["master_weights"] > 0, str(case)
+
+
+def nvme_reports_and_estimates(rank, world_size, nvme_path):
+    from memfit.runtime.estimate import estimate, shapes_of
+
+    out = []
+    generator = torch.Generator().manual_seed(0)
+    for model_name in ("moe", "single"):
+        for stage in (1, 2):
+            for dtype in ("float32", "bfloat16"):
+                for optimizer in ("AdamW", "GaLoreAdamW", "FRUGAL", "SGD"):
+                    case = replace(CASES[0], model=model_name, stage=stage, dtype=dtype, optimizer=optimizer)
+                    case = replace(case, offload="nvme", accumulation=2)
+                    model = make_model(model_name)
+                    shapes = shapes_of(model)
+                    engine = memfit.initialize(model, nvme_config(case, world_size, nvme_path))
+                    for step in range(2):  # every rank's route, so state exists for every owned tensor
+                        for micro in range(2):
+                            inputs, targets = (
+                                torch.randn(2, 16, generator=generator),
+                                torch.randn(2, 8, generator=generator),
+                            )
+                            output = engine(inputs.to(getattr(torch, dtype)), route=rank + micro, step=step).float()
+                            engine.backward(torch.nn.functional.mse_loss(output, targets))
+                            engine.step()
+                    predicted = estimate(shapes, engine.config, world_size)[rank]
+                    out.append((str(case), engine.memory_report(), predicted.bytes, predicted.tiers))
+                    del engine
+    return out
+
+
+def test_estimate_plans_the_nvme_tier(tmp_path):
+    """Categories within 5% of the measured ones; the swap file's size and the fused step's host
+    ring exactly."""
+    failures = []
+    for results in run_ranks(nvme_reports_and_estimates, 2, str(tmp_path)):
+        for case, report, predicted, tiers in results:
+            for category in ("params", "grads", "master_weights", "optimizer_state"):
+                measured, estimated = report[category], predicted[category]
+                if abs(measured - estimated) > 0.05 * measured or (measured == 0) != (estimated == 0):
+                    failures.append(f"{case}: {category} measured {measured}, estimated {estimated}")
+            swap, planned = report["by_tier"]["nvme"], tiers["nvme"]
+            kernel = " AdamW " in f" {case.split()[5]} "
+            if swap != planned:
+                failures.append(f"{case}: swap file holds {swap}, planned {planned}")
+            if kernel and report["by_tier"]["host"] != tiers["host"]:
+                failures.append(f"{case}: host ring {report['by_tier']['host']}, planned {tiers['host']}")
+    assert not failures, "\n".join(failures[:40])

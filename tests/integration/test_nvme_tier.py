@@ -131,11 +131,11 @@ def test_split_tensors_and_every_pipeline_give_the_host_tier_bits(tmp_path, ring
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
     report = engine.memory_report()
-    assert report["by_tier"]["nvme"] == report["master_weights"] + report["optimizer_state"]
+    assert report["by_tier"]["nvme"] >= report["master_weights"] + report["optimizer_state"]
     from memfit.runtime.estimate import estimate, shapes_of
 
     planned = estimate(shapes_of(engine.module), engine.config, 1)[0].tiers
-    assert planned["nvme"] >= report["by_tier"]["nvme"]
+    assert planned["nvme"] == report["by_tier"]["nvme"]
     assert planned["host"] == report["by_tier"]["host"]
 
 
