@@ -5,6 +5,7 @@ tmpfs) stops the run with an OSError naming the swap file and the tensor, and th
 checkpoint stays whole."""
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -289,3 +290,17 @@ def test_a_write_failing_mid_step_stops_the_run_and_keeps_the_checkpoint(mount_t
     assert last.startswith("OSError: [Errno 28] writing ") and "No space left on device" in last, result.stderr[-2000:]
     assert "memfit-swap-rank0-" in last and any(name in last for name in ("0.weight/", "0.bias/", "2.weight/"))
     assert verify_checkpoint(os.path.join(checkpoint_dir, "global_step2")) == []
+
+
+def test_the_example_trains_with_the_nvme_config(tmp_path):
+    with open(os.path.join(ROOT, "examples", "configs", "nvme.json")) as file:
+        config = json.load(file)
+    config["zero_optimization"]["offload_optimizer"]["nvme_path"] = str(tmp_path)
+    path, metrics = tmp_path / "nvme.json", tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(config))
+    command = [sys.executable, os.path.join(ROOT, "examples", "train_gpt.py"), "--config", str(path),
+               "--max-steps", "12", "--eval-every", "12", "--metrics", str(metrics)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600, cwd=tmp_path)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(records) == 12 and records[-1]["loss"] < records[0]["loss"] - 0.2
+    assert not any(name.endswith(".swap") for name in os.listdir(tmp_path))  # removed at exit
