@@ -128,8 +128,8 @@ def optimizer_phase(args) -> dict:
 
 def peak_rss(path: str, dim: int, layers: int, fixed_mmap_threshold: bool) -> dict:
     """fixed_mmap_threshold: glibc's mmap threshold pinned at 128 KiB. By default glibc raises it
-    after a large block is freed, and the freed fp32 temporaries of clipping (one gradient at a
-    time) then stay in the heap: about 2 bytes per parameter of RSS that is not in use."""
+    after a large block is freed, and large temporaries freed later can stay in the heap as RSS
+    that is not in use; the two runs show whether the step leaves any."""
     command = [sys.executable, "-c", RSS_SCRIPT, ROOT, str(dim), str(layers), path]
     env = {**os.environ, "PYTHONPATH": ROOT}
     if fixed_mmap_threshold:
