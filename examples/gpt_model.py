@@ -25,6 +25,10 @@ PRESETS = {
     "tiny": GPTConfig(dim=128, n_layers=4, n_heads=4, seq_len=128),  # ~0.8M parameters, for CI
     "small": GPTConfig(dim=512, n_layers=8, n_heads=8, seq_len=256),  # ~26M
     "base": GPTConfig(dim=768, n_layers=16, n_heads=12, seq_len=256),  # ~114M
+    # For offload_optimizer "nvme": with bf16 compute, 2 bytes per parameter each for weights and
+    # gradients stay in RAM, and 12 (fp32 master, exp_avg, exp_avg_sq) go to the swap file.
+    "1b": GPTConfig(dim=2048, n_layers=20, n_heads=16, seq_len=256),  # ~1.01B
+    "2b": GPTConfig(dim=2560, n_layers=24, n_heads=20, seq_len=256),  # ~1.89B: 30 GB of training state
 }
 
 

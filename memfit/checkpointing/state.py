@@ -48,15 +48,20 @@ def export_rank_state(engine, client_state: dict) -> dict:
     name_of = {id(master): name for name, master in zip(engine.masters.names, engine.masters.masters)}
     params, states = {}, {}
     master_of = getattr(optimizer, "master_of", lambda param: None)
+    # The NVMe tier: tensors over its swap file, read as they are written out (never all in RAM).
+    swapped = engine._update.swapped_tensors() if hasattr(engine._update, "swapped_tensors") else {}
     if engine.stage > 0 or engine.rank == 0:  # stage 0: every rank holds the same values
         for name, master in zip(engine.masters.names, engine.masters.masters):
-            held = master_of(master)  # an optimizer that keeps the fp32 master of a 16-bit tensor
+            on_swap = swapped.get(name, {})
+            # an optimizer that keeps the fp32 master of a 16-bit tensor
+            held = on_swap["master"] if "master" in on_swap else master_of(master)
             params[name] = (held if held is not None else master).detach().float().cpu()
             states[name] = {
                 key: _portable(key, value)
                 for key, value in saved["state"].get(index_of[id(master)], {}).items()
                 if key != "master"
             }
+            states[name].update((key, value) for key, value in on_swap.items() if key != "master")
     groups = []
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         hyper = {key: value for key, value in saved_group.items() if key != "params"}
@@ -94,11 +99,15 @@ def restore_rank_state(engine, source: StateSource) -> dict:
     base = source.payload(base_rank)
     _check_names(engine, source)
     by_name = dict(engine._named_params)
+    restore_master = getattr(engine._update, "restore_master", None)  # the NVMe tier's swapped masters
     with torch.no_grad():
         for name, master in zip(engine.masters.names, engine.masters.masters):
             value = source.tensor(source.owner_of[name], f"params/{name}")
             _check_shape(name, value, master, source)
-            master.copy_(value)
+            if restore_master is not None:
+                restore_master(name, value)
+            else:
+                master.copy_(value)
             if by_name[name] is not master:
                 by_name[name].copy_(value)
         for name, param in engine.module.named_parameters():
@@ -168,6 +177,7 @@ def _restore_optimizer(engine, source: StateSource, same_world: bool) -> None:
         saved_groups += [(g, set(g["param_names"])) for g in source.payload(owner_rank)["param_groups"]]
     current = optimizer.state_dict()
     tensor_steps = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD))
+    restore_state = getattr(engine._update, "restore_state", None)  # the NVMe tier's swapped state
     state, groups, index = {}, [], 0
     for group, current_group in zip(optimizer.param_groups, current["param_groups"]):
         names = [name_of[id(p)] for p in group["params"] if id(p) in name_of]
@@ -187,6 +197,12 @@ def _restore_optimizer(engine, source: StateSource, same_world: bool) -> None:
                 name = name_of[id(param)]
                 owner_rank = source.owner_of[name]
                 saved_state = source.payload(owner_rank)["optimizer_state"].get(name, {})
+                if restore_state is not None:  # tensor by tensor into the swap file, not through RAM
+                    tensors = [key for key, value in saved_state.items() if torch.is_tensor(value) and value.dim()]
+                    restore_state(
+                        name, {key: source.tensor(owner_rank, f"optimizer_state/{name}/{key}") for key in tensors}
+                    )
+                    saved_state = {key: value for key, value in saved_state.items() if key not in tensors}
                 state[index] = _verified_tree(source, owner_rank, saved_state, f"optimizer_state/{name}")
                 if tensor_steps and isinstance(state[index].get("step"), int):
                     state[index]["step"] = torch.tensor(float(state[index]["step"]))

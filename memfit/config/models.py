@@ -4,7 +4,7 @@ field accepts DeepSpeed's "auto", the description says what "auto" becomes."""
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from memfit.config.values import Boolean, Integer, OneOf, Real, Text
 
@@ -65,21 +65,39 @@ class SchedulerConfig(Section):
 
 class OffloadOptimizerConfig(Section):
     device: OneOf("none", "cpu", "nvme") = Field(
-        "none", description="Where optimizer state and fp32 master weights live."
+        "none",
+        description='Where optimizer state and fp32 master weights live: "cpu" a host arena, "nvme" one swap file '
+        "per rank under nvme_path, streamed through buffer_count host buffers at each step.",
     )
-    nvme_path: Text(optional=True) = Field(None, description="Directory for the swap file when device is nvme.")
+    nvme_path: Text(optional=True) = Field(
+        None, description='Existing writable directory for the per-rank swap files; required when device is "nvme".'
+    )
     pin_memory: Boolean = Field(True, description="Register the host arena with CUDA when a GPU is present.")
-    buffer_count: Integer(minimum=1) = Field(4, description="Number of staging buffers for NVMe transfers.")
-    pipeline_read: Boolean = Field(False, description="Read the next sub-group while the current one is updated.")
-    pipeline_write: Boolean = Field(False, description="Write the previous sub-group while the current one is updated.")
-    fast_init: Boolean = Field(False, description="Skip zero-filling the swap file at start.")
+    buffer_count: Integer(minimum=1) = Field(
+        4, description="Host buffers in the NVMe ring: read k+1, update k and write k-1 need 3; 1 runs unpipelined."
+    )
+    buffer_size: Integer(minimum=3 * 4096, multiple_of=4096) = Field(
+        64 << 20, description="Bytes per NVMe ring buffer (memfit's key): the sub-group size of the streamed step."
+    )
+    pipeline_read: Boolean = Field(
+        True,
+        description="Read the next NVMe sub-group while the current one is updated (honoured; memfit's default "
+        "is true, DeepSpeed's false).",
+    )
+    pipeline_write: Boolean = Field(
+        True,
+        description="Write the previous NVMe sub-group while the current one is updated (honoured; memfit's "
+        "default is true, DeepSpeed's false).",
+    )
+    fast_init: Boolean = Field(
+        False, description="Accepted for DeepSpeed compatibility: memfit never zero-fills the swap file."
+    )
 
-    @field_validator("device")
-    @classmethod
-    def device_available(cls, device: str) -> str:
-        if device == "nvme":
-            raise ValueError("offload to 'nvme' is not available yet in this memfit release; use 'none' or 'cpu'")
-        return device
+    @model_validator(mode="after")
+    def nvme_needs_path(self) -> "OffloadOptimizerConfig":
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError('nvme_path: required when device is "nvme" (an existing writable directory)')
+        return self
 
 
 class ZeroConfig(Section):

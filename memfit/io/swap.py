@@ -17,6 +17,7 @@ Thread-safety: every method may be called from any thread.
 
 import errno
 import fcntl
+import math
 import os
 import threading
 import weakref
@@ -171,6 +172,27 @@ class SwapFile:
             state.last_request = state.last_put = request
         return request
 
+    def reserve(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Slot:
+        """Allocates the slot called name without writing it, for a caller that transfers ranges
+        of it through `file` itself (and orders those transfers itself); get() refuses the slot
+        until a put() has written it."""
+        num_bytes = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            self._check_open()
+            if name in self._slots:
+                raise ValueError(f"slot {name!r} exists already in {self.path}")
+            offset = self._extents.allocate(num_bytes)
+            if offset is None:
+                raise SwapFullError(
+                    errno.ENOSPC,
+                    f"swap file full: slot {name!r} needs {format_bytes(num_bytes)}, "
+                    f"{format_bytes(self._extents.free_bytes)} free of {format_bytes(self.capacity_bytes)}",
+                    self.path,
+                )
+            slot = Slot(offset, num_bytes, dtype, tuple(shape))
+            self._slots[name] = _SlotState(slot)
+        return slot
+
     def get(self, name: str, into) -> Request:
         """Reads the slot called name into `into`, which must have the slot's dtype and shape."""
         span = buffer_span(into, writable=True, what="into")
@@ -188,6 +210,8 @@ class SwapFile:
                     f"destination is {_describe(span.dtype, span.shape)}"
                 )
             state.settle()
+            if state.last_put is None:
+                raise OSError(errno.ENODATA, f"slot {name!r} was reserved and never put", self.path)
             put_result = state.last_put._finish()
             if put_result < 0:
                 raise OSError(

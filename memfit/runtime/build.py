@@ -18,6 +18,7 @@ from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
 from memfit.runtime.estimate import host_memory_problem
 from memfit.runtime.loss_scale import build_loss_scaler
+from memfit.runtime.nvme_update import build_nvme_update
 from memfit.runtime.offload import HostTier, kernel_optimizer, planned_host_bytes, runs_on_kernel, stages_through_host
 from memfit.runtime.precision import MasterWeights
 from memfit.runtime.schedulers import build_scheduler
@@ -138,6 +139,8 @@ def build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size
     # A rank that owns nothing still keeps an optimizer (param_groups, lr, the scheduler): it
     # holds one empty placeholder tensor, which never gets a gradient and is never saved.
     placeholder = [(PLACEHOLDER_NAME, torch.nn.Parameter(torch.empty(0, device=device)))]
+    if offload.device == "nvme":
+        return build_nvme_update(optimizer, cfg, owned_params, compute_dtype, placeholder, make_optimizer)
     if offload.device != "cpu":
         masters = MasterWeights(owned_params, keep_fp32_copy=reduced)
         opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)) or placeholder)

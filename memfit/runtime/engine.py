@@ -211,6 +211,8 @@ class Engine:
             "device": report["params"] + report["grads"] + (0 if self.host_tier is not None else offloaded),
             "host": host,
         }
+        if hasattr(self.host_tier, "swap_bytes"):  # offload_optimizer "nvme": the rank's swap file
+            report["by_tier"]["nvme"] = self.host_tier.swap_bytes
         report["peak_rss_bytes"] = _peak_rss_bytes()
         return report
 

@@ -6,7 +6,8 @@ optimizer built over meta tensors, whose planned_state_bytes() (GaLore, FRUGAL) 
 Categories: params (compute copies, every rank), grads (stage 0/1: every gradient; stage 2: the
 owned ones plus the staging buffer a non-owned bucket is sent from), master_weights (fp32 copies
 of owned 16-bit tensors), optimizer_state. Tiers: "device" where the model runs, "host" the host
-tier under offload_optimizer "cpu". DeepSpeed's own estimate for ZeRO-2
+tier under offload_optimizer "cpu" (under "nvme": the ring buffers of the fused step, or the
+sub-groups resident at once for other optimizers), "nvme" the rank's swap file. DeepSpeed's own estimate for ZeRO-2
 (estimate_zero2_model_states_mem_needs) is given beside it where it has one.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from memfit.io.extents import align_up
 from memfit.runtime.offload import runs_on_kernel, stages_through_host
 from memfit.runtime.zero.buckets import build_buckets, staging_numel
 from memfit.runtime.zero.ownership import plan_ownership
@@ -51,7 +53,8 @@ def estimate(
     plan = plan_ownership(trainable, world_size if zero.stage > 0 else 1)
     buckets = build_buckets(trainable, plan, zero.reduce_bucket_size)
     all_numel = sum(t.numel() for _, t in trainable)
-    offloaded = zero.offload_optimizer.device == "cpu"
+    offload = zero.offload_optimizer
+    offloaded = offload.device in ("cpu", "nvme")
     keep_masters = reduced or (offloaded and stages_through_host(torch.device(device_type)))
     estimates = []
     for rank in range(world_size):
@@ -72,12 +75,38 @@ def estimate(
             "optimizer_state": state,
         }
         device = result.bytes["params"] + result.bytes["grads"]
-        if offloaded:
+        if offload.device == "nvme":
+            result.tiers = {
+                "device": device,
+                **_nvme_tiers(owned, offload, keep_masters, state, runs_on_kernel(_optimizer_name(cfg))),
+            }
+        elif offloaded:
             result.tiers = {"device": device, "host": masters + state}
         else:
             result.tiers = {"device": device + masters + state, "host": 0}
         estimates.append(result)
     return estimates
+
+
+def _nvme_tiers(owned, offload, keep_masters: bool, state: int, kernel: bool) -> dict[str, int]:
+    """The host ring and the swap file of one rank, as build_nvme_update allocates them."""
+    from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, plan_subgroups, swap_file_bytes
+    from memfit.runtime.nvme_update import optimizer_swap_bytes
+
+    numels = [t.numel() for _, t in owned]
+    kinds = 3 if keep_masters else 2
+    if kernel:
+        buffer_elements = offload.buffer_size // 4 // ALIGN_ELEMENTS * ALIGN_ELEMENTS
+        num_groups = len(plan_subgroups(numels, [kinds] * len(numels), buffer_elements))
+        host = max(1, min(offload.buffer_count, num_groups)) * buffer_elements * 4
+        return {"host": host, "nvme": swap_file_bytes(sum(kinds * align_up(max(4 * n, 1)) for n in numels))}
+    total = 4 * sum(numels) + state
+    host = min(total, (offload.buffer_count + 1) * offload.buffer_size) if owned else 0
+    return {"host": host, "nvme": swap_file_bytes(optimizer_swap_bytes(numels, keep_masters, state))}
+
+
+def _optimizer_name(cfg) -> str:
+    return cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
 
 
 def _numel(shape) -> int:
@@ -124,11 +153,12 @@ def deepspeed_zero2_estimate(total_params: int, world_size: int, offload: bool) 
 def format_table(estimates: list[RankEstimate], deepspeed: dict[str, int] | None = None) -> str:
     from memfit.units import format_bytes
 
-    header = ["rank", "params", "grads", "(staging)", "fp32 masters", "optimizer state", "device", "host"]
+    tiers = ["device", "host"] + (["nvme"] if any("nvme" in e.tiers for e in estimates) else [])
+    header = ["rank", "params", "grads", "(staging)", "fp32 masters", "optimizer state", *tiers]
     rows = [
         [str(e.rank), format_bytes(e.bytes["params"]), format_bytes(e.bytes["grads"]), format_bytes(e.grad_staging)]
         + [format_bytes(e.bytes[c]) for c in CATEGORIES[2:]]
-        + [format_bytes(e.tiers["device"]), format_bytes(e.tiers["host"])]
+        + [format_bytes(e.tiers[t]) for t in tiers]
         for e in estimates
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -182,12 +212,18 @@ def host_memory_problem(
     """A ConfigError message if the ranks on this node would need more host memory than is
     available (the host tier, and on a CPU machine also gradients, masters and optimizer state;
     the parameters exist already), with the estimate as a table; None if it fits."""
-    offloaded = cfg.zero_optimization.offload_optimizer.device == "cpu"
-    if not offloaded and device_type != "cpu":
+    offload = cfg.zero_optimization.offload_optimizer
+    if offload.device == "none" and device_type != "cpu":
         return None
     estimates = estimate(shapes, cfg, world_size, client_optimizer, device_type)
     first = rank - rank % local_world_size
     local = estimates[first : first + local_world_size]
+    if offload.device == "nvme":
+        from memfit.runtime.nvme_tier import nvme_path_problem
+
+        problem = nvme_path_problem(offload.nvme_path, sum(item.tiers["nvme"] for item in local))
+        if problem is not None:
+            return problem
     needed = 0
     for item in local:
         needed += item.tiers["host"]

@@ -123,10 +123,11 @@ def runs_on_kernel(name: str) -> bool:
     return find_optimizer(name) in KERNEL_OPTIMIZERS
 
 
-def kernel_optimizer(name: str, config_params: dict, params: list[torch.Tensor]) -> CPUAdamW | None:
+def kernel_optimizer(name: str, config_params: dict, params: list[torch.Tensor], cls=CPUAdamW) -> CPUAdamW | None:
     """The CPUAdamW that a config's Adam, AdamW or CPUAdamW becomes on the host tier (same
     hyperparameters, DeepSpeed's adam_w_mode and bias_correction honoured); None for other
-    optimizers, which run with torch ops on host tensors."""
+    optimizers, which run with torch ops on host tensors. cls: CPUAdamW or a subclass (the NVMe
+    tier's StreamedAdamW)."""
     if not runs_on_kernel(name):
         return None
     registered = find_optimizer(name)
@@ -140,7 +141,7 @@ def kernel_optimizer(name: str, config_params: dict, params: list[torch.Tensor])
         options.setdefault("weight_decay", 0.01)
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
-    return CPUAdamW(params, **options)
+    return cls(params, **options)
 
 
 def planned_host_bytes(owned: list[torch.Tensor], *, kernel: bool, reduced_precision: bool) -> int:

@@ -69,8 +69,12 @@ MALFORMED_DICTS = [
     ),
     (
         {"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
-        "config: zero_optimization.offload_optimizer.device: offload to 'nvme' is not available yet in this memfit "
-        "release; use 'none' or 'cpu'",
+        'config: zero_optimization.offload_optimizer: nvme_path: required when device is "nvme" (an existing '
+        "writable directory)",
+    ),
+    (
+        {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/x", "buffer_size": 5000}}},
+        "config: zero_optimization.offload_optimizer.buffer_size: expected an integer >= 12288, got 5000",
     ),
     (
         {"zero_optimization": {"offload_optimizer": {"buffer_count": 0}}},
