@@ -79,6 +79,8 @@ def export_rank_state(engine, client_state: dict) -> dict:
         "global_step": engine.global_step,
         "micro_step": engine.micro_step,
         "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler is not None else None,
+        "skipped_steps": engine.skipped_steps,
         "rng": rng_state(),
         "client_state": client_state,
     }
@@ -133,6 +135,9 @@ def restore_rank_state(engine, source: StateSource) -> dict:
     engine.global_step, engine.micro_step = base["global_step"], base["micro_step"]
     if engine.lr_scheduler is not None and base["scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(base["scheduler"])
+    if engine.loss_scaler is not None and base.get("loss_scaler") is not None:  # fp16: the scale goes on
+        engine.loss_scaler.load_state_dict(base["loss_scaler"])
+    engine.skipped_steps = base.get("skipped_steps", 0)
     set_rng_state(_verified_tree(source, base_rank, base["rng"], "rng"))
     return base["client_state"]
 

@@ -76,3 +76,37 @@ def test_overflow_on_one_rank_skips_everywhere_and_scale_follows_deepspeed(clip,
         reference = fp32[rank][1]
         for name, value in reference.items():
             torch.testing.assert_close(params[name], value, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def train_with_resume(rank, world_size, directory, resume_at):
+    """fp16 with overflows on steps 2 and 3 (scale 1024 -> 256); with resume_at, a checkpoint is
+    saved after that step and a fresh engine continues from it."""
+    engine = memfit.initialize(make_model("moe"), config("float16", 0.5, 2, "none"))
+    generator = torch.Generator().manual_seed(3)
+    for step in range(STEPS):
+        inputs, targets = torch.randn(8, 16, generator=generator), torch.randn(8, 8, generator=generator)
+        for micro in range(2):
+            start = rank * 4 + micro * 2
+            output = engine(inputs[start : start + 2].half(), route=rank, step=step).float()
+            loss = torch.nn.functional.mse_loss(output, targets[start : start + 2])
+            if step in (2, 3) and rank == 1 and micro == 1:
+                loss = loss * float("inf")
+            engine.backward(loss)
+            engine.step()
+        if step + 1 == resume_at:
+            engine.save_checkpoint(directory)
+            engine = memfit.initialize(make_model("moe", seed=9), config("float16", 0.5, 2, "none"))
+            engine.load_checkpoint(directory)
+    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    return params, engine.loss_scaler.state_dict(), engine.skipped_steps
+
+
+def test_resume_keeps_the_loss_scale_and_skipped_steps(tmp_path):
+    straight = run_ranks(train_with_resume, 2, str(tmp_path / "unused"), None)
+    resumed = run_ranks(train_with_resume, 2, str(tmp_path / "ckpt"), 5)
+    for rank in range(2):
+        params, scaler, skipped = resumed[rank]
+        expected_params, expected_scaler, expected_skipped = straight[rank]
+        assert scaler == expected_scaler and skipped == expected_skipped == 2
+        for name, value in expected_params.items():
+            assert torch.equal(params[name], value), name
