@@ -109,20 +109,8 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
                 key = (state["step"], grad.dtype, None if out is None else out.dtype)
                 batches.setdefault(key, []).append((master, grad, state["exp_avg"], state["exp_avg_sq"], out))
                 stepped.append(param)
-            beta1, beta2 = group["betas"]
             for (step, _, _), rows in batches.items():
-                constants = adam_constants(
-                    step=step,
-                    lr=float(group["lr"]),
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    adamw_mode=group["adamw_mode"],
-                    bias_correction=group["bias_correction"],
-                    grad_scale=grad_scale,
-                )
-                step_tensors(rows, constants)
+                step_tensors(rows, group_constants(group, step, grad_scale))
             if stepped:
                 torch.autograd.graph.increment_version(stepped)  # written through raw pointers
         return loss
@@ -222,3 +210,19 @@ def _ensure_state(param: torch.Tensor, state: dict, allocate) -> None:
     if param.dtype != torch.float32 and "master" not in state:
         state["master"] = allocate(tuple(param.shape), torch.float32)
         state["master"].copy_(param.detach())
+
+
+def group_constants(group: dict, step: int, grad_scale: float):
+    """The fused kernel's constants for one param group of CPUAdamW at one step count."""
+    beta1, beta2 = group["betas"]
+    return adam_constants(
+        step=step,
+        lr=float(group["lr"]),
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        adamw_mode=group["adamw_mode"],
+        bias_correction=group["bias_correction"],
+        grad_scale=grad_scale,
+    )

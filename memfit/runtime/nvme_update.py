@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from memfit.io import HostArena
 from memfit.io.extents import align_up
-from memfit.optim.cpu_adam import CPUAdamW, check_hyperparameters
-from memfit.optim.fused_adam import GRAD_DTYPES, adam_constants, step_tensors
+from memfit.optim.cpu_adam import CPUAdamW, check_hyperparameters, group_constants
+from memfit.optim.fused_adam import GRAD_DTYPES, step_tensors
 from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, SwapSpace, check_pipeline, open_swap, plan_subgroups
 from memfit.runtime.nvme_torch_update import NvmeOptimizerUpdate, swapped_master_weights
 from memfit.runtime.offload import kernel_optimizer, runs_on_kernel, stages_through_host
@@ -175,7 +175,6 @@ class NvmeKernelUpdate:
     def run(self, grad_scale: float) -> None:
         constants, row_key = {}, {}
         for group_index, group in enumerate(self.optimizer.param_groups):
-            beta1, beta2 = group["betas"]
             for param in group["params"]:
                 index = self.index_of.get(id(param))
                 if index is None or param.grad is None:
@@ -185,17 +184,7 @@ class NvmeKernelUpdate:
                 key = (group_index, state["step"])
                 row_key[index] = key
                 if key not in constants:
-                    constants[key] = adam_constants(
-                        step=state["step"],
-                        lr=float(group["lr"]),
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                        adamw_mode=group["adamw_mode"],
-                        bias_correction=group["bias_correction"],
-                        grad_scale=grad_scale,
-                    )
+                    constants[key] = group_constants(group, state["step"], grad_scale)
         run = [[piece for piece in group if piece.index in row_key] for group in self.groups]
         run = [pieces for pieces in run if pieces]
         grads = {index: _dense_cpu(self.params[index].grad) for index in row_key}
