@@ -1,7 +1,7 @@
 """offload_optimizer "nvme" in one process: bad nvme_path values are refused at initialize with
 the path and the bytes; split tensors and every pipeline setting give the host tier's bits; stale
 swap files of killed runs are deleted, live ones left alone; a write that fails mid-step (a full
-tmpfs) stops the run with an OSError naming the swap file and the tensor, and the last
+tmpfs: ENOSPC) or an I/O error (a loop device cut under its file system: EIO) stops the run with an OSError naming the swap file and the tensor, and the last
 checkpoint stays whole."""
 
 import fcntl
@@ -288,6 +288,67 @@ def test_a_write_failing_mid_step_stops_the_run_and_keeps_the_checkpoint(mount_t
     assert result.returncode != 0 and "filled" in result.stdout and "still running" not in result.stdout
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("OSError: [Errno 28] writing ") and "No space left on device" in last, result.stderr[-2000:]
+    assert "memfit-swap-rank0-" in last and any(name in last for name in ("0.weight/", "0.bias/", "2.weight/"))
+    assert verify_checkpoint(os.path.join(checkpoint_dir, "global_step2")) == []
+
+
+@pytest.fixture
+def shrinkable_disk(tmp_path):
+    """An ext4 file system on a loop device: shrink() cuts the device under the mounted file system,
+    so every read and write of a block past the new end fails with EIO, as on a failing drive."""
+    image, mount_point = tmp_path / "disk.img", tmp_path / "disk"
+    mount_point.mkdir()
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    made = subprocess.run(["mkfs.ext4", "-q", "-O", "^has_journal", str(image)], capture_output=True)
+    attached = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True)
+    if made.returncode != 0 or attached.returncode != 0:
+        pytest.skip("cannot make an ext4 file system on a loop device here")
+    device = attached.stdout.strip()
+    if subprocess.run(["mount", device, str(mount_point)]).returncode != 0:
+        subprocess.run(["losetup", "-d", device])
+        pytest.skip("cannot mount a loop device here")
+
+    def shrink() -> None:
+        subprocess.run(["truncate", "-s", "1M", str(image)], check=True)
+        subprocess.run(["losetup", "-c", device], check=True)
+
+    yield str(mount_point), shrink
+    subprocess.run(["umount", "-l", str(mount_point)])
+    subprocess.run(["losetup", "-d", device])
+
+
+EIO_SCRIPT = """
+import sys, torch, memfit
+from tests.integration.test_nvme_tier import make_config, make_model, train
+swap_dir, checkpoint_dir = sys.argv[1], sys.argv[2]
+engine = memfit.initialize(make_model(), make_config("nvme", swap_dir, buffer_size=3 * 4096))
+train(engine, 2)
+engine.save_checkpoint(checkpoint_dir)
+print("saved", flush=True)
+sys.stdin.readline()  # the test cuts the device here
+train(engine, 2)
+print("still running")
+"""
+
+
+def test_an_io_error_mid_step_stops_the_run_and_keeps_the_checkpoint(shrinkable_disk, tmp_path):
+    swap_dir, shrink = shrinkable_disk
+    checkpoint_dir = str(tmp_path / "checkpoints")
+    process = subprocess.Popen(
+        [sys.executable, "-c", EIO_SCRIPT, swap_dir, checkpoint_dir],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert process.stdout.readline().strip() == "saved"
+    shrink()
+    stdout, stderr = process.communicate("go\n", timeout=300)
+    assert process.returncode != 0 and "still running" not in stdout
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("OSError: [Errno 5] ") and "Input/output error" in last, stderr[-2000:]
     assert "memfit-swap-rank0-" in last and any(name in last for name in ("0.weight/", "0.bias/", "2.weight/"))
     assert verify_checkpoint(os.path.join(checkpoint_dir, "global_step2")) == []
 
