@@ -28,7 +28,7 @@ PRESETS = {
     # For offload_optimizer "nvme": with bf16 compute, 2 bytes per parameter each for weights and
     # gradients stay in RAM, and 12 (fp32 master, exp_avg, exp_avg_sq) go to the swap file.
     "1b": GPTConfig(dim=2048, n_layers=20, n_heads=16, seq_len=256),  # ~1.01B
-    "2b": GPTConfig(dim=2560, n_layers=24, n_heads=20, seq_len=256),  # ~1.89B: 30 GB of training state
+    "3b": GPTConfig(dim=3072, n_layers=24, n_heads=24, seq_len=256),  # ~2.72B: 43 GB of training state
 }
 
 
