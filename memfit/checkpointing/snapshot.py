@@ -97,12 +97,12 @@ class Snapshotter:
 
     # ---- the step hooks -------------------------------------------------------------------------
     def wait_for_copy(self) -> None:
-        """At the start of an optimizer step: blocks until the last snapshot's copy is done; raises
-        if it failed."""
+        """At the start of an optimizer step: join_copy, at a fault-injection point."""
         fault_point("snapshot-barrier", self.rank)  # the n-th optimizer step, before it updates
-        self._join()
+        self.join_copy()
 
-    def _join(self) -> None:
+    def join_copy(self) -> None:
+        """Blocks until the last snapshot's copy is done; raises if it failed."""
         if self._thread is not None:
             started = time.perf_counter()
             self._thread.join()
@@ -115,7 +115,7 @@ class Snapshotter:
     def after_step(self, engine) -> None:
         if not self.interval_steps or engine.global_step % self.interval_steps != 0:
             return
-        self._join()
+        self.join_copy()
         source = engine._client_state_source
         client_state = source() if callable(source) else (source or {})
         payload = export_rank_state(engine, copy.deepcopy(client_state))

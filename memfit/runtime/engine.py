@@ -228,6 +228,8 @@ class Engine:
         from a checkpoint saved at any world size; returns the client_state saved with it."""
         from memfit.checkpointing import load_checkpoint
 
+        if self.snapshotter is not None:
+            self.snapshotter.join_copy()  # the last snapshot's lazy copy reads what loading overwrites
         return load_checkpoint(self, load_dir, tag)
 
     def set_client_state(self, state) -> None:
