@@ -25,6 +25,7 @@ from memfit.checkpointing.parity import (
     slot_file_bytes,
 )
 from memfit.checkpointing.parity_exchange import plan_restore
+from memfit.launcher.cli import main as memfit_main
 
 
 @pytest.mark.parametrize("num_members", [2, 3, 4, 8])
@@ -196,3 +197,27 @@ def test_plan_refuses_disagreeing_parity():
 def test_unreadable_parity_path(tmp_path):
     with pytest.raises(CheckpointError, match="No such file"):
         ParityReader(os.path.join(str(tmp_path), "missing"))
+
+
+def test_snapshot_ls_shows_what_each_parity_slot_covers(tmp_path, capsys):
+    write_parity(str(tmp_path), rank=1, slot=0, step=4, sequence=1)
+    write_parity(str(tmp_path), rank=1, slot=1, step=6, sequence=2)
+    assert memfit_main(["snapshot", "ls", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # member 1 of 3 holds part 2 of rank 0's data and part 1 of rank 2's (part_index)
+    expected = "parity (sequence {}) on node 1 of 3: XOR of rank 0 part 1/2, rank 2 part 2/2"
+    assert lines[0].endswith("rank1.parity0  step 4  128 B  " + expected.format(1)), lines
+    assert lines[1].endswith("rank1.parity1  step 6  128 B  " + expected.format(2)), lines
+    assert part_index(0, 1, 3) == 0 and part_index(2, 1, 3) == 1
+    assert memfit_main(["snapshot", "verify", str(tmp_path)]) == 0
+
+
+def test_snapshot_verify_names_a_damaged_parity_slot(tmp_path, capsys):
+    path = write_parity(str(tmp_path))
+    with open(path, "r+b") as file:
+        file.seek(DATA_OFFSET + 3)
+        file.write(b"\xff")
+    assert memfit_main(["snapshot", "verify", str(tmp_path)]) == 2
+    assert f"{path}: parity checksum mismatch" in capsys.readouterr().err
+    assert memfit_main(["snapshot", "ls", str(tmp_path)]) == 0
+    assert "parity checksum mismatch (corrupted parity of step 4)" in capsys.readouterr().out
