@@ -201,8 +201,6 @@ def restore_latest(engine, snapshotter) -> int | None:
         persist_path = snapshotter.config.persist.path
         step, slot = (restore_from_disk(engine, persist_path) if persist_path else None), None
         where = f"disk ({persist_path})"
-        if step is None and snapshotter.parity_groups is not None and engine.rank == 0:
-            logger.warning("no snapshot in memory or on disk can be restored: the job starts from step 0")
     if step is None:
         return None
     snapshotter.restored(slot, step)

@@ -131,6 +131,25 @@ def test_damaged_parity_falls_back_to_disk(tmp_path, tmp_path_factory, damage):
     assert "from disk" in output
 
 
+def test_two_lost_nodes_fall_back_to_disk_saying_why(tmp_path, tmp_path_factory):
+    expected = reference(3, tmp_path_factory)
+    metrics = str(tmp_path / "metrics.jsonl")
+    persist_path = str(tmp_path / "persist")
+    cluster = Cluster(tmp_path, 3, write_config(str(tmp_path), persist_path=persist_path), metrics)
+    wait_for(lambda: all(step is not None and step >= 2 * INTERVAL for step in cluster.parity_steps()), cluster)
+    cluster.lose_node(1)
+    cluster.lose_node(2)
+    cluster.relaunch(1)
+    cluster.relaunch(2)
+    output = finish(cluster)
+    check_against(read_metrics(metrics), expected)
+    assert "snapshot parity: no snapshot in memory can be restored" in output
+    assert (
+        "ranks [1, 2] of parity group [0, 1, 2] have no snapshot of it; XOR parity rebuilds one lost member" in output
+    )
+    assert "from disk" in output
+
+
 def test_random_node_losses(tmp_path, tmp_path_factory):
     """10 of 10: 2 or 3 nodes, the lost node and the moment (any time after the first complete
     parity round, a round in flight included) drawn from a seeded generator."""
