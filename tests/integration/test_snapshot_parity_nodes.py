@@ -82,6 +82,25 @@ def test_lost_node_is_rebuilt_from_parity(tmp_path, tmp_path_factory, num_nodes,
     assert f"restored the snapshot of step {restored[0]} from shared memory" in output
 
 
+def test_parity_of_every_other_snapshot_restores_an_older_step(tmp_path, tmp_path_factory):
+    """parity_every 2: rounds at steps 4, 8, 12. Lost after the snapshot of step 6, the node is
+    rebuilt at step 4, the newest complete round, older than the newest snapshot; the slot of step
+    4 was kept while step 6 was written."""
+    expected = reference(2, tmp_path_factory)
+    metrics = str(tmp_path / "metrics.jsonl")
+    cluster = Cluster(tmp_path, 2, write_config(str(tmp_path), parity_every=2), metrics)
+    wait_for(lambda: cluster.steps_done() >= 3 * INTERVAL + 1, cluster)
+    parity_step = cluster.parity_steps()[1]  # a round in flight cannot complete once node 0 is gone
+    lose_and_relaunch(cluster, 0)
+    assert parity_step in (2 * INTERVAL, 4 * INTERVAL), parity_step
+    output = finish(cluster)
+    restored = check_against(read_metrics(metrics), expected)
+    assert restored[0] in (parity_step, parity_step + 2 * INTERVAL), (restored, parity_step)
+    assert f"snapshot parity: rebuilding rank(s) [0] from the parity of step {restored[0]}" in output
+    # the rounds are at steps 4 and 8: snapshots of steps 6 and 10 had no parity, yet were written
+    assert restored[0] % (2 * INTERVAL) == 0
+
+
 def test_node_lost_in_the_middle_of_a_parity_round(tmp_path, tmp_path_factory):
     """Node 1's worker dies between the exchange and the commit of its second round (step 4); the
     rest of the node is lost right after. The survivor's round never completed: the restore uses a
