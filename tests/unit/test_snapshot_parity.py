@@ -25,6 +25,8 @@ from memfit.checkpointing.parity import (
     slot_file_bytes,
 )
 from memfit.checkpointing.parity_exchange import plan_restore
+from memfit.checkpointing.snapshot import parity_setup
+from memfit.config import load_config
 from memfit.launcher.cli import main as memfit_main
 
 
@@ -221,3 +223,15 @@ def test_snapshot_verify_names_a_damaged_parity_slot(tmp_path, capsys):
     assert f"{path}: parity checksum mismatch" in capsys.readouterr().err
     assert memfit_main(["snapshot", "ls", str(tmp_path)]) == 0
     assert "parity checksum mismatch (corrupted parity of step 4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("world_size, local_world_size", [(2, 2), (1, 1), (3, 2)])
+def test_xor_without_two_whole_nodes_warns_and_is_off(tmp_path, world_size, local_world_size):
+    config = load_config({"train_micro_batch_size_per_gpu": 1, "snapshot": {"interval_steps": 1, "parity": "xor"}})
+    with pytest.warns(UserWarning, match='snapshot.parity "xor" needs two or more nodes'):
+        assert parity_setup(config.snapshot, str(tmp_path), world_size, local_world_size, 0) == (None, None)
+
+
+def test_parity_none_builds_nothing(tmp_path):
+    config = load_config({"train_micro_batch_size_per_gpu": 1, "snapshot": {"interval_steps": 1}})
+    assert parity_setup(config.snapshot, str(tmp_path), 4, 1, 0) == (None, None)
