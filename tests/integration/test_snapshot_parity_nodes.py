@@ -169,6 +169,7 @@ def test_two_lost_nodes_fall_back_to_disk_saying_why(tmp_path, tmp_path_factory)
     assert "from disk" in output
 
 
+@pytest.mark.timeout(2400)
 def test_random_node_losses(tmp_path, tmp_path_factory):
     """10 of 10: 2 or 3 nodes, the lost node and the moment (any time after the first complete
     parity round, a round in flight included) drawn from a seeded generator."""
