@@ -82,8 +82,7 @@ class ParityRounds:
         self.next_slot = (newest + 1) % PARITY_SLOTS_PER_RANK
         self.newest_step = committed[0].step if committed else None
         self._files: list[ParityFile | None] = [None] * PARITY_SLOTS_PER_RANK
-        self.last_round_s = 0.0
-        self.last_sent_bytes = 0
+        self.last_sent_bytes = 0  # bytes this rank sent in its last round
 
     def _file(self, slot: int, num_bytes: int) -> ParityFile:
         current = self._files[slot]

@@ -98,7 +98,6 @@ class Snapshotter:
         )
         self.protected_slot = self._parity_protected_slot()
         self._parity_thread: threading.Thread | None = None
-        self.parity_error: str | None = None
         # Reserve the slots now, so a tmpfs without room fails the start, not the first snapshot.
         self._slot(self.next_slot, estimated_bytes(engine))
         atexit.register(self.close)  # before the process group goes: a parity round may be running
@@ -217,15 +216,14 @@ class Snapshotter:
     def _parity_round(self, slot_file: SlotFile, slot: int, step: int) -> None:
         """A failed round costs redundancy, not training: the previous round stays usable, and the
         error is logged (a node that died fails the training collectives on its own)."""
-        started = time.perf_counter()
         try:
             self.parity.run(slot_file.bytes[: slot_file.used_bytes()], step)
         except Exception as error:
-            self.parity_error = f"parity round of step {step} failed: {error}"
-            logger.warning("rank %d: %s; the previous round stays in use", self.rank, self.parity_error)
+            logger.warning(
+                "rank %d: parity round of step %d failed (%s); the previous one stays in use", self.rank, step, error
+            )
             return
         self.protected_slot = slot
-        self.parity.last_round_s = time.perf_counter() - started
 
     def close(self) -> None:
         if self._thread is not None:
