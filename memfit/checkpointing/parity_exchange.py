@@ -143,15 +143,16 @@ class ParityRounds:
 
 
 # ---- restore ------------------------------------------------------------------------------------
-def usable_parity(shm_dir: str, rank: int, world_size: int, data_of_step: dict[int, torch.Tensor]) -> dict:
+def usable_parity(shm_dir: str, rank: int, group: list[int], data_of_step: dict[int, torch.Tensor]) -> dict:
     """{step: ((part_bytes, data_bytes, data_digests), ParityReader)} for the rank's verified parity
-    slots made from exactly the bytes it holds now for that step (data_of_step: step -> slot bytes)."""
+    slots of its current group made from exactly the bytes it holds now for that step (data_of_step:
+    step -> slot bytes)."""
     usable = {}
     for reader in committed_parity(shm_dir, rank):
         metadata = reader.metadata
         data = data_of_step.get(reader.step)
-        if data is None or metadata["world_size"] != world_size or reader.step in usable:
-            continue
+        if data is None or metadata["group"] != group or reader.step in usable:
+            continue  # no data of that step, or parity of another layout of the job
         if metadata["data_digests"][metadata["member"]] != xxhash.xxh3_64_hexdigest(data.numpy()):
             continue  # parity of another snapshot of that step
         usable[reader.step] = ((metadata["part_bytes"], metadata["data_bytes"], metadata["data_digests"]), reader)

@@ -97,7 +97,7 @@ def _restore_with_parity(engine, shm_dir: str, groups: ParityGroups, needed: lis
     own = _readable_steps(shm_dir, engine.rank, engine.world_size)
     for problem in parity_problems(shm_dir, engine.rank):
         logger.warning("snapshot parity skipped: %s", problem)
-    parity = usable_parity(shm_dir, engine.rank, engine.world_size, {step: r.data() for step, r in own.items()})
+    parity = usable_parity(shm_dir, engine.rank, groups.members, {step: r.data() for step, r in own.items()})
     report = {"local": sorted(own), "parity": {step: metadata for step, (metadata, _) in parity.items()}}
     reports = _gather(engine, report)
     step, lost, why_not_newer = plan_restore(reports, groups.members_of)
