@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+import xxhash
 
 from memfit.checkpointing.integrity import CheckpointError
 from memfit.checkpointing.parity import (
@@ -24,7 +25,7 @@ from memfit.checkpointing.parity import (
     rebuild,
     slot_file_bytes,
 )
-from memfit.checkpointing.parity_exchange import plan_restore
+from memfit.checkpointing.parity_exchange import plan_restore, usable_parity
 from memfit.checkpointing.snapshot import parity_setup
 from memfit.config import load_config
 from memfit.launcher.cli import main as memfit_main
@@ -235,3 +236,20 @@ def test_xor_without_two_whole_nodes_warns_and_is_off(tmp_path, world_size, loca
 def test_parity_none_builds_nothing(tmp_path):
     config = load_config({"train_micro_batch_size_per_gpu": 1, "snapshot": {"interval_steps": 1}})
     assert parity_setup(config.snapshot, str(tmp_path), 4, 1, 0) == (None, None)
+
+
+def test_parity_is_usable_only_for_the_bytes_it_was_made_from(tmp_path):
+    data = torch.arange(256, dtype=torch.uint8)
+    path = parity_path(str(tmp_path), 1, 0)
+    with open(path, "wb") as file:
+        file.truncate(slot_file_bytes(128))
+    parity_file = ParityFile(path)
+    parity_file.invalidate()
+    metadata_of_round = {**metadata(), "data_digests": ["a", xxhash.xxh3_64_hexdigest(data.numpy()), "c"]}
+    parity_file.commit(4, 1, metadata_of_round)
+    parity_file.close()
+    usable = usable_parity(str(tmp_path), 1, [0, 1, 2], {4: data})
+    assert list(usable) == [4] and usable[4][0] == (128, [200, 256, 100], metadata_of_round["data_digests"])
+    assert usable_parity(str(tmp_path), 1, [0, 1, 2], {4: data.flip(0)}) == {}  # the slot changed since
+    assert usable_parity(str(tmp_path), 1, [0, 1, 2], {6: data}) == {}  # no slot of that step
+    assert usable_parity(str(tmp_path), 1, [1, 3, 5], {4: data}) == {}  # another layout of the job
