@@ -148,9 +148,12 @@ class Persister:
         if node_rank != 0:
             return
         with self._lock:
+            if step in self._committed_steps:  # committed while these files were written
+                shutil.rmtree(temporary, ignore_errors=True)
+                return
             running = self._commits.get(step)
             if running is not None and running.is_alive():
-                return  # it reads the markers just written
+                return  # it has not renamed the directory yet: it reads the markers just written
             arguments = (step, tag, temporary, int(any_message["world_size"]), int(any_message.get("stage", 0)))
             thread = threading.Thread(target=self._commit_logged, args=arguments, name="memfit-commit", daemon=True)
             self._commits[step] = thread
@@ -196,7 +199,9 @@ class Persister:
             _write_durably(os.path.join(temporary, MANIFEST), json.dumps(_sealed(body), indent=1))
             fsync_directory(temporary)
             final = os.path.join(self.path, tag)
-            _swap_into_place(temporary, final)
+            with self._lock:  # a share of this step written from now on is not waited for (persist)
+                _swap_into_place(temporary, final)
+                self._committed_steps.add(step)
             fsync_directory(self.path)
             _write_durably(os.path.join(self.path, LATEST + ".tmp"), tag)
             os.replace(os.path.join(self.path, LATEST + ".tmp"), os.path.join(self.path, LATEST))
@@ -204,7 +209,6 @@ class Persister:
         except OSError as error:
             shutil.rmtree(temporary, ignore_errors=True)
             raise CheckpointError(describe_os_error(error, error.filename or self.path)) from None
-        self._committed_steps.add(step)
         _rotate(self.path, self.keep, protect=tag)
         return True
 
