@@ -9,8 +9,16 @@ Measured in one job, interleaved (A B A B ...), medians over --reps:
   - step time with snapshots every 1 and every 10 steps, against none;
   - restore time from the shared-memory slots against engine.load_checkpoint from disk (the format
     persisted snapshots use).
+With --parity xor the two ranks play two nodes (one rank each, a shared-memory directory each),
+and the script measures instead, interleaved the same way:
+  - the parity round: its time and the bytes each rank sends, against the snapshot's size;
+  - step time with snapshots every step, with parity every snapshot (the default parity_every)
+    and without parity, against none;
+  - rebuilding a lost node's slot from the other node's data and parity (then restoring from
+    memory) against engine.load_checkpoint of the same state from disk.
 
     python benchmarks/snapshot_bench.py                 # 512 MB of state per rank
+    python benchmarks/snapshot_bench.py --parity xor    # parity across two simulated nodes
     python benchmarks/snapshot_bench.py --quick         # a small check that the script runs
 """
 
@@ -34,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
     parser.add_argument("--steps", type=int, default=20, help="steps per step-time measurement (default 20)")
     parser.add_argument("--disk-dir", default=None, help="directory on the disk under test (default: a temp dir)")
+    parser.add_argument("--parity", choices=["none", "xor"], default="none", help="measure XOR parity (two nodes)")
     parser.add_argument("--quick", action="store_true", help="16 MB, 2 reps, 10 steps; no results file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -43,7 +52,7 @@ def parse_args(argv=None):
 
 
 # ---- the worker (one per rank, under torchrun) --------------------------------------------------
-def build_engine(args, shm_dir):
+def build_engine(args, shm_dir, parity="none"):
     import torch
 
     import memfit
@@ -57,7 +66,7 @@ def build_engine(args, shm_dir):
         "train_micro_batch_size_per_gpu": 4,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
         "zero_optimization": {"stage": 2},
-        "snapshot": {"interval_steps": 1, "shm_dir": shm_dir},
+        "snapshot": {"interval_steps": 1, "shm_dir": shm_dir, "parity": parity},
     }
     return memfit.initialize(model, config), width
 
@@ -86,6 +95,9 @@ def worker(args) -> None:
 
     rank = int(os.environ["RANK"])
     shm_dir = os.path.join("/dev/shm", f"memfit-bench-{os.environ['TORCHELASTIC_RUN_ID']}")
+    if args.parity == "xor":
+        parity_worker(args, rank, shm_dir)
+        return
     engine, width = build_engine(args, shm_dir)
     snapshotter = engine.snapshotter
     eager = []
@@ -161,6 +173,77 @@ def worker(args) -> None:
         print("RESULT " + json.dumps(gathered), flush=True)
 
 
+def parity_worker(args, rank: int, shm_dir: str) -> None:
+    """Each rank is a node of its own, with its own agent and shared-memory directory."""
+    import torch.distributed as dist
+
+    from memfit.checkpointing.parity import committed_parity
+    from memfit.checkpointing.parity_exchange import rebuild_member
+    from memfit.checkpointing.restore import restore_from_memory
+    from memfit.checkpointing.slots import newest_committed
+
+    os.environ["LOCAL_WORLD_SIZE"], os.environ["GROUP_RANK"] = "1", str(rank)
+    shm_dir = f"{shm_dir}-node{rank}"
+    engine, width = build_engine(args, shm_dir, parity="xor")
+    snapshotter = engine.snapshotter
+    rounds, groups = snapshotter.parity, snapshotter.parity_groups
+    for _ in range(3):  # warm-up: optimizer state exists, slots and parity slots are mapped
+        train_step(engine, width)
+    snapshotter.interval_steps = 0
+    snapshotter.close()  # joins the copy and the parity round in flight
+    newest = newest_committed(shm_dir, rank)[0]
+    data = newest.data()
+    round_s = []
+    for _ in range(args.reps):
+        dist.barrier()
+        round_s.append(timed(lambda: rounds.run(data, newest.step)))
+
+    step_times = {"none": [], "snapshots": [], "snapshots+parity": []}
+    for _ in range(args.reps):
+        for mode in step_times:
+            snapshotter.wait_for_copy()
+            snapshotter.close()
+            snapshotter.interval_steps = 0 if mode == "none" else 1
+            snapshotter.parity = rounds if mode == "snapshots+parity" else None
+            dist.barrier()
+            step_times[mode].append(timed(lambda: [train_step(engine, width) for _ in range(args.steps)]))
+    snapshotter.interval_steps = 0
+    snapshotter.wait_for_copy()
+    snapshotter.close()
+    snapshotter.parity = rounds
+
+    # rank 1's node is lost: its slot of the newest round is rebuilt on it from rank 0's data and parity
+    newest_round = max(rounds.newest_step, 0)
+    reader = next(r for r in newest_committed(shm_dir, rank) if r.step == newest_round)
+    parity = next(p for p in committed_parity(shm_dir, rank) if p.step == newest_round)
+    metadata = (parity.metadata["part_bytes"], parity.metadata["data_bytes"], parity.metadata["data_digests"])
+    reports = [{"local": [newest_round], "parity": {newest_round: metadata}}] * 2
+    local = {} if rank == 1 else {"data": reader.data(), "parity": parity.parity}
+    checkpoint_dir = os.path.join(args.disk_dir or tempfile.gettempdir(), "snapshot-bench-ckpt")
+    engine.save_checkpoint(checkpoint_dir)
+    restores = {"rebuild": [], "rebuild+restore": [], "disk": []}
+    for _ in range(args.reps):
+        dist.barrier()
+        rebuild_s = timed(lambda: rebuild_member(groups, {1: 0}, reports, newest_round, local))
+        restores["rebuild"].append(rebuild_s)
+        dist.barrier()
+        restores["rebuild+restore"].append(rebuild_s + timed(lambda: restore_from_memory(engine, shm_dir)))
+        dist.barrier()
+        restores["disk"].append(timed(lambda: engine.load_checkpoint(checkpoint_dir)))
+    result = {
+        "snapshot_bytes": data.numel(),
+        "sent_bytes": rounds.last_sent_bytes,
+        "round_s": statistics.median(round_s),
+        "step_s": {key: statistics.median(values) / args.steps for key, values in step_times.items()},
+        "restore_s": {key: statistics.median(values) for key, values in restores.items()},
+    }
+    gathered = [None] * engine.world_size
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        print("RESULT " + json.dumps(gathered), flush=True)
+
+
 # ---- the driver ---------------------------------------------------------------------------------
 def slowest(results: list[dict], group: str, key: str) -> float:
     """The slowest rank's median: a stall on any rank stalls the job."""
@@ -193,6 +276,34 @@ def report(args, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parity_report(args, results: list[dict]) -> str:
+    step = {key: max(result["step_s"][key] for result in results) for key in results[0]["step_s"]}
+    restore = {key: max(result["restore_s"][key] for result in results) for key in results[0]["restore_s"]}
+    lines = [
+        "XOR parity across 2 simulated nodes (1 gloo rank each, on one machine); medians of "
+        f"{args.reps} interleaved repetitions, slowest rank.",
+        "",
+        "| rank | snapshot (MB) | parity round (s) | sent per round (MB) | sent / snapshot |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for rank, result in enumerate(results):
+        lines.append(
+            f"| {rank} | {result['snapshot_bytes'] / 1e6:.1f} | {result['round_s']:.4f} | "
+            f"{result['sent_bytes'] / 1e6:.1f} | {result['sent_bytes'] / result['snapshot_bytes']:.2f} |"
+        )
+    lines += ["", "| every step | step time (s) | overhead |", "| --- | --- | --- |"]
+    for key in ("none", "snapshots", "snapshots+parity"):
+        lines.append(f"| {key} | {step[key]:.4f} | {step[key] / step['none'] - 1:+.1%} |")
+    lines += ["", "| after losing a node | seconds | / disk |", "| --- | --- | --- |"]
+    for key, name in (
+        ("rebuild", "rebuild the lost slot from parity"),
+        ("rebuild+restore", "rebuild, then restore from memory"),
+        ("disk", "load_checkpoint from disk"),
+    ):
+        lines.append(f"| {name} | {restore[key]:.4f} | {restore[key] / restore['disk']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -205,16 +316,19 @@ def main(argv=None) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += [os.path.abspath(__file__), "--worker", "--state-mb", str(args.state_mb), "--reps", str(args.reps)]
     command += ["--steps", str(args.steps)] + (["--disk-dir", args.disk_dir] if args.disk_dir else [])
+    command += ["--parity", args.parity]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     if line is None:
         print(done.stderr[-4000:], file=sys.stderr)
         return 1
-    table = report(args, json.loads(line[len("RESULT ") :]))
+    results = json.loads(line[len("RESULT ") :])
+    table = parity_report(args, results) if args.parity == "xor" else report(args, results)
     print(table)
     if not args.quick:
         body = f"`{command_line()}`\n\n{machine_description(args.disk_dir or tempfile.gettempdir())}\n\n{table}"
-        print("results:", write_section("Snapshots: memfit vs DCP async_save", body))
+        title = "Snapshot parity: round, overhead, rebuild vs disk" if args.parity == "xor" else None
+        print("results:", write_section(title or "Snapshots: memfit vs DCP async_save", body))
     return 0
 
 

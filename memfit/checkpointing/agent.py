@@ -10,9 +10,10 @@ and exits when the launcher is gone (the job ended, or the launcher was killed),
 slots unless asked to keep them.
 
 Requests come over a Unix socket in the slot directory, one JSON line each way:
-    allocate  {rank, bytes}           create or grow the rank's two slots (posix_fallocate, after
-                                      checking the file system has room: a full tmpfs would SIGBUS
-                                      the writer instead of failing)
+    allocate  {rank, bytes[, kind]}   create or grow the rank's two slots, or with kind "parity" its
+                                      two parity slots (posix_fallocate, after checking the file
+                                      system has room: a full tmpfs would SIGBUS the writer instead
+                                      of failing)
     acquire   {rank, slot}            returns once the slot is not being persisted (the writer is
                                       about to overwrite it)
     committed {rank, slot, step, ...} a slot holds a new snapshot; every `persist` one is written to
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 
+from memfit.checkpointing.parity import PARITY_SLOTS_PER_RANK, parity_path
 from memfit.checkpointing.slots import SLOTS_PER_RANK, slot_path
 
 SOCKET_NAME = "agent.sock"
@@ -126,7 +128,7 @@ class Agent:
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
         if op == "allocate":
-            return self.allocate(int(message["rank"]), int(message["bytes"]))
+            return self.allocate(int(message["rank"]), int(message["bytes"]), message.get("kind", "data"))
         if op == "acquire":
             key = (int(message["rank"]), int(message["slot"]))
             with self._lock:
@@ -138,15 +140,20 @@ class Agent:
             return {"ok": True}
         return {"ok": False, "error": f"unknown request {op!r}"}
 
-    def allocate(self, rank: int, num_bytes: int) -> dict:
-        paths = [slot_path(self.shm_dir, rank, slot) for slot in range(SLOTS_PER_RANK)]
+    def allocate(self, rank: int, num_bytes: int, kind: str = "data") -> dict:
+        if kind not in ("data", "parity"):
+            return {"ok": False, "error": f"unknown slot kind {kind!r}"}
+        if kind == "parity":
+            paths = [parity_path(self.shm_dir, rank, slot) for slot in range(PARITY_SLOTS_PER_RANK)]
+        else:
+            paths = [slot_path(self.shm_dir, rank, slot) for slot in range(SLOTS_PER_RANK)]
         missing = sum(max(0, num_bytes - (os.path.getsize(p) if os.path.exists(p) else 0)) for p in paths)
         usage = shutil.disk_usage(self.shm_dir)
         if missing > usage.free:
             return {
                 "ok": False,
-                "error": f"{self.shm_dir}: snapshot slots of rank {rank} need {missing} more bytes "
-                f"({SLOTS_PER_RANK} x {num_bytes}), {usage.free} bytes free; give the tmpfs more room "
+                "error": f"{self.shm_dir}: snapshot {kind} slots of rank {rank} need {missing} more bytes "
+                f"({len(paths)} x {num_bytes}), {usage.free} bytes free; give the tmpfs more room "
                 "(docker --shm-size) or point snapshot.shm_dir elsewhere",
             }
         try:

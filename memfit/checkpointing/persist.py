@@ -8,6 +8,10 @@ Commit across ranks and nodes (the persist path is shared by all nodes):
      fsynced), then a marker node<k>.json with their manifest entries, written durably;
   2. the agent of node 0 waits until the markers cover every rank, writes the manifest, fsyncs it
      and the directory, renames the directory into place, fsyncs <path>, and replaces `latest`.
+     It waits on a thread per step, so that a node lost before writing its marker does not stop
+     node 0 from persisting its own later snapshots (the slots it holds meanwhile would stop the
+     workers' next snapshot). A step this agent has committed already (a job that redoes steps
+     after a restore writes the same state again) is not persisted again.
 A failure anywhere (ENOSPC, a node that never writes its marker) leaves no manifest: the
 temporary directory is removed and the previous persisted snapshot stays whole. Training is not
 told; the agent logs the error.
@@ -71,6 +75,8 @@ class Persister:
         self._pending: dict[int, dict[int, dict]] = {}  # step -> rank -> committed message
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
+        self._commits: dict[int, threading.Thread] = {}  # step -> the thread committing it (node 0)
+        self._committed_steps: set[int] = set()
         self._thread = threading.Thread(target=self._run, name="memfit-persist", daemon=True)
         self._thread.start()
 
@@ -109,6 +115,10 @@ class Persister:
         tag = f"{DEFAULT_TAG_PREFIX}{step}"
         temporary = os.path.join(self.path, TEMPORARY_PREFIX + tag)
         node_rank = int(any_message["node_rank"])
+        if step in self._committed_steps:
+            agent.release(keys)
+            logger.info("step %d is persisted already; not writing it again", step)
+            return
         try:
             os.makedirs(temporary, exist_ok=True)
             entries, owner_of, micro_step = [], None, None
@@ -135,12 +145,36 @@ class Persister:
             ) from None
         finally:
             agent.release(keys)  # the files are durable (or abandoned): the slots may be overwritten
-        if node_rank == 0:
-            self._commit(step, tag, temporary, int(any_message["world_size"]), int(any_message.get("stage", 0)))
+        if node_rank != 0:
+            return
+        with self._lock:
+            if step in self._committed_steps:  # committed while these files were written
+                shutil.rmtree(temporary, ignore_errors=True)
+                return
+            running = self._commits.get(step)
+            if running is not None and running.is_alive():
+                return  # it has not renamed the directory yet: it reads the markers just written
+            arguments = (step, tag, temporary, int(any_message["world_size"]), int(any_message.get("stage", 0)))
+            thread = threading.Thread(target=self._commit_logged, args=arguments, name="memfit-commit", daemon=True)
+            self._commits[step] = thread
+        thread.start()
 
-    def _commit(self, step: int, tag: str, temporary: str, world_size: int, stage: int) -> None:
+    def _commit_logged(self, step: int, *arguments) -> None:
+        started = time.perf_counter()
+        try:
+            committed = self._commit(step, *arguments)
+        except Exception as error:
+            logger.error("persisting the snapshot of step %d failed: %s", step, error)
+        else:
+            if committed:
+                logger.info("committed step %d in %.2f s", step, time.perf_counter() - started)
+
+    def _commit(self, step: int, tag: str, temporary: str, world_size: int, stage: int) -> bool:
         deadline = time.monotonic() + NODES_WAIT_S
         while True:
+            if step in self._committed_steps:
+                shutil.rmtree(temporary, ignore_errors=True)
+                return False
             markers = [_read_json(os.path.join(temporary, name)) for name in sorted(os.listdir(temporary))]
             markers = [marker for marker in markers if marker is not None]
             files = {entry["file"]: entry for marker in markers for entry in marker["entries"]}
@@ -165,7 +199,9 @@ class Persister:
             _write_durably(os.path.join(temporary, MANIFEST), json.dumps(_sealed(body), indent=1))
             fsync_directory(temporary)
             final = os.path.join(self.path, tag)
-            _swap_into_place(temporary, final)
+            with self._lock:  # a share of this step written from now on is not waited for (persist)
+                _swap_into_place(temporary, final)
+                self._committed_steps.add(step)
             fsync_directory(self.path)
             _write_durably(os.path.join(self.path, LATEST + ".tmp"), tag)
             os.replace(os.path.join(self.path, LATEST + ".tmp"), os.path.join(self.path, LATEST))
@@ -174,8 +210,13 @@ class Persister:
             shutil.rmtree(temporary, ignore_errors=True)
             raise CheckpointError(describe_os_error(error, error.filename or self.path)) from None
         _rotate(self.path, self.keep, protect=tag)
+        return True
 
     def close(self) -> None:
-        """Finishes the persists already queued."""
+        """Finishes the persists already queued, and their commits."""
         self._queue.put(None)
         self._thread.join()
+        with self._lock:
+            commits = list(self._commits.values())
+        for thread in commits:
+            thread.join()

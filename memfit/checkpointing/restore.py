@@ -1,5 +1,7 @@
 """Restoring a job from its snapshots when its workers start: the newest step every rank can
-restore, from the node's shared-memory slots, else the newest good persisted snapshot.
+restore, from the node's shared-memory slots (with snapshot parity, after rebuilding the slots of
+a lost node from the other nodes' data and parity: parity_exchange.py), else the newest good
+persisted snapshot.
 
 The ranks agree on the step with one exchange: each rank lists the steps of the slots it can read
 and verify (its own, and rank 0's when it needs them: stage 0 keeps every parameter on rank 0, and
@@ -12,12 +14,23 @@ skipped with a warning.
 
 import logging
 import os
+import time
 
 import torch.distributed as dist
 
+from memfit.checkpointing import agent
 from memfit.checkpointing.disk import DEFAULT_TAG_PREFIX, load_checkpoint, read_manifest
 from memfit.checkpointing.integrity import CheckpointError
-from memfit.checkpointing.slots import SlotReader, SlotSource, newest_committed
+from memfit.checkpointing.parity import parity_problems
+from memfit.checkpointing.parity_exchange import ParityGroups, plan_restore, rebuild_member, usable_parity
+from memfit.checkpointing.slots import (
+    SLOTS_PER_RANK,
+    SlotFile,
+    SlotReader,
+    SlotSource,
+    newest_committed,
+    slot_path,
+)
 from memfit.checkpointing.state import restore_rank_state
 
 logger = logging.getLogger("memfit")
@@ -45,26 +58,113 @@ def _gather(engine, value) -> list:
     return values
 
 
-def restore_from_memory(engine, shm_dir: str) -> tuple[int, int] | None:
-    """(step, slot of this rank) restored from shared memory, or None when no step is common."""
+def restore_from_memory(engine, shm_dir: str, groups: ParityGroups | None = None) -> tuple[int, int] | None:
+    """(step, slot of this rank) restored from shared memory, or None when no step is common (or,
+    with parity groups, none is rebuildable either)."""
     needs_rank0 = engine.stage == 0 or any(not p.requires_grad for p in engine.module.parameters())
     needed = sorted({engine.rank, 0} if needs_rank0 else {engine.rank})
+    if groups is not None:
+        return _restore_with_parity(engine, shm_dir, groups, needed)
     readable = {rank: _readable_steps(shm_dir, rank, engine.world_size) for rank in needed}
     local_steps = set.intersection(*(set(steps) for steps in readable.values()))
     common = set.intersection(*(set(steps) for steps in _gather(engine, sorted(local_steps))))
     if not common:
         return None
-    step = max(common)
-    source = SlotSource({rank: readable[rank][step] for rank in needed})
+    return _restore_step(engine, shm_dir, max(common), needed)
+
+
+def _restore_step(engine, shm_dir: str, step: int, needed: list[int]) -> tuple[int, int]:
+    """Restores `step` from this node's slots of the needed ranks, on every rank at once."""
+    readable = {rank: _readable_steps(shm_dir, rank, engine.world_size) for rank in needed}
     error = None
-    try:
-        engine.client_state = restore_rank_state(engine, source)
-    except CheckpointError as failure:
-        error = str(failure)
+    missing = [rank for rank in needed if step not in readable[rank]]
+    if missing:
+        error = f"no verified slot of step {step} for rank(s) {missing} in {shm_dir}"
+    else:
+        source = SlotSource({rank: readable[rank][step] for rank in needed})
+        try:
+            engine.client_state = restore_rank_state(engine, source)
+        except CheckpointError as failure:
+            error = str(failure)
     failures = [message for message in _gather(engine, error) if message]
     if failures:
         raise CheckpointError(f"restoring the snapshot of step {step} failed: {failures[0]}")
     return step, int(readable[engine.rank][step].path[-1])
+
+
+def _restore_with_parity(engine, shm_dir: str, groups: ParityGroups, needed: list[int]) -> tuple[int, int] | None:
+    """The newest step every rank holds, or that parity rebuilds for the ranks that lost it."""
+    own = _readable_steps(shm_dir, engine.rank, engine.world_size)
+    for problem in parity_problems(shm_dir, engine.rank):
+        logger.warning("snapshot parity skipped: %s", problem)
+    parity = usable_parity(shm_dir, engine.rank, groups.members, {step: r.data() for step, r in own.items()})
+    report = {"local": sorted(own), "parity": {step: metadata for step, (metadata, _) in parity.items()}}
+    reports = _gather(engine, report)
+    step, lost, why_not_newer = plan_restore(reports, groups.members_of)
+    if step is None:
+        if engine.rank == 0 and any(report["local"] for report in reports):
+            logger.warning("snapshot parity: no snapshot in memory can be restored (%s)", why_not_newer)
+        return None
+    if lost:
+        if engine.rank == 0:
+            logger.info(
+                "snapshot parity: rebuilding rank(s) %s from the parity of step %d%s",
+                sorted(lost),
+                step,
+                f" (newer steps cannot be restored: {why_not_newer})" if why_not_newer else "",
+            )
+        if not _rebuild(engine, shm_dir, groups, lost, reports, step, own, parity):
+            return None
+    if 0 in needed and engine.rank // groups.local_world_size != 0:
+        problem = "rank 0's slot, which this rank needs (ZeRO stage 0 or frozen parameters), is on another node"
+    else:
+        problem = None
+    problems = [message for message in _gather(engine, problem) if message]
+    if problems:
+        if engine.rank == 0:
+            logger.warning("snapshot parity: not restoring from memory: %s", problems[0])
+        return None
+    return _restore_step(engine, shm_dir, step, needed)
+
+
+def _rebuild(engine, shm_dir, groups, lost, reports, step, own, parity) -> bool:
+    """Rebuilds the lost ranks' slots of `step`; False (logged) when a rebuild failed anywhere."""
+    started = time.perf_counter()
+    error = None
+    try:
+        local = {} if engine.rank in lost else {"data": own[step].data(), "parity": parity[step][1].parity}
+        rebuilt = rebuild_member(groups, lost, reports, step, local)
+        if rebuilt is not None:
+            write_rebuilt_slot(shm_dir, engine.rank, rebuilt)
+    except (CheckpointError, OSError) as failure:
+        error = f"rank {engine.rank}: {failure}"
+    failures = [message for message in _gather(engine, error) if message]
+    if failures:
+        if engine.rank == 0:
+            logger.warning("snapshot parity: rebuilding step %d failed (%s)", step, failures[0])
+        return False
+    if engine.rank == 0:
+        logger.info("snapshot parity: rebuilt step %d in %.2f s", step, time.perf_counter() - started)
+    return True
+
+
+def write_rebuilt_slot(shm_dir: str, rank: int, data) -> str:
+    """Writes a rebuilt slot into the rank's slot without a committed snapshot (else its older
+    one); returns its path."""
+    agent.request(shm_dir, {"op": "allocate", "rank": rank, "bytes": _align_up(data.numel(), 1 << 20)})
+    held = {int(reader.path[-1]): reader.sequence for reader in newest_committed(shm_dir, rank)}
+    slot = min(range(SLOTS_PER_RANK), key=lambda candidate: held.get(candidate, 0))
+    slot_file = SlotFile(slot_path(shm_dir, rank, slot))
+    try:
+        slot_file.write_committed(data)
+    finally:
+        slot_file.close()
+    SlotReader(slot_file.path).verify()
+    return slot_file.path
+
+
+def _align_up(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
 
 
 def persisted_tags(persist_path: str) -> list[str]:
@@ -93,7 +193,7 @@ def restore_from_disk(engine, persist_path: str) -> int | None:
 
 def restore_latest(engine, snapshotter) -> int | None:
     """Restores the newest snapshot every rank can restore; returns its step, or None."""
-    restored = restore_from_memory(engine, snapshotter.shm_dir)
+    restored = restore_from_memory(engine, snapshotter.shm_dir, snapshotter.parity_groups)
     if restored is not None:
         step, slot = restored
         where = f"shared memory ({snapshotter.shm_dir})"

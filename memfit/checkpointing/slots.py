@@ -110,6 +110,19 @@ class SlotFile:
         magic, sequence, *_ = HEADER.unpack_from(self._map, 0)
         return sequence if magic == MAGIC else 0
 
+    def used_bytes(self) -> int:
+        """Bytes from the start of the file to the end of the committed index."""
+        _, _, _, index_offset, index_bytes, _ = HEADER.unpack_from(self._map, 0)
+        return index_offset + index_bytes
+
+    def write_committed(self, data: torch.Tensor) -> None:
+        """Writes the bytes of a committed slot (a rebuilt one), its sequence last."""
+        if data.numel() > self.num_bytes or data.numel() < DATA_OFFSET:
+            raise CheckpointError(f"{self.path}: {data.numel()} bytes do not form a slot of {self.num_bytes}")
+        self.invalidate()
+        self.bytes[16 : data.numel()] = data[16:]
+        self.bytes[:16] = data[:16]
+
     def invalidate(self) -> None:
         """Marks the slot as being written, before any of its bytes change."""
         HEADER.pack_into(self._map, 0, MAGIC, 0, -1, 0, 0, 0)
@@ -161,6 +174,7 @@ class SlotReader:
             raise CheckpointError(f"{path}: empty or being written (no committed snapshot)")
         if index_offset + index_bytes > size:
             raise CheckpointError(f"{path}: index beyond the end of the slot (corrupted header)")
+        self.used_bytes = index_offset + index_bytes
         data = self._map[index_offset : index_offset + index_bytes]
         if xxhash.xxh3_64_intdigest(data) != digest:
             raise CheckpointError(f"{path}: index checksum mismatch (corrupted index)")
@@ -185,6 +199,10 @@ class SlotReader:
                 raise CheckpointError(f"{self.path}: checksum mismatch in tensor {path!r} (corrupted data)")
             self._verified.add(path)
         return data.view(_dtype(dtype_name)).reshape(shape)
+
+    def data(self) -> torch.Tensor:
+        """The slot's committed bytes (header, tensors, index), as parity covers them."""
+        return self._bytes[: self.used_bytes]
 
     def verify(self) -> None:
         """Checks every tensor; raises CheckpointError naming the first bad one."""

@@ -11,23 +11,30 @@ optimizer step:
   3. wait_for_copy(), called by the engine at the start of the next optimizer step, blocks until
      the copy is done (the training stall, usually zero). The copy commits the slot (index, then
      the sequence number last) and tells the agent.
+  4. with snapshot.parity "xor", every `parity_every`-th snapshot is followed by a parity round
+     (parity_exchange.py) on a thread of its own, from the committed slot; the next snapshot's
+     copy waits for it (not the training thread, unless a round outlasts a snapshot interval).
 Invariant: at most one snapshot is in flight, and a slot is written only after the agent says it
-is not being persisted.
+is not being persisted. With parity, a snapshot never overwrites the slot of the last complete
+parity round (it takes the other slot), so that round stays rebuildable until the next one.
 
 The client's data position: `engine.set_client_state(dict_or_callable)`; a callable is called at
 each snapshot, so it can report the position the loop has reached. A restore hands it back as
 `engine.client_state`.
 """
 
+import atexit
 import copy
 import logging
 import os
 import threading
 import time
+import warnings
 
 from memfit.checkpointing import agent
 from memfit.checkpointing.faults import fault_point
 from memfit.checkpointing.integrity import CheckpointError
+from memfit.checkpointing.parity_exchange import ParityGroups, ParityRounds
 from memfit.checkpointing.slots import (
     SLOTS_PER_RANK,
     SlotFile,
@@ -86,14 +93,33 @@ class Snapshotter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.stall_s = 0.0  # total time the optimizer step waited for a copy
+        self.parity_groups, self.parity = parity_setup(
+            config, self.shm_dir, self.world_size, self.local_world_size, self.rank
+        )
+        self.protected_slot = self._parity_protected_slot()
+        self._parity_thread: threading.Thread | None = None
         # Reserve the slots now, so a tmpfs without room fails the start, not the first snapshot.
         self._slot(self.next_slot, estimated_bytes(engine))
+        atexit.register(self.close)  # before the process group goes: a parity round may be running
+
+    def _parity_protected_slot(self) -> int | None:
+        """The slot holding the step of this rank's newest complete parity round, if any."""
+        if self.parity is None or self.parity.newest_step is None:
+            return None
+        for reader in newest_committed(self.shm_dir, self.rank):
+            if reader.step == self.parity.newest_step:
+                return int(reader.path[-1])
+        return None
 
     def restored(self, slot: int | None, step: int) -> None:
         """After a restore from `slot`: the next snapshot must not overwrite it."""
         if slot is not None:
             self.next_slot = (slot + 1) % SLOTS_PER_RANK
         self.num_snapshots = step // self.interval_steps if self.interval_steps else 0
+        # a slot rebuilt from parity carries the sequence number it was committed with
+        committed = newest_committed(self.shm_dir, self.rank)
+        self.sequence = max([self.sequence] + [reader.sequence for reader in committed])
+        self.protected_slot = self._parity_protected_slot()
 
     # ---- the step hooks -------------------------------------------------------------------------
     def wait_for_copy(self) -> None:
@@ -123,10 +149,9 @@ class Snapshotter:
         payload["buffers"] = {name: buffer.clone() for name, buffer in payload["buffers"].items()}
         self.num_snapshots += 1
         persist = self.config.persist.path is not None and self.num_snapshots % self.config.persist.every_snapshots == 0
-        slot_file = self._slot(self.next_slot, needed_bytes(payload))
+        parity_due = self.parity is not None and self.num_snapshots % self.config.parity_every == 0
         index_header = index_for(payload, engine.global_step, self.world_size, self.rank, self.owner_of, [])
-        job = (slot_file, self.next_slot, payload, index_header, persist)
-        self.next_slot = (self.next_slot + 1) % SLOTS_PER_RANK
+        job = (needed_bytes(payload), payload, index_header, persist, parity_due)
         self._thread = threading.Thread(target=self._copy, args=job, name="memfit-snapshot", daemon=True)
         self._thread.start()
 
@@ -140,8 +165,21 @@ class Snapshotter:
         self._slots[slot] = SlotFile(slot_path(self.shm_dir, self.rank, slot))
         return self._slots[slot]
 
-    def _copy(self, slot_file: SlotFile, slot: int, payload: dict, index: dict, persist: bool) -> None:
+    def _choose_slot(self) -> int:
+        """The slot the next snapshot goes to: not the one of the last complete parity round."""
+        if self._parity_thread is not None:
+            self._parity_thread.join()  # the round reads a slot, and decides which one is protected
+            self._parity_thread = None
+        slot = self.next_slot
+        if slot == self.protected_slot:
+            slot = (slot + 1) % SLOTS_PER_RANK
+        self.next_slot = (slot + 1) % SLOTS_PER_RANK
+        return slot
+
+    def _copy(self, num_bytes: int, payload: dict, index: dict, persist: bool, parity_due: bool) -> None:
         try:
+            slot = self._choose_slot()
+            slot_file = self._slot(slot, num_bytes)
             agent.request(self.shm_dir, {"op": "acquire", "rank": self.rank, "slot": slot})
             slot_file.invalidate()
             entries = []
@@ -167,12 +205,35 @@ class Snapshotter:
             agent.request(self.shm_dir, message)
             if persist:
                 fault_point("snapshot-persist-requested", self.rank)
+            if parity_due:
+                self._parity_thread = threading.Thread(
+                    target=self._parity_round, args=(slot_file, slot, index["step"]), name="memfit-parity", daemon=True
+                )
+                self._parity_thread.start()
         except BaseException as error:  # reported at the next optimizer step, on the training thread
             self._error = error
+
+    def _parity_round(self, slot_file: SlotFile, slot: int, step: int) -> None:
+        """A failed round costs redundancy, not training: the previous round stays usable, and the
+        error is logged (a node that died fails the training collectives on its own)."""
+        try:
+            self.parity.run(slot_file.bytes[: slot_file.used_bytes()], step)
+        except Exception as error:
+            logger.warning(
+                "rank %d: parity round of step %d failed (%s); the previous one stays in use", self.rank, step, error
+            )
+            return
+        self.protected_slot = slot
 
     def close(self) -> None:
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
+        if self._parity_thread is not None:
+            self._parity_thread.join()
+            self._parity_thread = None
+        if self.parity is not None:
+            self.parity.close()
         for slot_file in self._slots:
             if slot_file is not None:
                 slot_file.close()
@@ -188,6 +249,22 @@ def estimated_bytes(engine) -> int:
         2 * payload["params"][name].numel() * 4 for name, state in payload["optimizer_state"].items() if not state
     )
     return needed_bytes(payload) + missing
+
+
+def parity_setup(config, shm_dir: str, world_size: int, local_world_size: int, rank: int):
+    """(ParityGroups, ParityRounds) for snapshot.parity "xor" on two or more nodes, else (None, None)
+    with a warning when xor was asked for but cannot work. Collective: every rank calls it."""
+    if config.parity != "xor":
+        return None, None
+    if world_size % local_world_size or world_size // local_world_size < 2:
+        warnings.warn(
+            f'snapshot.parity "xor" needs two or more nodes with the same number of ranks '
+            f"({world_size} rank(s), {local_world_size} per node); parity is off",
+            stacklevel=2,
+        )
+        return None, None
+    groups = ParityGroups(world_size, local_world_size, rank)
+    return groups, ParityRounds(groups, shm_dir, world_size)
 
 
 def build_snapshotter(config, engine) -> Snapshotter | None:

@@ -29,8 +29,14 @@ class SnapshotConfig(Section):
         f"The environment variable {SHM_DIR_ENV} overrides it.",
     )
     keep_shm: Boolean = Field(False, description="Leave the slots in shared memory when the job ends.")
-    parity: OneOf("none") = Field(
-        "none", description='Redundancy across nodes: "none" (XOR parity across nodes comes in a later release).'
+    parity: OneOf("none", "xor") = Field(
+        "none",
+        description='Redundancy across nodes: "none", or "xor": XOR parity across the ranks with the same local '
+        "rank on every node, so the snapshots survive the loss of one node (needs two or more nodes; with two, "
+        "the parity is a full copy of the other node's snapshot).",
+    )
+    parity_every: Integer(minimum=1) = Field(
+        1, description="Compute the parity of every Nth in-memory snapshot (parity rounds per local snapshots)."
     )
 
     @field_validator("shm_dir")

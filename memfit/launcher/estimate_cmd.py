@@ -1,9 +1,11 @@
 """`memfit estimate`: memory per rank (parameters, gradients with their staging buffer, fp32
 masters, optimizer state; per tier) for a model and a config, from tensor shapes alone, as
-memfit.initialize will lay it out, with DeepSpeed's ZeRO-2 estimate beside it.
+memfit.initialize will lay it out, with DeepSpeed's ZeRO-2 estimate beside it. With snapshots on,
+the shared memory their slots and their parity take.
 
     memfit estimate --params 7e9 --config ds.json --world-size 8
     memfit estimate --model mypkg.models:build --config ds.json --world-size 2
+    memfit estimate --params 1B --config snap.json --world-size 8 --nodes 4
 """
 
 import sys
@@ -24,6 +26,9 @@ def add_arguments(commands) -> None:
     estimate.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda", help="where the model runs (default cuda)"
     )
+    estimate.add_argument(
+        "--nodes", type=positive_int, default=1, help="nodes the ranks are spread over (default 1; for snapshot parity)"
+    )
 
 
 def run(args) -> int:
@@ -32,6 +37,8 @@ def run(args) -> int:
     from memfit.runtime.model_shapes import decoder_shapes, model_shapes, parse_count
 
     try:
+        if args.world_size % args.nodes:
+            raise ValueError(f"--world-size {args.world_size} is not a multiple of --nodes {args.nodes}")
         shapes, description = decoder_shapes(parse_count(args.params)) if args.params else model_shapes(args.model)
         cfg = _load_config(args.config, args.world_size)
         gaps = engine_gaps(cfg, args.world_size)
@@ -57,7 +64,36 @@ def run(args) -> int:
     print(format_table(shown, deepspeed))
     if len(shown) < len(estimates):
         print(f"({len(shown)} of {len(estimates)} ranks shown: the first ones and the largest)")
+    for line in snapshot_lines(estimates, cfg.snapshot, args.nodes, args.world_size // args.nodes):
+        print(line)
     return 0
+
+
+def snapshot_lines(estimates, snapshot, num_nodes: int, ranks_per_node: int) -> list[str]:
+    """The shared memory of snapshot slots and parity, for the largest rank and per node."""
+    from memfit.checkpointing.parity import PARITY_SLOTS_PER_RANK
+    from memfit.checkpointing.slots import SLOTS_PER_RANK
+    from memfit.units import format_bytes
+
+    if not snapshot.interval_steps:
+        return []
+    # a snapshot keeps the fp32 value and the optimizer state of each owned tensor
+    slot_bytes = max(4 * e.owned_numel + e.bytes["optimizer_state"] for e in estimates)
+    lines = [
+        f"snapshot slots: {SLOTS_PER_RANK} x {format_bytes(slot_bytes)} = {format_bytes(SLOTS_PER_RANK * slot_bytes)} "
+        f"of shared memory per rank, {format_bytes(SLOTS_PER_RANK * slot_bytes * ranks_per_node)} per node"
+    ]
+    if snapshot.parity != "xor":
+        return lines
+    if num_nodes < 2:
+        return lines + ['snapshot parity "xor": needs two or more nodes (--nodes); off with one node']
+    parity_bytes = -(-slot_bytes // (num_nodes - 1))
+    share = "a full copy of the other node's snapshot" if num_nodes == 2 else f"1/{num_nodes - 1} of the snapshot"
+    return lines + [
+        f'snapshot parity memory ("xor" over {num_nodes} nodes): {PARITY_SLOTS_PER_RANK} x '
+        f"{format_bytes(parity_bytes)} = {format_bytes(PARITY_SLOTS_PER_RANK * parity_bytes)} per rank ({share}), "
+        f"{format_bytes(PARITY_SLOTS_PER_RANK * parity_bytes * ranks_per_node)} per node"
+    ]
 
 
 def _load_config(path: str | None, world_size: int):

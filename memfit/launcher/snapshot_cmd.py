@@ -1,5 +1,7 @@
 """`memfit snapshot ls [DIR]` and `memfit snapshot verify PATH`: what snapshots a slot directory
-or a persist directory holds, and whether their checksums hold.
+or a persist directory holds, and whether their checksums hold. With snapshot parity, a slot
+directory (one node's) also holds parity slots: `ls` shows each one's step and which parts of
+which ranks (on the other nodes) it covers.
 
 DIR or PATH may be a slot directory (/dev/shm/memfit-<job>), one slot file, a persist directory
 (the snapshot's persist.path) or one of its global_step<N> checkpoints. `ls` without DIR lists
@@ -25,6 +27,32 @@ def add_arguments(commands) -> None:
 
 def _slot_files(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, "rank*.slot*")))
+
+
+def _parity_files(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(directory, "rank*.parity*")))
+
+
+def _parity_line(path: str) -> str:
+    from memfit.checkpointing.integrity import CheckpointError
+    from memfit.checkpointing.parity import ParityReader, part_index
+
+    try:
+        reader = ParityReader(path)
+    except CheckpointError as error:
+        return f"{path}  -  -  {str(error).removeprefix(path + ': ')}"
+    metadata = reader.metadata
+    group, member = metadata["group"], metadata["member"]
+    num_members = len(group)
+    covered = ", ".join(
+        f"rank {rank} part {part_index(other, member, num_members) + 1}/{num_members - 1}"
+        for other, rank in enumerate(group)
+        if other != member
+    )
+    return (
+        f"{path}  step {reader.step}  {_human(metadata['part_bytes'])}  parity (sequence {reader.sequence}) "
+        f"on node {member} of {num_members}: XOR of {covered}"
+    )
 
 
 def _checkpoints(directory: str) -> list[str]:
@@ -61,6 +89,7 @@ def list_directory(directory: str) -> list[str]:
             )
         except CheckpointError as error:
             lines.append(f"{path}  -  -  {str(error).removeprefix(path + ': ')}")
+    lines += [_parity_line(path) for path in _parity_files(directory)]
     for path in _checkpoints(directory):
         manifest = read_manifest(path, quiet=True)
         if manifest is None:
@@ -77,13 +106,17 @@ def verify_path(path: str) -> list[str]:
     """One line per problem."""
     from memfit.checkpointing.disk import verify_checkpoint
     from memfit.checkpointing.integrity import CheckpointError
+    from memfit.checkpointing.parity import ParityReader
     from memfit.checkpointing.slots import SlotReader
 
     def check_slot(slot_file: str, explicit: bool) -> list[str]:
         try:
-            SlotReader(slot_file).verify()
+            if ".parity" in os.path.basename(slot_file):
+                ParityReader(slot_file)
+            else:
+                SlotReader(slot_file).verify()
         except CheckpointError as error:
-            if not explicit and "no committed snapshot" in str(error):
+            if not explicit and ("no committed snapshot" in str(error) or "no committed parity" in str(error)):
                 return []  # a slot not yet written, or being written: nothing to verify
             return [str(error)]
         return []
@@ -92,7 +125,7 @@ def verify_path(path: str) -> list[str]:
         return check_slot(path, explicit=True)
     if not os.path.isdir(path):
         return [f"{path}: no such file or directory"]
-    slots, checkpoints = _slot_files(path), _checkpoints(path)
+    slots, checkpoints = _slot_files(path) + _parity_files(path), _checkpoints(path)
     if not slots and not checkpoints:
         return [f"{path}: holds no snapshot slot and no persisted snapshot"]
     problems = [problem for slot_file in slots for problem in check_slot(slot_file, explicit=False)]

@@ -28,6 +28,7 @@ CATEGORIES = ("params", "grads", "master_weights", "optimizer_state")
 class RankEstimate:
     rank: int
     grad_staging: int = 0  # included in bytes["grads"]
+    owned_numel: int = 0  # elements of the trainable tensors the rank owns (what its snapshot keeps)
     bytes: dict[str, int] = field(default_factory=dict)  # per category
     tiers: dict[str, int] = field(default_factory=dict)  # "device", "host"
     notes: list[str] = field(default_factory=list)
@@ -63,7 +64,7 @@ def estimate(
         owned_numel = sum(t.numel() for _, t in owned)
         staging = staging_numel(buckets, zero.stage, rank)
         grads = owned_numel + staging if zero.stage == 2 else all_numel
-        result = RankEstimate(rank, grad_staging=compute_bytes * staging)
+        result = RankEstimate(rank, grad_staging=compute_bytes * staging, owned_numel=owned_numel)
         state, note = _optimizer_state_bytes(cfg, owned, trainable, offloaded, client_optimizer)
         if note:
             result.notes.append(note)

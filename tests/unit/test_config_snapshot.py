@@ -1,5 +1,5 @@
-"""The snapshot section: defaults (off), every key checked with its JSON path, parity limited to
-"none" until parity across nodes exists, and the shared-memory directory's precedence."""
+"""The snapshot section: defaults (off), every key checked with its JSON path, parity "none" or
+"xor" with its frequency, and the shared-memory directory's precedence."""
 
 import pytest
 
@@ -15,6 +15,7 @@ def snapshot_config(section: dict):
 def test_off_by_default():
     config = load_config({"train_micro_batch_size_per_gpu": 1}).snapshot
     assert config.interval_steps == 0 and config.persist.path is None and config.parity == "none"
+    assert config.parity_every == 1
 
 
 def test_a_full_section_parses():
@@ -24,11 +25,13 @@ def test_a_full_section_parses():
             "persist": {"path": "/ckpt", "every_snapshots": 5, "keep": 3},
             "shm_dir": "/dev/shm/x",
             "keep_shm": True,
-            "parity": "none",
+            "parity": "xor",
+            "parity_every": 4,
         }
     )
     assert (config.interval_steps, config.persist.every_snapshots, config.persist.keep) == (10, 5, 3)
     assert config.shm_dir == "/dev/shm/x" and config.keep_shm
+    assert (config.parity, config.parity_every) == ("xor", 4)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +43,10 @@ def test_a_full_section_parses():
         ({"persist": {"keep": 0}}, "snapshot.persist.keep: expected an integer >= 1, got 0"),
         ({"persist": {"every_snapshots": 0}}, "snapshot.persist.every_snapshots"),
         ({"persist": {"pth": "/x"}}, "snapshot.persist.pth: unknown key"),
-        ({"parity": "xor"}, 'snapshot.parity: expected one of "none", got "xor"'),
+        ({"parity": "raid6"}, 'snapshot.parity: expected one of "none", "xor", got "raid6"'),
+        ({"parity": True}, "snapshot.parity: expected one of"),
+        ({"parity_every": 0}, "snapshot.parity_every: expected an integer >= 1, got 0"),
+        ({"parity_every": "2"}, "snapshot.parity_every: expected an integer"),
         ({"shm_dir": "relative/dir"}, "snapshot.shm_dir: expected an absolute path"),
         ({"keep_shm": "yes"}, "snapshot.keep_shm: expected true or false"),
     ],
