@@ -32,6 +32,7 @@ import torch
 import xxhash
 
 from memfit.checkpointing.integrity import CheckpointError
+from memfit.checkpointing.slots import MappedFile
 
 MAGIC = b"MFPAR001"
 HEADER = struct.Struct("<8sQqQQQQ")
@@ -113,15 +114,8 @@ def rebuild(lost: int, data_bytes: int, datas: dict[int, torch.Tensor], parities
     return rebuilt[:data_bytes]
 
 
-class ParityFile:
+class ParityFile(MappedFile):
     """A parity slot file mapped read-write by the member that fills it."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._file = open(path, "r+b")
-        self.num_bytes = os.fstat(self._file.fileno()).st_size
-        self._map = mmap.mmap(self._file.fileno(), self.num_bytes)
-        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def invalidate(self) -> None:
         HEADER.pack_into(self._map, 0, MAGIC, 0, -1, 0, 0, 0, 0)
@@ -144,11 +138,6 @@ class ParityFile:
         metadata_digest = xxhash.xxh3_64_intdigest(text)
         HEADER.pack_into(self._map, 0, MAGIC, 0, step, metadata_offset, len(text), metadata_digest, parity_digest)
         struct.pack_into("<Q", self._map, 8, sequence)
-
-    def close(self) -> None:
-        del self.bytes
-        self._map.close()
-        self._file.close()
 
 
 class ParityReader:

@@ -96,8 +96,8 @@ def needed_bytes(payload: dict) -> int:
     return _align(DATA_OFFSET + data_bytes + index_bytes + INDEX_ALLOWANCE_BYTES, 1 << 20)
 
 
-class SlotFile:
-    """A slot file mapped read-write (the worker that fills it) for as long as it is in use."""
+class MappedFile:
+    """A preallocated file mapped read-write, as bytes, for as long as it is in use."""
 
     def __init__(self, path: str):
         self.path = path
@@ -105,6 +105,15 @@ class SlotFile:
         self.num_bytes = os.fstat(self._file.fileno()).st_size
         self._map = mmap.mmap(self._file.fileno(), self.num_bytes)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def close(self) -> None:
+        del self.bytes
+        self._map.close()
+        self._file.close()
+
+
+class SlotFile(MappedFile):
+    """A slot file mapped read-write (the worker that fills it) for as long as it is in use."""
 
     def sequence(self) -> int:
         magic, sequence, *_ = HEADER.unpack_from(self._map, 0)
@@ -146,11 +155,6 @@ class SlotFile:
         digest = xxhash.xxh3_64_intdigest(data)
         HEADER.pack_into(self._map, 0, MAGIC, 0, step, index_offset, len(data), digest)
         struct.pack_into("<Q", self._map, 8, sequence)
-
-    def close(self) -> None:
-        del self.bytes
-        self._map.close()
-        self._file.close()
 
 
 class SlotReader:
