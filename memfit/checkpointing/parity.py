@@ -24,7 +24,6 @@ A parity slot that is torn, truncated or fails a checksum is never used.
 """
 
 import json
-import mmap
 import os
 import struct
 
@@ -32,7 +31,7 @@ import torch
 import xxhash
 
 from memfit.checkpointing.integrity import CheckpointError
-from memfit.checkpointing.slots import MappedFile
+from memfit.checkpointing.slots import MappedFile, map_copy_on_write
 
 MAGIC = b"MFPAR001"
 HEADER = struct.Struct("<8sQqQQQQ")
@@ -146,14 +145,7 @@ class ParityReader:
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            with open(path, "rb") as file:
-                size = os.fstat(file.fileno()).st_size
-                if size < DATA_OFFSET:
-                    raise CheckpointError(f"{path}: {size} bytes, too short for a parity slot")
-                self._map = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
-        except OSError as error:
-            raise CheckpointError(f"{path}: {error.strerror}") from None
+        self._map, size = map_copy_on_write(path, DATA_OFFSET, "parity slot")
         magic, self.sequence, self.step, offset, length, metadata_digest, parity_digest = HEADER.unpack_from(self._map)
         if magic != MAGIC:
             raise CheckpointError(f"{path}: not a parity slot (bad magic)")

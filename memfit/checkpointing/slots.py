@@ -157,20 +157,26 @@ class SlotFile(MappedFile):
         struct.pack_into("<Q", self._map, 8, sequence)
 
 
+def map_copy_on_write(path: str, min_bytes: int, what: str) -> tuple[mmap.mmap, int]:
+    """Maps a file for reading, copy-on-write, and its size; CheckpointError naming the path when
+    it cannot be read or is shorter than a header."""
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size < min_bytes:
+                raise CheckpointError(f"{path}: {size} bytes, too short for a {what}")
+            return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY), size
+    except OSError as error:
+        raise CheckpointError(f"{path}: {error.strerror}") from None
+
+
 class SlotReader:
     """A committed slot, mapped copy-on-write: tensors are views of the file's pages (zero-copy)
     until written. Raises CheckpointError for an empty, torn or corrupted slot."""
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            with open(path, "rb") as file:
-                size = os.fstat(file.fileno()).st_size
-                if size < DATA_OFFSET:
-                    raise CheckpointError(f"{path}: {size} bytes, too short for a slot")
-                self._map = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
-        except OSError as error:
-            raise CheckpointError(f"{path}: {error.strerror}") from None
+        self._map, size = map_copy_on_write(path, DATA_OFFSET, "slot")
         magic, self.sequence, self.step, index_offset, index_bytes, digest = HEADER.unpack_from(self._map, 0)
         if magic != MAGIC:
             raise CheckpointError(f"{path}: not a snapshot slot (bad magic)")

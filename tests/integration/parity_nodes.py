@@ -23,10 +23,10 @@ import torch.distributed as dist
 
 from memfit.checkpointing.integrity import CheckpointError
 from memfit.checkpointing.parity import committed_parity
+from tests.integration import snapshot_job
 from tests.integration.snapshot_job import EXAMPLE, ROOT, agents_of, write_corpus
 
 MAX_STEPS = 12
-INTERVAL = 2
 
 
 def free_port() -> int:
@@ -36,24 +36,9 @@ def free_port() -> int:
 
 
 def write_config(directory, parity="xor", parity_every=1, persist_path=None) -> str:
-    snapshot = {"interval_steps": INTERVAL, "parity": parity, "parity_every": parity_every}
-    if persist_path:
-        snapshot["persist"] = {"path": persist_path, "every_snapshots": 1, "keep": 2}
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 2,
-        "gradient_clipping": 1.0,
-        "seed": 1234,
-        "steps_per_print": 100,
-        "optimizer": {"type": "AdamW", "params": {"lr": 0.003, "betas": [0.9, 0.95], "weight_decay": 0.1}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "warmup_max_lr": 0.003}},
-        "zero_optimization": {"stage": 2, "overlap_comm": True},
-        "snapshot": snapshot,
-    }
-    path = os.path.join(directory, f"config-{uuid.uuid4().hex[:6]}.json")
-    with open(path, "w") as file:
-        json.dump(config, file)
-    return path
+    return snapshot_job.write_config(
+        directory, persist_path, every_snapshots=1, parity=parity, parity_every=parity_every
+    )
 
 
 class Cluster:

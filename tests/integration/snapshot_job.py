@@ -26,8 +26,11 @@ def write_corpus(directory) -> str:
     return path
 
 
-def write_config(directory, persist_path=None, every_snapshots=2, keep_shm=False, offload=False) -> str:
-    snapshot = {"interval_steps": INTERVAL, "keep_shm": keep_shm}
+def write_config(
+    directory, persist_path=None, every_snapshots=2, keep_shm=False, offload=False, **snapshot_keys
+) -> str:
+    """The crash tests' config; snapshot_keys are further keys of the snapshot section."""
+    snapshot = {"interval_steps": INTERVAL, "keep_shm": keep_shm, **snapshot_keys}
     if persist_path:
         snapshot["persist"] = {"path": persist_path, "every_snapshots": every_snapshots, "keep": 2}
     config = {

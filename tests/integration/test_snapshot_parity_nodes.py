@@ -12,8 +12,8 @@ import time
 import pytest
 
 from memfit.checkpointing.parity import PARITY_SLOTS_PER_RANK, committed_parity, parity_path
-from tests.integration.parity_nodes import INTERVAL, MAX_STEPS, Cluster, write_config
-from tests.integration.snapshot_job import assert_cleaned_up, read_metrics
+from tests.integration.parity_nodes import MAX_STEPS, Cluster, write_config
+from tests.integration.snapshot_job import INTERVAL, assert_cleaned_up, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
