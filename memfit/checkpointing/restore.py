@@ -28,6 +28,7 @@ from memfit.checkpointing.slots import (
     SlotFile,
     SlotReader,
     SlotSource,
+    align_to,
     newest_committed,
     slot_path,
 )
@@ -151,7 +152,7 @@ def _rebuild(engine, shm_dir, groups, lost, reports, step, own, parity) -> bool:
 def write_rebuilt_slot(shm_dir: str, rank: int, data) -> str:
     """Writes a rebuilt slot into the rank's slot without a committed snapshot (else its older
     one); returns its path."""
-    agent.request(shm_dir, {"op": "allocate", "rank": rank, "bytes": _align_up(data.numel(), 1 << 20)})
+    agent.request(shm_dir, {"op": "allocate", "rank": rank, "bytes": align_to(data.numel(), 1 << 20)})
     held = {int(reader.path[-1]): reader.sequence for reader in newest_committed(shm_dir, rank)}
     slot = min(range(SLOTS_PER_RANK), key=lambda candidate: held.get(candidate, 0))
     slot_file = SlotFile(slot_path(shm_dir, rank, slot))
@@ -161,10 +162,6 @@ def write_rebuilt_slot(shm_dir: str, rank: int, data) -> str:
         slot_file.close()
     SlotReader(slot_file.path).verify()
     return slot_file.path
-
-
-def _align_up(value: int, to: int) -> int:
-    return (value + to - 1) // to * to
 
 
 def persisted_tags(persist_path: str) -> list[str]:

@@ -40,7 +40,8 @@ def slot_path(shm_dir: str, rank: int, slot: int) -> str:
     return os.path.join(shm_dir, f"rank{rank}.slot{slot}")
 
 
-def _align(value: int, to: int = ALIGN) -> int:
+def align_to(value: int, to: int = ALIGN) -> int:
+    """value rounded up to a multiple of to."""
     return (value + to - 1) // to * to
 
 
@@ -85,7 +86,7 @@ def layout(payload: dict) -> tuple[list[tuple[str, torch.Tensor, int]], int]:
     placed, offset = [], DATA_OFFSET
     for path, tensor in walk_tensors(payload):
         placed.append((path, tensor, offset))
-        offset = _align(offset + tensor.numel() * tensor.element_size())
+        offset = align_to(offset + tensor.numel() * tensor.element_size())
     return placed, offset - DATA_OFFSET
 
 
@@ -93,7 +94,7 @@ def needed_bytes(payload: dict) -> int:
     """Slot size that holds payload, with room for its index."""
     _, data_bytes = layout(payload)
     index_bytes = len(pickle.dumps(_without_tensors(payload))) + 200 * sum(1 for _ in walk_tensors(payload))
-    return _align(DATA_OFFSET + data_bytes + index_bytes + INDEX_ALLOWANCE_BYTES, 1 << 20)
+    return align_to(DATA_OFFSET + data_bytes + index_bytes + INDEX_ALLOWANCE_BYTES, 1 << 20)
 
 
 class MappedFile:
@@ -148,7 +149,7 @@ class SlotFile(MappedFile):
         """Writes the index after the tensor bytes, then the header, the sequence last."""
         data = pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL)
         end = max([entry[3] + entry[4] for entry in index["tensors"]], default=DATA_OFFSET)
-        index_offset = _align(end)
+        index_offset = align_to(end)
         if index_offset + len(data) > self.num_bytes:
             raise CheckpointError(f"{self.path}: index does not fit ({index_offset + len(data)} > {self.num_bytes})")
         self._map[index_offset : index_offset + len(data)] = data
