@@ -22,14 +22,16 @@ def _test_files_on_disk() -> set[str]:
     return found
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
-    """When the whole suite is asked for, every test file on disk must have been collected: a
-    folder that pytest skips by name (it skips `dist`, `build`, `venv`...) fails the run instead
-    of silently dropping its tests."""
+    """When the whole suite is asked for, in either tier, every test file on disk must have been
+    collected: a folder that pytest skips by name (it skips `dist`, `build`, `venv`...) fails the
+    run instead of silently dropping its tests. This runs before `-m` deselects a tier's tests, so a
+    file whose tests are all in the other tier still counts as collected."""
     asked = [os.path.abspath(str(arg).split("::")[0]) for arg in config.args]
     if asked and any(path != TESTS_ROOT and path != os.path.dirname(TESTS_ROOT) for path in asked):
         return  # a subset was asked for
-    if config.getoption("keyword") or config.getoption("markexpr"):
+    if config.getoption("keyword"):
         return
     collected = {os.path.abspath(str(item.path)) for item in items}
     missing = sorted(os.path.relpath(path, TESTS_ROOT) for path in _test_files_on_disk() - collected)

@@ -4,6 +4,9 @@ unused on some steps, a one-tensor model (a rank that owns nothing); accumulatio
 AdamW, GaLoreAdamW, FRUGAL; fp32 and bf16; the user's zero_grad(), two backwards per step, a step
 with no backward. All cases of a table run inside one spawned 2-rank process group.
 
+The fast tier runs an all-pairs covering set of each table (every two-factor interaction, a few
+dozen cases); the slow tier runs the full products.
+
 Tolerances: fp32 within 1e-6 (absolute, and relative to the parameter); bf16 against the fp32
 reference within BF16_TOLERANCE, which is a few bf16 roundings of parameters of magnitude ~0.5
 accumulated over the steps (bf16 compute, bf16 gradient buffers and reductions, fp32 masters).
@@ -15,15 +18,16 @@ import os
 import pytest
 import torch
 
-from tests.distributed.equivalence import HABITS, grid, max_difference, run_cases, run_reference
+from tests.distributed.equivalence import HABITS, Case, grid, max_difference, run_cases, run_reference
 from tests.distributed.harness import run_ranks
 from tests.distributed.models import EQUIVALENCE_MODELS
+from tests.pairwise import all_pairs
 
 WORLD_SIZE = 2
 FP32_TOLERANCE = 1e-6
 BF16_TOLERANCE = 3e-2
 
-MAIN_TABLE = grid(
+MAIN_AXES = dict(
     model=list(EQUIVALENCE_MODELS),
     stage=[0, 1, 2],
     overlap=[False, True],
@@ -32,7 +36,7 @@ MAIN_TABLE = grid(
     optimizer=["AdamW", "GaLoreAdamW", "FRUGAL"],
     dtype=["float32", "bfloat16"],
 )
-HABIT_TABLE = grid(
+HABIT_AXES = dict(
     model=list(EQUIVALENCE_MODELS),
     stage=[0, 1, 2],
     overlap=[False, True],
@@ -41,6 +45,9 @@ HABIT_TABLE = grid(
     optimizer=["AdamW"],
     habit=[habit for habit in HABITS if habit != "none"],
 )
+MAIN_TABLE = grid(**MAIN_AXES)
+HABIT_TABLE = grid(**HABIT_AXES)
+PAIRWISE_TABLE = [Case(**row) for row in all_pairs(MAIN_AXES)] + [Case(**row) for row in all_pairs(HABIT_AXES)]
 
 
 def check_table(cases, report_name: str) -> None:
@@ -70,8 +77,14 @@ def test_engine_equals_single_process_table(model):
     check_table([case for case in MAIN_TABLE if case.model == model], f"main table, {model}")
 
 
+@pytest.mark.slow
 def test_engine_equals_single_process_with_user_habits():
     check_table(HABIT_TABLE, "user habits")
+
+
+def test_engine_equals_single_process_all_pairs():
+    """Every pair of factor values of both tables meets in at least one case."""
+    check_table(PAIRWISE_TABLE, "all pairs of the main and habit tables")
 
 
 def test_model_without_trainable_parameters_is_refused():
