@@ -1,6 +1,7 @@
 """Stages 0, 1 and 2 on 2 gloo ranks equal a single-process PyTorch reference, with gradient
 accumulation and clipping; optimizer state and gradients are sharded about 1/N."""
 
+import pytest
 import torch
 
 import memfit
@@ -89,6 +90,7 @@ def train_bf16(rank, world_size):
     return params, report
 
 
+@pytest.mark.slow
 def test_bf16_owners_keep_fp32_masters():
     expected = reference_training(STEPS, GLOBAL_BATCH, ACCUMULATION, 2, clip=0.5)
     results = run_ranks(train_bf16, 2)

@@ -107,6 +107,7 @@ def test_config_check_command(tmp_path):
     assert json.loads(schema.stdout)["properties"]["gradient_clipping"]["description"]
 
 
+@pytest.mark.slow  # resume is checked bit for bit in tests/distributed/test_checkpoint.py
 def test_resume_from_checkpoint_continues_the_curve(tmp_path):
     """Single process: 6 steps straight equal 3 steps, a restart, and 3 more."""
     base = [sys.executable, EXAMPLE, "--config", CONFIG, "--eval-every", "100", "--save-dir", str(tmp_path / "ckpt")]

@@ -353,6 +353,7 @@ def test_an_io_error_mid_step_stops_the_run_and_keeps_the_checkpoint(shrinkable_
     assert verify_checkpoint(os.path.join(checkpoint_dir, "global_step2")) == []
 
 
+@pytest.mark.slow  # the fast tier trains on the NVMe tier in the tests above
 def test_the_example_trains_with_the_nvme_config(tmp_path):
     with open(os.path.join(ROOT, "examples", "configs", "nvme.json")) as file:
         config = json.load(file)

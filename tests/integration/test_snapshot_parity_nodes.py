@@ -15,7 +15,7 @@ from memfit.checkpointing.parity import PARITY_SLOTS_PER_RANK, committed_parity,
 from tests.integration.parity_nodes import MAX_STEPS, Cluster, write_config
 from tests.integration.snapshot_job import INTERVAL, assert_cleaned_up, read_metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 _references: dict[int, list[dict]] = {}
 
@@ -68,7 +68,7 @@ def finish(cluster: Cluster) -> str:
     return output
 
 
-@pytest.mark.parametrize("num_nodes, victim", [(2, 1), (3, 0)])
+@pytest.mark.parametrize("num_nodes, victim", [(2, 1), pytest.param(3, 0, marks=pytest.mark.slow)])
 def test_lost_node_is_rebuilt_from_parity(tmp_path, tmp_path_factory, num_nodes, victim):
     expected = reference(num_nodes, tmp_path_factory)
     metrics = str(tmp_path / "metrics.jsonl")
@@ -82,6 +82,7 @@ def test_lost_node_is_rebuilt_from_parity(tmp_path, tmp_path_factory, num_nodes,
     assert f"restored the snapshot of step {restored[0]} from shared memory" in output
 
 
+@pytest.mark.slow
 def test_parity_of_every_other_snapshot_restores_an_older_step(tmp_path, tmp_path_factory):
     """parity_every 2: rounds at steps 4, 8, 12. Lost after the snapshot of step 6, the node is
     rebuilt at step 4, the newest complete round, older than the newest snapshot; the slot of step
@@ -101,6 +102,7 @@ def test_parity_of_every_other_snapshot_restores_an_older_step(tmp_path, tmp_pat
     assert restored[0] % (2 * INTERVAL) == 0
 
 
+@pytest.mark.slow
 def test_node_lost_in_the_middle_of_a_parity_round(tmp_path, tmp_path_factory):
     """Node 1's worker dies between the exchange and the commit of its second round (step 4); the
     rest of the node is lost right after. The survivor's round never completed: the restore uses a
@@ -119,6 +121,7 @@ def test_node_lost_in_the_middle_of_a_parity_round(tmp_path, tmp_path_factory):
     assert "snapshot parity: rebuilding rank(s) [1]" in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
 def test_damaged_parity_falls_back_to_disk(tmp_path, tmp_path_factory, damage):
     expected = reference(2, tmp_path_factory)
@@ -150,6 +153,7 @@ def test_damaged_parity_falls_back_to_disk(tmp_path, tmp_path_factory, damage):
     assert "from disk" in output
 
 
+@pytest.mark.slow
 def test_two_lost_nodes_fall_back_to_disk_saying_why(tmp_path, tmp_path_factory):
     expected = reference(3, tmp_path_factory)
     metrics = str(tmp_path / "metrics.jsonl")
@@ -169,6 +173,7 @@ def test_two_lost_nodes_fall_back_to_disk_saying_why(tmp_path, tmp_path_factory)
     assert "from disk" in output
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_random_node_losses(tmp_path, tmp_path_factory):
     """10 of 10: 2 or 3 nodes, the lost node and the moment (any time after the first complete

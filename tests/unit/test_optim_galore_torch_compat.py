@@ -60,10 +60,15 @@ def reference_run(dtype=torch.float32, projection=PROJECTION, **settings):
 @pytest.mark.parametrize(
     "settings",
     [
-        {"lr": 1e-2},
-        {"lr": 1e-2, "weight_decay": 0.1},
         {"lr": 3e-3, "betas": (0.8, 0.95), "eps": 1e-7, "weight_decay": 0.05, "correct_bias": False},
-        {"lr": 1e-2, "correct_bias": True, "no_deprecation_warning": True},
+        *[
+            pytest.param(settings, marks=pytest.mark.slow)
+            for settings in (
+                {"lr": 1e-2},
+                {"lr": 1e-2, "weight_decay": 0.1},
+                {"lr": 1e-2, "correct_bias": True, "no_deprecation_warning": True},
+            )
+        ],
     ],
 )
 @pytest.mark.parametrize("make", [CompatGaLoreAdamW, lambda groups, **s: GaLoreAdamW(groups, galore_compat=True, **s)])
