@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -121,3 +122,34 @@ def test_a_persisted_snapshot_is_private_and_refused_to_another_optimizer(tmp_pa
     line = last_line(done)
     assert done.returncode != 0 and f"{tag_dir}: the persisted snapshot of step 2" in line, done.stderr[-2000:]
     assert "optimizer AdamW saved, SGD now" in line and "change snapshot.persist.path" in line
+
+
+HOLDING_JOB = """
+import os, sys, time, torch, memfit
+engine = memfit.initialize(torch.nn.Linear(4, 4), {"train_micro_batch_size_per_gpu": 2,
+                           "snapshot": {"interval_steps": 1, "shm_dir": sys.argv[1]}})
+open(sys.argv[2], "w").close()
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_job_in_a_directory_whose_job_still_runs_is_refused(tmp_path):
+    shm_dir, started, release = str(tmp_path / "slots"), tmp_path / "started", tmp_path / "release"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDING_JOB, shm_dir, str(started), str(release)], env=environment()
+    )
+    try:
+        while not started.exists():
+            assert holder.poll() is None, "the first job failed"
+            time.sleep(0.05)
+        done, _ = train(tmp_path, config_with({"shm_dir": shm_dir}))
+        line = last_line(done)
+        assert done.returncode != 0 and f"{shm_dir}: in use by another running job (pid{holder.pid}-" in line, (
+            done.stderr[-2000:]
+        )
+        assert "give this job a snapshot.shm_dir (or MEMFIT_SNAPSHOT_SHM_DIR) of its own" in line
+    finally:
+        release.touch()
+        holder.wait(timeout=60)
