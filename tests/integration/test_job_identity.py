@@ -81,6 +81,7 @@ def test_slots_of_another_configuration_are_refused(tmp_path):
     assert done.returncode != 0 and "does not match this job" in line, done.stderr[-2000:]
     assert "optimizer.params.lr 0.003 saved, 0.0001 now" in line
     assert f"To start fresh remove {shm_dir}" in line and "MEMFIT_RESTORE_MISMATCHED=1" in line
+    assert f"WARNING:memfit:snapshot slot skipped: {shm_dir}/rank0.slot" in done.stderr  # each one, logged
 
 
 @pytest.mark.slow

@@ -35,7 +35,8 @@ def mode(path) -> int:
 @pytest.mark.parametrize("group_access, file_mode, directory_mode", [(False, 0o600, 0o700), (True, 0o640, 0o750)])
 def test_checkpoint_modes(tmp_path, group_access, file_mode, directory_mode):
     save_dir = tmp_path / "checkpoints"
-    tag_dir = saved_checkpoint(save_dir, checkpoint={"group_access": group_access})
+    config = {"checkpoint": {"group_access": True}} if group_access else {}
+    tag_dir = saved_checkpoint(save_dir, **config)
     assert mode(save_dir) == directory_mode and mode(tag_dir) == directory_mode
     for name in ("rank0.pt", MANIFEST):
         assert mode(os.path.join(tag_dir, name)) == file_mode, name
