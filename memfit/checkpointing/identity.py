@@ -20,12 +20,15 @@ The world-size rule stays where it was: slots only at their own world size, chec
 import inspect
 import os
 
+import torch
+
 from memfit.runtime import lifecycle
 
 JOB_ID_ENV = "MEMFIT_JOB_ID"
 FORCE_ENV = "MEMFIT_RESTORE_MISMATCHED"
 MEANINGLESS_RUN_IDS = ("", "none")  # torchrun's default --rdzv-id: every job without one shares it
 ADAM_KINDS = ("adam", "adamw", "cpuadamw")
+L2_ADAM = "Adam (adam_w_mode false: L2 weight decay)"
 
 
 def start_time(pid: int) -> str:
@@ -56,14 +59,20 @@ def job_id() -> str:
 def optimizer_kind(cfg, client_optimizer=None, built=None) -> str:
     """What the optimizer's saved state means: Adam and AdamW with decoupled weight decay are one
     kind (DeepSpeed's Adam decouples unless adam_w_mode is false); a passed optimizer is its class."""
+    params = cfg.optimizer.params if cfg.optimizer is not None else {}
     if client_optimizer is not None and not getattr(client_optimizer, "memfit_named", False):
         target = client_optimizer if inspect.isclass(client_optimizer) else type(built)
-        return f"{target.__module__}.{target.__qualname__}"
-    name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
-    params = cfg.optimizer.params if cfg.optimizer is not None else {}
+        if target.__module__.startswith(("torch.optim.", "memfit.optim.")):
+            name = target.__name__
+            if target is torch.optim.Adam:  # torch's Adam adds weight decay to the gradient (L2)
+                params = {"adam_w_mode": bool(params.get("decoupled_weight_decay", False))}
+        else:
+            return f"{target.__module__}.{target.__qualname__}"
+    else:
+        name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
     if name.lower() in ADAM_KINDS:
         decoupled = name.lower() != "adam" or params.get("adam_w_mode", True) is not False
-        return "AdamW" if decoupled else "Adam (adam_w_mode false: L2 weight decay)"
+        return "AdamW" if decoupled else L2_ADAM
     return name
 
 

@@ -93,3 +93,18 @@ def test_adam_with_decoupled_weight_decay_is_adamw(saved):
     engine = engine_with({"type": "Adam", "params": {"lr": 0.003, "weight_decay": 0.1}}, seed=1)
     engine.load_checkpoint(directory)
     assert engine.global_step == 3
+
+
+@pytest.mark.parametrize("passed, refused", [(torch.optim.AdamW, False), (torch.optim.Adam, True)])
+def test_a_passed_torch_optimizer_is_matched_by_what_its_state_means(saved, passed, refused):
+    directory, _ = saved
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"params": {"lr": 0.003, "weight_decay": 0.1}}}
+    engine = memfit.initialize(model, config, optimizer=passed)
+    if refused:  # torch's Adam adds weight decay to the gradient: not AdamW's decoupled decay
+        with pytest.raises(CheckpointError, match=r"AdamW, this job uses Adam \(adam_w_mode false"):
+            engine.load_checkpoint(directory)
+    else:
+        engine.load_checkpoint(directory)
+        assert engine.global_step == 3
