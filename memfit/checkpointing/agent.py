@@ -37,6 +37,13 @@ import threading
 import time
 
 from memfit.checkpointing.parity import PARITY_SLOTS_PER_RANK, parity_path
+from memfit.checkpointing.private_dir import (
+    UnsafeDirectoryError,
+    check_directory,
+    open_private,
+    prepare_directory,
+    remove_created,
+)
 from memfit.checkpointing.slots import SLOTS_PER_RANK, slot_path
 
 SOCKET_NAME = "agent.sock"
@@ -70,23 +77,38 @@ def request(shm_dir: str, message: dict, timeout_s: float | None = 600.0) -> dic
     return answer
 
 
-def is_running(shm_dir: str) -> bool:
+def ping(shm_dir: str) -> dict | None:
+    """The running agent's answer (pid, job, watched launcher pid), or None when none answers."""
     try:
-        request(shm_dir, {"op": "ping"}, timeout_s=5.0)
+        return request(shm_dir, {"op": "ping"}, timeout_s=5.0)
     except AgentError:
-        return False
-    return True
+        return None
 
 
-def ensure_agent(shm_dir: str, watch_pid: int, agent_args: list[str] = (), keep_shm: bool = False) -> None:
-    """Starts the node's agent unless it runs already; returns once it answers."""
-    os.makedirs(shm_dir, exist_ok=True)
-    with open(os.path.join(shm_dir, SPAWN_LOCK_NAME), "w") as spawn_lock:
+def is_running(shm_dir: str) -> bool:
+    return ping(shm_dir) is not None
+
+
+def ensure_agent(
+    shm_dir: str, watch_pid: int, agent_args: list[str] = (), keep_shm: bool = False, job: str = ""
+) -> None:
+    """Starts the node's agent for `job` unless it runs already; returns once it answers. The
+    directory must be this user's alone (private_dir.py); an agent of another job still running
+    there is refused (two jobs would share, and restore, each other's slots)."""
+    try:
+        prepare_directory(shm_dir)
+        spawn_lock_path = os.path.join(shm_dir, SPAWN_LOCK_NAME)
+        spawn_lock = os.fdopen(open_private(spawn_lock_path, os.O_WRONLY), "w")
+    except OSError as error:
+        raise AgentError(str(error) if isinstance(error, UnsafeDirectoryError) else f"{shm_dir}: {error}") from None
+    started = False
+    try:
         fcntl.flock(spawn_lock, fcntl.LOCK_EX)  # one starter at a time; the others find it running
-        if is_running(shm_dir):
+        if _running_for(shm_dir, job):
+            started = True
             return
         command = [sys.executable, "-m", "memfit.checkpointing.agent", shm_dir, "--watch-pid", str(watch_pid)]
-        command += list(agent_args) + (["--keep-shm"] if keep_shm else [])
+        command += list(agent_args) + (["--keep-shm"] if keep_shm else []) + (["--job", job] if job else [])
         # The agent's log lines go where the starter's stderr goes: the job's output.
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -96,10 +118,36 @@ def ensure_agent(shm_dir: str, watch_pid: int, agent_args: list[str] = (), keep_
             if time.monotonic() > deadline:
                 raise AgentError(f"snapshot agent did not answer within {START_TIMEOUT_S:g} s")
             time.sleep(0.05)
+        started = True
+    finally:
+        spawn_lock.close()
+        if not started and not is_running(shm_dir):  # nothing of a failed start stays behind
+            remove_created(shm_dir, keep_slots=True)
+
+
+def _running_for(shm_dir: str, job: str) -> bool:
+    """True when the agent of `job` answers in shm_dir. An agent of another job whose launcher is
+    gone (a relaunch right after a kill) is waited for; one whose launcher lives is refused."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (answer := ping(shm_dir)) is not None:
+        running_job = answer.get("job", "")
+        if not job or not running_job or running_job == job:
+            return True
+        if _alive(int(answer.get("watch_pid", 0))):
+            raise AgentError(
+                f"{shm_dir}: in use by another running job ({running_job}, snapshot agent pid {answer['pid']}); "
+                "give this job a snapshot.shm_dir (or MEMFIT_SNAPSHOT_SHM_DIR) of its own"
+            )
+        if time.monotonic() > deadline:
+            raise AgentError(f"{shm_dir}: the snapshot agent of an ended job ({running_job}) did not exit")
+        time.sleep(0.1)
+    return False
 
 
 # ---- the agent ----------------------------------------------------------------------------------
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
@@ -108,7 +156,7 @@ def _alive(pid: int) -> bool:
 
 
 def preallocate(path: str, num_bytes: int) -> None:
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    descriptor = open_private(path, os.O_RDWR)
     try:
         if os.fstat(descriptor).st_size < num_bytes:
             os.posix_fallocate(descriptor, 0, num_bytes)
@@ -117,8 +165,9 @@ def preallocate(path: str, num_bytes: int) -> None:
 
 
 class Agent:
-    def __init__(self, shm_dir: str, persister=None):
+    def __init__(self, shm_dir: str, persister=None, job: str = "", watch_pid: int = 0):
         self.shm_dir = shm_dir
+        self.job, self.watch_pid = job, watch_pid
         self.persister = persister
         self._lock = threading.Condition()
         self._busy: set[tuple[int, int]] = set()  # (rank, slot) being read by a persist
@@ -126,7 +175,7 @@ class Agent:
     def handle(self, message: dict) -> dict:
         op = message.get("op")
         if op == "ping":
-            return {"ok": True, "pid": os.getpid()}
+            return {"ok": True, "pid": os.getpid(), "job": self.job, "watch_pid": self.watch_pid}
         if op == "allocate":
             return self.allocate(int(message["rank"]), int(message["bytes"]), message.get("kind", "data"))
         if op == "acquire":
@@ -159,6 +208,8 @@ class Agent:
         try:
             for path in paths:
                 preallocate(path, num_bytes)
+        except UnsafeDirectoryError as error:
+            return {"ok": False, "error": str(error)}
         except OSError as error:
             return {"ok": False, "error": f"{self.shm_dir}: cannot reserve {num_bytes} bytes: {error.strerror}"}
         return {"ok": True, "paths": paths}
@@ -198,11 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-shm", action="store_true", help="leave the slots in place at exit")
     parser.add_argument("--persist-path", default=None)
     parser.add_argument("--persist-keep", type=int, default=2)
+    parser.add_argument("--persist-group-access", action="store_true", help="persisted files 0640, directories 0750")
+    parser.add_argument("--job", default="", help="the job this agent holds snapshots for")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s memfit agent {os.getpid()}: %(message)s")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # clean up on the way out
-    os.makedirs(args.shm_dir, exist_ok=True)
-    lock = open(os.path.join(args.shm_dir, LOCK_NAME), "w")
+    try:
+        check_directory(args.shm_dir)
+        lock = os.fdopen(open_private(os.path.join(args.shm_dir, LOCK_NAME), os.O_WRONLY), "w")
+    except OSError as error:
+        logger.error("%s", error)
+        return 1
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -212,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.persist_path:
         from memfit.checkpointing.persist import Persister
 
-        persister = Persister(args.persist_path, args.persist_keep)
-    agent = Agent(args.shm_dir, persister)
+        persister = Persister(args.persist_path, args.persist_keep, group_access=args.persist_group_access)
+    agent = Agent(args.shm_dir, persister, args.job, args.watch_pid)
     socket_path = os.path.join(args.shm_dir, SOCKET_NAME)
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # left by an agent that was killed
@@ -230,10 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             persister.close()
     finally:
         server.server_close()
-        if args.keep_shm:
-            os.unlink(socket_path)
-        else:
-            shutil.rmtree(args.shm_dir, ignore_errors=True)
+        # only what memfit made, and the directory only if memfit made it
+        remove_created(args.shm_dir, keep_slots=args.keep_shm)
     return 0
 
 

@@ -56,6 +56,27 @@ def rank_file_name(rank: int) -> str:
     return f"rank{rank}.pt"
 
 
+def access_modes(group_access: bool) -> tuple[int, int]:
+    """(file mode, directory mode): training state is private to its owner unless the config's
+    checkpoint.group_access shares it with the owner's group (read only)."""
+    return (0o640, 0o750) if group_access else (0o600, 0o700)
+
+
+def make_directory(path: str, directory_mode: int, exist_ok: bool = False) -> None:
+    """Creates path (and missing parents) with directory_mode exactly, whatever the umask; an
+    existing directory keeps its mode (it is the user's)."""
+    if exist_ok and os.path.isdir(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.mkdir(path, directory_mode)
+    except FileExistsError:
+        if exist_ok:  # made meanwhile by another writer (another node's agent)
+            return
+        raise
+    os.chmod(path, directory_mode)
+
+
 # ---- saving -------------------------------------------------------------------------------------
 def save_checkpoint(engine, save_dir, tag=None, client_state=None, *, keep: int | None = None) -> str:
     """Writes the engine's state under save_dir/tag on every rank; returns the tag directory.
@@ -67,15 +88,16 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, *, keep: int 
         raise ValueError(f"keep: expected a positive number of checkpoints, got {keep!r}")
     final_dir = os.path.join(save_dir, tag)
     temporary_dir = os.path.join(save_dir, TEMPORARY_PREFIX + tag)
+    file_mode, directory_mode = access_modes(engine.config.checkpoint.group_access)
     error = None
     if engine.rank == 0:
-        error = _attempt(lambda: _prepare_directory(save_dir, temporary_dir))
+        error = _attempt(lambda: _prepare_directory(save_dir, temporary_dir, directory_mode))
     _agree(engine, error)
 
     entry, error = None, None
     try:
         payload = export_rank_state(engine, client_state or {})
-        entry = _write_payload(payload, os.path.join(temporary_dir, rank_file_name(engine.rank)))
+        entry = _write_payload(payload, os.path.join(temporary_dir, rank_file_name(engine.rank)), file_mode)
         fault_point("checkpoint-file-written", engine.rank)
     except CheckpointError as failure:
         error = str(failure)
@@ -88,7 +110,7 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, *, keep: int 
 
     error = None
     if engine.rank == 0:
-        error = _attempt(lambda: _commit(engine, save_dir, tag, temporary_dir, final_dir, entries, keep))
+        error = _attempt(lambda: _commit(engine, save_dir, tag, temporary_dir, final_dir, entries, keep, file_mode))
         if error:
             shutil.rmtree(temporary_dir, ignore_errors=True)
     _agree(engine, error)
@@ -108,23 +130,23 @@ def _attempt(action) -> str | None:
     return None
 
 
-def _prepare_directory(save_dir: str, temporary_dir: str) -> None:
+def _prepare_directory(save_dir: str, temporary_dir: str, directory_mode: int) -> None:
     try:
-        os.makedirs(save_dir, exist_ok=True)
+        make_directory(save_dir, directory_mode, exist_ok=True)
         for name in os.listdir(save_dir):  # leftovers of saves that were killed
             if name.startswith(TEMPORARY_PREFIX):
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
-        os.makedirs(temporary_dir)
+        make_directory(temporary_dir, directory_mode)
     except OSError as error:
         raise CheckpointError(describe_os_error(error, error.filename or save_dir)) from None
 
 
-def _write_payload(payload: dict, path: str) -> dict:
-    """Saves payload to path and fsyncs it; returns its manifest entry."""
+def _write_payload(payload: dict, path: str, file_mode: int = 0o600) -> dict:
+    """Saves payload to path (file_mode) and fsyncs it; returns its manifest entry."""
     digests = payload_digests(payload)
     writer = None
     try:
-        with open(path, "wb") as file:
+        with _open_for_writing(path, file_mode) as file:
             writer = HashingWriter(file)
             torch.save(payload, writer)
             file.flush()
@@ -159,7 +181,7 @@ def _agree(engine, error: str | None, value=None) -> list:
     return [value for _, value in results]
 
 
-def _commit(engine, save_dir, tag, temporary_dir, final_dir, entries, keep) -> None:
+def _commit(engine, save_dir, tag, temporary_dir, final_dir, entries, keep, file_mode) -> None:
     body = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -170,15 +192,17 @@ def _commit(engine, save_dir, tag, temporary_dir, final_dir, entries, keep) -> N
         "stage": engine.stage,
         "owner_of": {name: owner if engine.stage > 0 else 0 for name, owner in engine.ownership()["owner_of"].items()},
         "files": {entry["file"]: entry for entry in entries},
+        "job": engine.job_id,
+        "fingerprint": engine.fingerprint,
     }
     try:
-        _write_durably(os.path.join(temporary_dir, MANIFEST), json.dumps(_sealed(body), indent=1))
+        _write_durably(os.path.join(temporary_dir, MANIFEST), json.dumps(_sealed(body), indent=1), file_mode)
         fsync_directory(temporary_dir)
         fault_point("checkpoint-manifest-written")
         _swap_into_place(temporary_dir, final_dir)
         fsync_directory(save_dir)
         fault_point("checkpoint-in-place")
-        _write_durably(os.path.join(save_dir, LATEST + ".tmp"), tag)
+        _write_durably(os.path.join(save_dir, LATEST + ".tmp"), tag, file_mode)
         os.replace(os.path.join(save_dir, LATEST + ".tmp"), os.path.join(save_dir, LATEST))
         fsync_directory(save_dir)
     except OSError as error:
@@ -191,9 +215,16 @@ def _sealed(body: dict) -> dict:
     return {"manifest_digest": metadata_digest(body), **body}
 
 
-def _write_durably(path: str, text: str) -> None:
-    with open(path, "w") as file:
-        file.write(text)
+def _open_for_writing(path: str, file_mode: int):
+    """path truncated for writing, with file_mode exactly (whatever the umask or an earlier mode)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
+    os.fchmod(descriptor, file_mode)
+    return os.fdopen(descriptor, "wb")
+
+
+def _write_durably(path: str, text: str, file_mode: int = 0o600) -> None:
+    with _open_for_writing(path, file_mode) as file:
+        file.write(text.encode())
         file.flush()
         os.fsync(file.fileno())
 
@@ -247,6 +278,16 @@ def _delete_directory(save_dir: str, name: str) -> None:
     os.rename(os.path.join(save_dir, name), hidden)
     fault_point("checkpoint-rotating")
     shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _check_loads(path: str) -> None:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # an unsafe pickle: torch raises UnpicklingError; a damaged archive others
+        raise CheckpointError(
+            f"{path}: does not load as tensors and plain values (weights_only): {type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}"
+        ) from None
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -312,6 +353,7 @@ class DiskSource:
         self.manifest = read_manifest(directory)
         self.world_size = self.manifest["world_size"]
         self.owner_of = self.manifest["owner_of"]
+        self.fingerprint = self.manifest.get("fingerprint")
         self.description = directory
         self._payloads: dict[int, dict] = {}
 
@@ -365,14 +407,14 @@ class DiskSource:
         return value
 
 
-def load_checkpoint(engine, load_dir, tag=None) -> dict:
+def load_checkpoint(engine, load_dir, tag=None, *, load_optimizer_states: bool = True) -> dict:
     """Restores the engine from a checkpoint saved at any world size; returns its client_state.
     A failure on any rank raises CheckpointError on every rank."""
     load_dir = os.path.abspath(os.fspath(load_dir))
     client_state, error = None, None
     try:
         directory = resolve_tag(load_dir, tag)
-        client_state = restore_rank_state(engine, DiskSource(directory))
+        client_state = restore_rank_state(engine, DiskSource(directory), load_optimizer_states)
     except CheckpointError as failure:
         error = str(failure)
     _agree(engine, error)
@@ -382,7 +424,9 @@ def load_checkpoint(engine, load_dir, tag=None) -> dict:
 
 
 def verify_checkpoint(directory: str) -> list[str]:
-    """Checks every file of a tag directory in full; returns one line per problem."""
+    """Checks every file of a tag directory in full, and that it loads as tensors and plain values
+    only (torch.load weights_only, as a restore loads it: matching checksums do not make a file
+    with a malicious pickle safe); returns one line per problem."""
     problems = []
     try:
         manifest = read_manifest(directory)
@@ -397,6 +441,8 @@ def verify_checkpoint(directory: str) -> list[str]:
                 for tensor_path in entry["tensors"]:
                     source.tensor(rank, tensor_path)
                 problems.append(f"{path}: file checksum mismatch")
+            else:
+                _check_loads(path)
         except FileNotFoundError:
             problems.append(f"{path}: missing")
         except OSError as error:

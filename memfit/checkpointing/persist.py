@@ -39,6 +39,8 @@ from memfit.checkpointing.disk import (
     _swap_into_place,
     _write_durably,
     _write_payload,
+    access_modes,
+    make_directory,
     rank_file_name,
 )
 from memfit.checkpointing.faults import fault_point
@@ -69,9 +71,10 @@ def _with_copies(tree):
 
 
 class Persister:
-    def __init__(self, path: str, keep: int):
+    def __init__(self, path: str, keep: int, group_access: bool = False):
         self.path = path
         self.keep = keep
+        self.file_mode, self.directory_mode = access_modes(group_access)
         self._pending: dict[int, dict[int, dict]] = {}  # step -> rank -> committed message
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
@@ -120,8 +123,9 @@ class Persister:
             logger.info("step %d is persisted already; not writing it again", step)
             return
         try:
-            os.makedirs(temporary, exist_ok=True)
-            entries, owner_of, micro_step = [], None, None
+            make_directory(self.path, self.directory_mode, exist_ok=True)
+            make_directory(temporary, self.directory_mode, exist_ok=True)
+            entries, owner_of, micro_step, identity = [], None, None, {}
             for rank, message in sorted(ranks.items()):
                 reader = SlotReader(slot_path(agent.shm_dir, rank, int(message["slot"])))
                 reader.verify()
@@ -129,12 +133,14 @@ class Persister:
                     raise CheckpointError(f"{reader.path}: holds step {reader.step}, expected {step}")
                 # torch.save refuses views of one storage as several dtypes: one copy per tensor
                 payload = _with_copies(reader.payload(verify=False))
-                entries.append(_write_payload(payload, os.path.join(temporary, rank_file_name(rank))))
+                path = os.path.join(temporary, rank_file_name(rank))
+                entries.append(_write_payload(payload, path, self.file_mode))
                 fault_point("snapshot-persisting")
                 owner_of, micro_step = reader.index["owner_of"], payload["micro_step"]
-            marker = {"entries": entries, "owner_of": owner_of, "micro_step": micro_step}
+                identity = {key: reader.index[key] for key in ("job", "fingerprint") if key in reader.index}
+            marker = {"entries": entries, "owner_of": owner_of, "micro_step": micro_step, **identity}
             # by rename: node 0's agent reads markers while other nodes write theirs
-            _write_durably(os.path.join(temporary, f".node{node_rank}.json"), json.dumps(marker))
+            _write_durably(os.path.join(temporary, f".node{node_rank}.json"), json.dumps(marker), self.file_mode)
             os.replace(
                 os.path.join(temporary, f".node{node_rank}.json"), os.path.join(temporary, f"node{node_rank}.json")
             )
@@ -194,16 +200,17 @@ class Persister:
             "stage": stage,
             "owner_of": markers[0]["owner_of"],
             "files": files,
+            **{key: markers[0][key] for key in ("job", "fingerprint") if key in markers[0]},
         }
         try:
-            _write_durably(os.path.join(temporary, MANIFEST), json.dumps(_sealed(body), indent=1))
+            _write_durably(os.path.join(temporary, MANIFEST), json.dumps(_sealed(body), indent=1), self.file_mode)
             fsync_directory(temporary)
             final = os.path.join(self.path, tag)
             with self._lock:  # a share of this step written from now on is not waited for (persist)
                 _swap_into_place(temporary, final)
                 self._committed_steps.add(step)
             fsync_directory(self.path)
-            _write_durably(os.path.join(self.path, LATEST + ".tmp"), tag)
+            _write_durably(os.path.join(self.path, LATEST + ".tmp"), tag, self.file_mode)
             os.replace(os.path.join(self.path, LATEST + ".tmp"), os.path.join(self.path, LATEST))
             fsync_directory(self.path)
         except OSError as error:

@@ -18,7 +18,7 @@ import time
 
 import torch.distributed as dist
 
-from memfit.checkpointing import agent
+from memfit.checkpointing import agent, identity
 from memfit.checkpointing.disk import DEFAULT_TAG_PREFIX, load_checkpoint, read_manifest
 from memfit.checkpointing.integrity import CheckpointError
 from memfit.checkpointing.parity import parity_problems
@@ -37,18 +37,47 @@ from memfit.checkpointing.state import restore_rank_state
 logger = logging.getLogger("memfit")
 
 
-def _readable_steps(shm_dir: str, rank: int, world_size: int) -> dict[int, SlotReader]:
-    steps = {}
-    for reader in newest_committed(shm_dir, rank):
-        if reader.index["world_size"] != world_size:
+def _readable_steps(
+    engine, shm_dir: str, rank: int, mismatches: list | None = None, log: bool = True
+) -> dict[int, SlotReader]:
+    """The verified slots of rank that this job may restore, by step; every slot left out is
+    logged with the reason, and those of another configuration are also added to mismatches."""
+    steps, problems = {}, []
+    for reader in newest_committed(shm_dir, rank, problems):
+        if reader.index["world_size"] != engine.world_size:
+            saved_world = reader.index["world_size"]
+            problems.append(f"{reader.path}: saved by {saved_world} rank(s), this job has {engine.world_size}")
+            continue
+        if (mismatch := _mismatch(engine, reader, shm_dir)) is not None:
+            problems.append(mismatch)
+            if mismatches is not None:
+                mismatches.append(mismatch)
             continue
         try:
             reader.verify()
         except CheckpointError as error:
-            logger.warning("snapshot slot skipped: %s", error)
+            problems.append(str(error))
             continue
         steps.setdefault(reader.step, reader)
+    for problem in problems if log else ():
+        logger.warning("snapshot slot skipped: %s", problem)
     return steps
+
+
+def _mismatch(engine, reader: SlotReader, shm_dir: str) -> str | None:
+    """Why this job must not restore the slot (another configuration), or None. A slot of another
+    job with the same fingerprint is a relaunch's (keep_shm): it is restored."""
+    saved = reader.index.get("fingerprint")
+    if saved is None or engine.fingerprint is None:
+        return None
+    found = identity.differences(saved, engine.fingerprint)
+    if not found or identity.forced():
+        return None
+    return (
+        f"{reader.path}: the snapshot of step {reader.step} (job {reader.index.get('job')}) does not match this job: "
+        f"{'; '.join(found)}. To start fresh remove {shm_dir} (or use another snapshot.shm_dir); to restore it "
+        f"anyway set {identity.FORCE_ENV}=1"
+    )
 
 
 def _gather(engine, value) -> list:
@@ -66,17 +95,22 @@ def restore_from_memory(engine, shm_dir: str, groups: ParityGroups | None = None
     needed = sorted({engine.rank, 0} if needs_rank0 else {engine.rank})
     if groups is not None:
         return _restore_with_parity(engine, shm_dir, groups, needed)
-    readable = {rank: _readable_steps(shm_dir, rank, engine.world_size) for rank in needed}
+    mismatches = []
+    readable = {rank: _readable_steps(engine, shm_dir, rank, mismatches) for rank in needed}
     local_steps = set.intersection(*(set(steps) for steps in readable.values()))
-    common = set.intersection(*(set(steps) for steps in _gather(engine, sorted(local_steps))))
+    reports = _gather(engine, (sorted(local_steps), mismatches[:1]))
+    common = set.intersection(*(set(steps) for steps, _ in reports))
     if not common:
+        refused = [mismatch for _, found in reports for mismatch in found]
+        if refused:  # the snapshot there is another configuration's: starting fresh would hide it
+            raise CheckpointError(refused[0])
         return None
     return _restore_step(engine, shm_dir, max(common), needed)
 
 
 def _restore_step(engine, shm_dir: str, step: int, needed: list[int]) -> tuple[int, int]:
     """Restores `step` from this node's slots of the needed ranks, on every rank at once."""
-    readable = {rank: _readable_steps(shm_dir, rank, engine.world_size) for rank in needed}
+    readable = {rank: _readable_steps(engine, shm_dir, rank, log=False) for rank in needed}
     error = None
     missing = [rank for rank in needed if step not in readable[rank]]
     if missing:
@@ -95,7 +129,7 @@ def _restore_step(engine, shm_dir: str, step: int, needed: list[int]) -> tuple[i
 
 def _restore_with_parity(engine, shm_dir: str, groups: ParityGroups, needed: list[int]) -> tuple[int, int] | None:
     """The newest step every rank holds, or that parity rebuilds for the ranks that lost it."""
-    own = _readable_steps(shm_dir, engine.rank, engine.world_size)
+    own = _readable_steps(engine, shm_dir, engine.rank)
     for problem in parity_problems(shm_dir, engine.rank):
         logger.warning("snapshot parity skipped: %s", problem)
     parity = usable_parity(shm_dir, engine.rank, groups.members, {step: r.data() for step, r in own.items()})
@@ -171,14 +205,27 @@ def persisted_tags(persist_path: str) -> list[str]:
     found = []
     for name in os.listdir(persist_path):
         if name.startswith(DEFAULT_TAG_PREFIX):
-            manifest = read_manifest(os.path.join(persist_path, name), quiet=True)
-            if manifest is not None:
-                found.append((manifest["global_step"], name))
+            try:
+                manifest = read_manifest(os.path.join(persist_path, name))
+            except CheckpointError as error:
+                logger.warning("persisted snapshot %s skipped: %s", name, error)
+                continue
+            found.append((manifest["global_step"], name))
     return [name for _, name in sorted(found, reverse=True)]
 
 
 def restore_from_disk(engine, persist_path: str) -> int | None:
     for tag in persisted_tags(persist_path):
+        manifest = read_manifest(os.path.join(persist_path, tag), quiet=True) or {}
+        found = []
+        if manifest.get("fingerprint") is not None and engine.fingerprint is not None:
+            found = identity.differences(manifest["fingerprint"], engine.fingerprint)
+        if found and not identity.forced():
+            raise CheckpointError(
+                f"{os.path.join(persist_path, tag)}: the persisted snapshot of step {manifest['global_step']} "
+                f"(job {manifest.get('job')}) does not match this job: {'; '.join(found)}. To start fresh remove "
+                f"{persist_path} (or change snapshot.persist.path); to restore it anyway set {identity.FORCE_ENV}=1"
+            )
         try:
             engine.client_state = load_checkpoint(engine, persist_path, tag)
         except CheckpointError as error:

@@ -26,6 +26,7 @@ import torch
 import xxhash
 
 from memfit.checkpointing.integrity import CheckpointError, walk_tensors
+from memfit.checkpointing.private_dir import open_existing
 
 MAGIC = b"MFSLOT01"
 HEADER = struct.Struct("<8sQqQQQ")
@@ -33,6 +34,7 @@ DATA_OFFSET = 4096
 ALIGN = 64
 TENSOR_MARK = "__memfit_tensor__"
 SLOTS_PER_RANK = 2
+NEVER_WRITTEN = "empty (reserved, never written)"
 INDEX_ALLOWANCE_BYTES = 1 << 16  # room kept for the index beyond its size at the last estimate
 
 
@@ -102,7 +104,7 @@ class MappedFile:
 
     def __init__(self, path: str):
         self.path = path
-        self._file = open(path, "r+b")
+        self._file = os.fdopen(open_existing(path, os.O_RDWR), "r+b")  # never through a planted symlink
         self.num_bytes = os.fstat(self._file.fileno()).st_size
         self._map = mmap.mmap(self._file.fileno(), self.num_bytes)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
@@ -162,13 +164,13 @@ def map_copy_on_write(path: str, min_bytes: int, what: str) -> tuple[mmap.mmap, 
     """Maps a file for reading, copy-on-write, and its size; CheckpointError naming the path when
     it cannot be read or is shorter than a header."""
     try:
-        with open(path, "rb") as file:
+        with os.fdopen(open_existing(path, os.O_RDONLY), "rb") as file:
             size = os.fstat(file.fileno()).st_size
             if size < min_bytes:
                 raise CheckpointError(f"{path}: {size} bytes, too short for a {what}")
             return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY), size
     except OSError as error:
-        raise CheckpointError(f"{path}: {error.strerror}") from None
+        raise CheckpointError(f"{path}: {error.strerror}" if error.strerror else str(error)) from None
 
 
 class SlotReader:
@@ -179,6 +181,8 @@ class SlotReader:
         self.path = path
         self._map, size = map_copy_on_write(path, DATA_OFFSET, "slot")
         magic, self.sequence, self.step, index_offset, index_bytes, digest = HEADER.unpack_from(self._map, 0)
+        if magic == bytes(len(MAGIC)):
+            raise CheckpointError(f"{path}: {NEVER_WRITTEN}")
         if magic != MAGIC:
             raise CheckpointError(f"{path}: not a snapshot slot (bad magic)")
         if self.sequence == 0:
@@ -244,14 +248,17 @@ def index_for(payload: dict, step: int, world_size: int, rank: int, owner_of: di
     }
 
 
-def newest_committed(shm_dir: str, rank: int) -> list[SlotReader]:
-    """The rank's committed slots, newest first; unreadable ones are left out."""
+def newest_committed(shm_dir: str, rank: int, problems: list | None = None) -> list[SlotReader]:
+    """The rank's committed slots, newest first; unreadable ones are left out (and their reasons
+    appended to problems; a missing file is no problem)."""
     readers = []
     for slot in range(SLOTS_PER_RANK):
+        path = slot_path(shm_dir, rank, slot)
         try:
-            readers.append(SlotReader(slot_path(shm_dir, rank, slot)))
-        except CheckpointError:
-            continue
+            readers.append(SlotReader(path))
+        except CheckpointError as error:
+            if problems is not None and os.path.lexists(path) and not str(error).endswith(NEVER_WRITTEN):
+                problems.append(str(error))
     return sorted(readers, key=lambda reader: reader.sequence, reverse=True)
 
 
@@ -262,6 +269,7 @@ class SlotSource:
         any_reader = next(iter(readers.values()))
         self.world_size = any_reader.index["world_size"]
         self.owner_of = any_reader.index["owner_of"]
+        self.fingerprint = any_reader.index.get("fingerprint")
         self.step = any_reader.step
         self.description = f"snapshot of step {self.step} in {os.path.dirname(any_reader.path)}"
         self._readers = readers

@@ -33,6 +33,7 @@ import warnings
 
 from memfit.checkpointing import agent
 from memfit.checkpointing.faults import fault_point
+from memfit.checkpointing.identity import JOB_ID_ENV, job_id
 from memfit.checkpointing.integrity import CheckpointError
 from memfit.checkpointing.parity_exchange import ParityGroups, ParityRounds
 from memfit.checkpointing.slots import (
@@ -51,7 +52,7 @@ from memfit.runtime import lifecycle
 
 logger = logging.getLogger("memfit")
 
-JOB_ID_ENV = "MEMFIT_JOB_ID"
+__all__ = ["JOB_ID_ENV", "Snapshotter", "agent_arguments", "build_snapshotter", "resolve_shm_dir"]
 
 
 def resolve_shm_dir(config) -> str:
@@ -60,14 +61,14 @@ def resolve_shm_dir(config) -> str:
         return os.path.abspath(os.environ[SHM_DIR_ENV])
     if config.shm_dir:
         return config.shm_dir
-    job_id = os.environ.get(JOB_ID_ENV) or os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{lifecycle.launcher_pid()}"
-    return os.path.join(DEFAULT_SHM_ROOT, f"memfit-{job_id}")
+    return os.path.join(DEFAULT_SHM_ROOT, f"memfit-{job_id()}")
 
 
-def agent_arguments(config) -> list[str]:
+def agent_arguments(config, group_access: bool = False) -> list[str]:
     if config.persist.path is None:
         return []
-    return ["--persist-path", os.path.abspath(config.persist.path), "--persist-keep", str(config.persist.keep)]
+    arguments = ["--persist-path", os.path.abspath(config.persist.path), "--persist-keep", str(config.persist.keep)]
+    return arguments + (["--persist-group-access"] if group_access else [])
 
 
 class Snapshotter:
@@ -83,7 +84,9 @@ class Snapshotter:
         self.owner_of = {name: owner if engine.stage > 0 else 0 for name, owner in owner_of.items()}
         # Without a launcher there is no restart to survive: the agent lives as long as this process.
         watched = lifecycle.launcher_pid() if lifecycle.started_by_launcher() else os.getpid()
-        agent.ensure_agent(self.shm_dir, watched, agent_arguments(config), config.keep_shm)
+        self.identity = {"job": engine.job_id, "fingerprint": engine.fingerprint}
+        group_access = engine.config.checkpoint.group_access
+        agent.ensure_agent(self.shm_dir, watched, agent_arguments(config, group_access), config.keep_shm, engine.job_id)
         committed = newest_committed(self.shm_dir, self.rank)
         self.sequence = max((reader.sequence for reader in committed), default=0)
         newest_slot = int(committed[0].path[-1]) if committed else SLOTS_PER_RANK - 1
@@ -151,6 +154,7 @@ class Snapshotter:
         persist = self.config.persist.path is not None and self.num_snapshots % self.config.persist.every_snapshots == 0
         parity_due = self.parity is not None and self.num_snapshots % self.config.parity_every == 0
         index_header = index_for(payload, engine.global_step, self.world_size, self.rank, self.owner_of, [])
+        index_header.update(self.identity)
         job = (needed_bytes(payload), payload, index_header, persist, parity_due)
         self._thread = threading.Thread(target=self._copy, args=job, name="memfit-snapshot", daemon=True)
         self._thread.start()

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from memfit.checkpointing.integrity import CheckpointError
+from memfit.checkpointing.optimizer_change import check_optimizer_kind, keep_config_hyperparameters, log_changes
 from memfit.runtime.distributed import rng_state, set_rng_state
 from memfit.runtime.zero.collectives import broadcast_params
 
@@ -94,8 +95,11 @@ def _portable(key: str, value):
     return value.cpu() if torch.is_tensor(value) else value
 
 
-def restore_rank_state(engine, source: StateSource) -> dict:
-    """Loads this rank's share of the state from source; returns the client state."""
+def restore_rank_state(engine, source: StateSource, load_optimizer_states: bool = True) -> dict:
+    """Loads this rank's share of the state from source; returns the client state. Without
+    load_optimizer_states, the optimizer and the scheduler keep their fresh state."""
+    if load_optimizer_states:
+        check_optimizer_kind(engine, source)
     same_world = source.world_size == engine.world_size
     base_rank = engine.rank if engine.rank < source.world_size else 0
     base = source.payload(base_rank)
@@ -124,7 +128,8 @@ def restore_rank_state(engine, source: StateSource) -> dict:
             buffer.copy_(source.tensor(base_rank, f"buffers/{name}"))
     if engine.stage > 0 and engine.world_size > 1:
         broadcast_params(engine._buckets)  # owners hand the restored values to every rank
-    _restore_optimizer(engine, source, same_world)
+    if load_optimizer_states:
+        _restore_optimizer(engine, source, same_world)
     set_master = getattr(engine.optimizer, "set_master", None)
     if set_master is not None:  # an optimizer that keeps the fp32 master of each 16-bit tensor
         for name, master in zip(engine.masters.names, engine.masters.masters):
@@ -133,7 +138,7 @@ def restore_rank_state(engine, source: StateSource) -> dict:
     if engine.host_tier is not None:
         engine.host_tier.adopt(engine.optimizer)
     engine.global_step, engine.micro_step = base["global_step"], base["micro_step"]
-    if engine.lr_scheduler is not None and base["scheduler"] is not None:
+    if load_optimizer_states and engine.lr_scheduler is not None and base["scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(base["scheduler"])
     if engine.loss_scaler is not None and base.get("loss_scaler") is not None:  # fp16: the scale goes on
         engine.loss_scaler.load_state_dict(base["loss_scaler"])
@@ -183,7 +188,7 @@ def _restore_optimizer(engine, source: StateSource, same_world: bool) -> None:
     current = optimizer.state_dict()
     tensor_steps = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD))
     restore_state = getattr(engine._update, "restore_state", None)  # the NVMe tier's swapped state
-    state, groups, index = {}, [], 0
+    state, groups, index, changed = {}, [], 0, {}
     for group, current_group in zip(optimizer.param_groups, current["param_groups"]):
         names = [name_of[id(p)] for p in group["params"] if id(p) in name_of]
         merged = {key: value for key, value in current_group.items() if key != "params"}
@@ -192,6 +197,7 @@ def _restore_optimizer(engine, source: StateSource, same_world: bool) -> None:
             exact = same_world and match["param_names"] == names
             skipped = set(STRUCTURAL_GROUP_KEYS) | (set() if exact else per_rank_keys)
             merged.update({key: value for key, value in match.items() if key not in skipped})
+            keep_config_hyperparameters(engine, merged, match, current_group, changed)
         elif not names:  # a rank that owns no tensor: its placeholder group follows the lr
             first = source.payload(engine.rank if same_world else 0)["param_groups"]
             if first:
@@ -215,3 +221,4 @@ def _restore_optimizer(engine, source: StateSource, same_world: bool) -> None:
             index += 1
         groups.append({**merged, "params": indices})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    log_changes(engine, source, changed)

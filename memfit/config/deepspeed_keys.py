@@ -227,7 +227,6 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
                 "sparse_attention",
                 "expert_parallel",
                 "nebula",
-                "checkpoint",
                 "curriculum_learning",
                 "progressive_layer_drop",
                 "quantize_training",
@@ -309,6 +308,10 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
         ),
     },
     "fp16": {"fp16_master_weights_and_grads": only(False)},
+    # DeepSpeed's checkpoint options; memfit's own key there is group_access
+    "checkpoint": dict.fromkeys(
+        ("tag_validation", "load_universal", "use_node_local_storage", "parallel_write"), unsupported
+    ),
     "aio": {
         "use_gds": only(False),
         "intra_op_parallelism": ignored(1, MEMFIT_IO_THREADS, check_int),

@@ -170,6 +170,9 @@ class MemfitConfig(Section):
     snapshot: "SnapshotConfig" = Field(
         default_factory=lambda: SnapshotConfig(), description="In-memory snapshots and their persistence."
     )
+    checkpoint: "CheckpointConfig" = Field(
+        default_factory=lambda: CheckpointConfig(), description="Checkpoints and persisted snapshots on disk."
+    )
 
     def batch_sizes(self, world_size: int) -> tuple[int, int, int]:
         """(train_batch_size, micro batch per rank, accumulation steps) for world_size ranks."""
@@ -181,6 +184,6 @@ class MemfitConfig(Section):
         return train, micro, accumulation
 
 
-from memfit.config.snapshot import SnapshotConfig  # noqa: E402  (the section imports Section from here)
+from memfit.config.snapshot import CheckpointConfig, SnapshotConfig  # noqa: E402  (they import Section from here)
 
 MemfitConfig.model_rebuild()

@@ -10,6 +10,14 @@ DEFAULT_SHM_ROOT = "/dev/shm"
 SHM_DIR_ENV = "MEMFIT_SNAPSHOT_SHM_DIR"
 
 
+class CheckpointConfig(Section):
+    group_access: Boolean = Field(
+        False,
+        description="Checkpoints and persisted snapshots readable by the owner's group (files 0640, directories "
+        "0750); by default they are private to the owner (0600, 0700), as the slots are.",
+    )
+
+
 class PersistConfig(Section):
     path: Text(optional=True) = Field(
         None, description="Directory the agent writes snapshots to as checkpoints (engine.load_checkpoint reads it)."

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
         # node's failure does not count it), so the per-attempt store prefix of init_distributed
         # cannot name an attempt across nodes: each rendezvous round gets a fresh store instead.
         os.environ.setdefault(FRESH_STORE_ENV, "1")
-    if problem := start_snapshot_agent(config_paths(args)):
+    if problem := start_snapshot_agent(config_paths(args), "none" if args.standalone else args.rdzv_id):
         print(f"memfit run: {problem}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if not args.standalone and not args.rdzv_endpoint and args.master_port is None and args.nnodes in SINGLE_NODE:
@@ -85,19 +85,23 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def start_snapshot_agent(paths: list[str]) -> str | None:
+def start_snapshot_agent(paths: list[str], rdzv_id: str = "none") -> str | None:
     """Starts this node's snapshot agent when the config turns snapshots on, before any worker, so
     it outlives them; returns a problem line, or None. Workers started without it start it."""
     from memfit.checkpointing.agent import AgentError, ensure_agent
-    from memfit.checkpointing.snapshot import JOB_ID_ENV, agent_arguments, resolve_shm_dir
+    from memfit.checkpointing.identity import JOB_ID_ENV, MEANINGLESS_RUN_IDS, job_id
+    from memfit.checkpointing.snapshot import agent_arguments, resolve_shm_dir
 
-    configs = [load_config(path).snapshot for path in paths]
-    config = next((snapshot for snapshot in configs if snapshot.interval_steps), None)
-    if config is None:
+    loaded = next((config for config in map(load_config, paths) if config.snapshot.interval_steps), None)
+    if loaded is None:
         return None
-    os.environ.setdefault(JOB_ID_ENV, f"run{os.getpid()}")
+    config, group_access = loaded.snapshot, loaded.checkpoint.group_access
+    if rdzv_id not in MEANINGLESS_RUN_IDS:
+        os.environ.setdefault(JOB_ID_ENV, rdzv_id)
+    os.environ.setdefault(JOB_ID_ENV, job_id())  # the workers' too: this launch's pid and start time
     try:
-        ensure_agent(resolve_shm_dir(config), os.getpid(), agent_arguments(config), config.keep_shm)
+        shm_dir = resolve_shm_dir(config)
+        ensure_agent(shm_dir, os.getpid(), agent_arguments(config, group_access), config.keep_shm, job_id())
     except (AgentError, OSError) as error:
         return f"snapshot agent: {error}"
     return None

@@ -107,7 +107,7 @@ def verify_path(path: str) -> list[str]:
     from memfit.checkpointing.disk import verify_checkpoint
     from memfit.checkpointing.integrity import CheckpointError
     from memfit.checkpointing.parity import ParityReader
-    from memfit.checkpointing.slots import SlotReader
+    from memfit.checkpointing.slots import NEVER_WRITTEN, SlotReader
 
     def check_slot(slot_file: str, explicit: bool) -> list[str]:
         try:
@@ -116,7 +116,8 @@ def verify_path(path: str) -> list[str]:
             else:
                 SlotReader(slot_file).verify()
         except CheckpointError as error:
-            if not explicit and ("no committed snapshot" in str(error) or "no committed parity" in str(error)):
+            reasons = ("no committed snapshot", "no committed parity", NEVER_WRITTEN)
+            if not explicit and any(reason in str(error) for reason in reasons):
                 return []  # a slot not yet written, or being written: nothing to verify
             return [str(error)]
         return []

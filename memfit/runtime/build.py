@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from memfit.checkpointing.identity import fingerprint, job_id
 from memfit.checkpointing.restore import restore_latest
 from memfit.checkpointing.snapshot import build_snapshotter
 from memfit.config import ClientComponents, ConfigError, describe_config, engine_gaps, resolve_config
@@ -114,6 +115,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,
     )
+    engine.job_id, engine.fingerprint = job_id(), fingerprint(model, cfg, optimizer, opt)
     engine.snapshotter = build_snapshotter(cfg.snapshot, engine)
     if engine.snapshotter is not None:
         restore_latest(engine, engine.snapshotter)

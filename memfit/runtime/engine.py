@@ -73,6 +73,7 @@ class Engine:
         self._auto_cast = config.fp16.enabled and config.fp16.auto_cast
         self.snapshotter = None  # set by the build when snapshots are on (memfit/checkpointing/snapshot.py)
         self.client_state, self.restored_from, self._client_state_source = {}, None, None
+        self.job_id, self.fingerprint = "", None  # set by the build (memfit/checkpointing/identity.py)
 
     # ---- phase 1: micro-steps -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -223,14 +224,17 @@ class Engine:
 
         return save_checkpoint(self, save_dir, tag, client_state, keep=keep)
 
-    def load_checkpoint(self, load_dir, tag=None) -> dict:
+    def load_checkpoint(self, load_dir, tag=None, *, load_optimizer_states: bool = True) -> dict:
         """Restores parameters, optimizer state, scheduler, step counters, RNG and module buffers
-        from a checkpoint saved at any world size; returns the client_state saved with it."""
+        from a checkpoint saved at any world size; returns the client_state saved with it. The
+        optimizer's hyperparameters that the config sets are the config's (each difference is
+        logged); a checkpoint of another optimizer kind is refused unless load_optimizer_states is
+        False, which loads everything but the optimizer state and the scheduler."""
         from memfit.checkpointing import load_checkpoint
 
         if self.snapshotter is not None:
             self.snapshotter.join_copy()  # the last snapshot's lazy copy reads what loading overwrites
-        return load_checkpoint(self, load_dir, tag)
+        return load_checkpoint(self, load_dir, tag, load_optimizer_states=load_optimizer_states)
 
     def set_client_state(self, state) -> None:
         """What each snapshot keeps as the client's state (the data position): a dict, or a callable
