@@ -322,6 +322,9 @@ class DiskSource:
             raise CheckpointError(f"{os.path.join(self.directory, MANIFEST)}: lists no file {name}")
         return os.path.join(self.directory, name), entry
 
+    def file_of(self, rank: int) -> str:
+        return self._entry(rank)[0]
+
     def payload(self, rank: int) -> dict:
         if rank in self._payloads:
             return self._payloads[rank]

@@ -271,6 +271,9 @@ class SlotSource:
             raise CheckpointError(f"{self.description}: no slot of rank {rank} here")
         return self._readers[rank]
 
+    def file_of(self, rank: int) -> str:
+        return self._reader(rank).path
+
     def payload(self, rank: int) -> dict:
         return self._reader(rank).payload(verify=False)
 
