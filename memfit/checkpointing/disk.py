@@ -28,6 +28,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from memfit.checkpointing.client_state import client_state_problem
 from memfit.checkpointing.faults import fault_point
 from memfit.checkpointing.integrity import (
     CheckpointError,
@@ -67,6 +68,11 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, *, keep: int 
         raise ValueError(f"keep: expected a positive number of checkpoints, got {keep!r}")
     final_dir = os.path.join(save_dir, tag)
     temporary_dir = os.path.join(save_dir, TEMPORARY_PREFIX + tag)
+    problem = client_state_problem(client_state)
+    try:  # refused on every rank, before anything is written, if any rank's state would not load
+        _agree(engine, problem and f"save_checkpoint: {problem}")
+    except CheckpointError as refused:
+        raise ValueError(str(refused)) from None
     error = None
     if engine.rank == 0:
         error = _attempt(lambda: _prepare_directory(save_dir, temporary_dir))

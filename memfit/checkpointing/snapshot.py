@@ -32,6 +32,7 @@ import time
 import warnings
 
 from memfit.checkpointing import agent
+from memfit.checkpointing.client_state import check_client_state
 from memfit.checkpointing.faults import fault_point
 from memfit.checkpointing.integrity import CheckpointError
 from memfit.checkpointing.parity_exchange import ParityGroups, ParityRounds
@@ -144,6 +145,10 @@ class Snapshotter:
         self.join_copy()
         source = engine._client_state_source
         client_state = source() if callable(source) else (source or {})
+        # checked again here: a dict given once is usually updated in place as training goes on
+        check_client_state(
+            client_state, "engine.set_client_state" + (" (what its callable returned)" if callable(source) else "")
+        )
         payload = export_rank_state(engine, copy.deepcopy(client_state))
         # Forward mutates buffers (batch-norm statistics): copy them now. RNG states are copies.
         payload["buffers"] = {name: buffer.clone() for name, buffer in payload["buffers"].items()}
