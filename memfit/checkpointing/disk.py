@@ -28,6 +28,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from memfit.checkpointing.client_state import client_state_problem
 from memfit.checkpointing.faults import fault_point
 from memfit.checkpointing.integrity import (
     CheckpointError,
@@ -89,6 +90,11 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, *, keep: int 
     final_dir = os.path.join(save_dir, tag)
     temporary_dir = os.path.join(save_dir, TEMPORARY_PREFIX + tag)
     file_mode, directory_mode = access_modes(engine.config.checkpoint.group_access)
+    problem = client_state_problem(client_state)
+    try:  # refused on every rank, before anything is written, if any rank's state would not load
+        _agree(engine, problem and f"save_checkpoint: {problem}")
+    except CheckpointError as refused:
+        raise ValueError(str(refused)) from None
     error = None
     if engine.rank == 0:
         error = _attempt(lambda: _prepare_directory(save_dir, temporary_dir, directory_mode))
@@ -363,6 +369,9 @@ class DiskSource:
         if entry is None:
             raise CheckpointError(f"{os.path.join(self.directory, MANIFEST)}: lists no file {name}")
         return os.path.join(self.directory, name), entry
+
+    def file_of(self, rank: int) -> str:
+        return self._entry(rank)[0]
 
     def payload(self, rank: int) -> dict:
         if rank in self._payloads:

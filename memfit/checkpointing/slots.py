@@ -60,9 +60,10 @@ def _without_tensors(tree, prefix: str = ""):
     if isinstance(tree, dict):
         return {key: _without_tensors(value, f"{prefix}/{key}" if prefix else str(key)) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return [
+        items = [
             _without_tensors(value, f"{prefix}/{index}" if prefix else str(index)) for index, value in enumerate(tree)
         ]
+        return tuple(items) if isinstance(tree, tuple) else items  # a client's tuple comes back a tuple
     return tree
 
 
@@ -71,8 +72,8 @@ def _with_tensors(tree, tensor_of):
         if set(tree) == {TENSOR_MARK}:
             return tensor_of(tree[TENSOR_MARK])
         return {key: _with_tensors(value, tensor_of) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [_with_tensors(value, tensor_of) for value in tree]
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_with_tensors(value, tensor_of) for value in tree)
     return tree
 
 
@@ -278,6 +279,9 @@ class SlotSource:
         if rank not in self._readers:
             raise CheckpointError(f"{self.description}: no slot of rank {rank} here")
         return self._readers[rank]
+
+    def file_of(self, rank: int) -> str:
+        return self._reader(rank).path
 
     def payload(self, rank: int) -> dict:
         return self._reader(rank).payload(verify=False)

@@ -32,9 +32,10 @@ import time
 import warnings
 
 from memfit.checkpointing import agent
+from memfit.checkpointing.client_state import check_client_state
 from memfit.checkpointing.faults import fault_point
 from memfit.checkpointing.identity import JOB_ID_ENV, job_id
-from memfit.checkpointing.integrity import CheckpointError
+from memfit.checkpointing.integrity import CheckpointError, walk_tensors
 from memfit.checkpointing.parity_exchange import ParityGroups, ParityRounds
 from memfit.checkpointing.slots import (
     SLOTS_PER_RANK,
@@ -48,6 +49,7 @@ from memfit.checkpointing.slots import (
 )
 from memfit.checkpointing.state import export_rank_state
 from memfit.config.snapshot import DEFAULT_SHM_ROOT, SHM_DIR_ENV
+from memfit.optim.planned_state import planned_state_bytes
 from memfit.runtime import lifecycle
 
 logger = logging.getLogger("memfit")
@@ -147,6 +149,10 @@ class Snapshotter:
         self.join_copy()
         source = engine._client_state_source
         client_state = source() if callable(source) else (source or {})
+        # checked again here: a dict given once is usually updated in place as training goes on
+        check_client_state(
+            client_state, "engine.set_client_state" + (" (what its callable returned)" if callable(source) else "")
+        )
         payload = export_rank_state(engine, copy.deepcopy(client_state))
         # Forward mutates buffers (batch-norm statistics): copy them now. RNG states are copies.
         payload["buffers"] = {name: buffer.clone() for name, buffer in payload["buffers"].items()}
@@ -245,14 +251,13 @@ class Snapshotter:
 
 
 def estimated_bytes(engine) -> int:
-    """Slot bytes for the engine's state before its first step: the payload as it is, plus two
-    moments per owned master where the optimizer has no state yet (Adam's; a slot grows later if
-    an optimizer keeps more)."""
+    """Slot bytes for the engine's state before its first step: the payload as it is, plus the
+    state the optimizer has yet to create (its planned state less what it holds), so that a slot
+    that fits at the start is never outgrown by the first snapshot (amsgrad's third moment
+    included)."""
     payload = export_rank_state(engine, {})
-    missing = sum(
-        2 * payload["params"][name].numel() * 4 for name, state in payload["optimizer_state"].items() if not state
-    )
-    return needed_bytes(payload) + missing
+    held = sum(tensor.numel() * tensor.element_size() for _, tensor in walk_tensors(payload["optimizer_state"]))
+    return needed_bytes(payload) + max(0, planned_state_bytes(engine.optimizer) - held)
 
 
 def parity_setup(config, shm_dir: str, world_size: int, local_world_size: int, rank: int):

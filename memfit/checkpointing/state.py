@@ -40,6 +40,9 @@ class StateSource(Protocol):
     def tensor(self, rank: int, path: str) -> torch.Tensor:
         """A tensor of the rank's payload by its path ("params/mlp.weight"), verified."""
 
+    def file_of(self, rank: int) -> str:
+        """The file that holds the rank's payload, for messages."""
+
 
 def export_rank_state(engine, client_state: dict) -> dict:
     optimizer = engine.optimizer
@@ -125,7 +128,14 @@ def restore_rank_state(engine, source: StateSource, load_optimizer_states: bool 
         for name, buffer in engine.module.named_buffers():
             if name not in buffers:
                 raise CheckpointError(f"{source.description}: no saved value for module buffer {name!r}")
-            buffer.copy_(source.tensor(base_rank, f"buffers/{name}"))
+            value = source.tensor(base_rank, f"buffers/{name}")
+            # copy_ would broadcast a (1, 1) value over a (3, 1) buffer without a word
+            if value.shape != buffer.shape:
+                raise CheckpointError(
+                    f"{source.file_of(base_rank)}: module buffer {name!r} has shape {tuple(value.shape)} there, "
+                    f"{tuple(buffer.shape)} in the model"
+                )
+            buffer.copy_(value)
     if engine.stage > 0 and engine.world_size > 1:
         broadcast_params(engine._buckets)  # owners hand the restored values to every rank
     if load_optimizer_states:

@@ -27,9 +27,19 @@ def join_path(*parts) -> str:
     return text
 
 
+# Each "did you mean" is a fuzzy match against every valid key; past this many unknown keys in one
+# section the file is not a config with a typo, and suggesting for each would make reading it slow.
+MAX_SUGGESTIONS = 20
+
+
+def unknown_keys(path: str, keys, valid: list[str]) -> list[str]:
+    """One problem line per unknown key, with a suggestion for the first MAX_SUGGESTIONS of them."""
+    return [unknown_key(path, key, valid if index < MAX_SUGGESTIONS else []) for index, key in enumerate(keys)]
+
+
 def unknown_key(path: str, key: str, valid: list[str]) -> str:
     where = join_path(path, str(key)) if path else key
-    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6) if valid else []
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"{where}: unknown key{hint}"
 

@@ -6,9 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from memfit.config.values import Boolean, Integer, OneOf, Real, Text
+from memfit.config.values import MAX_COUNT, Boolean, Integer, OneOf, Path, Real, Text
 
 MAX_SEED = 2**63 - 1  # seed + rank must stay within torch's 64-bit seed range
+MAX_BYTES = 1 << 40  # sizes of one buffer or bucket: a TiB is past any machine memfit runs on
+MAX_COLLECTIVE_TIMEOUT_S = 30 * 24 * 3600.0  # 30 days; a longer timedelta overflows torch's milliseconds
 
 
 class Section(BaseModel):
@@ -26,17 +28,19 @@ class Fp16Config(Section):
     enabled: Boolean = Field(False, description='Train in float16 with loss scaling. "auto": false.')
     auto_cast: Boolean = Field(False, description="Cast floating-point inputs of the model to float16.")
     loss_scale: Real(minimum=0) = Field(0, description="Static loss scale; 0 selects dynamic loss scaling.")
-    initial_scale_power: Integer(minimum=0) = Field(
+    initial_scale_power: Integer(minimum=0, limit=64) = Field(
         16, description="Dynamic loss scaling starts at 2**initial_scale_power."
     )
-    loss_scale_window: Integer(minimum=1) = Field(
+    loss_scale_window: Integer(minimum=1, limit=MAX_COUNT) = Field(
         1000, description="Steps without overflow before the dynamic loss scale doubles."
     )
-    hysteresis: Integer(minimum=1) = Field(2, description="Overflows tolerated before the dynamic loss scale halves.")
+    hysteresis: Integer(minimum=1, limit=MAX_COUNT) = Field(
+        2, description="Overflows tolerated before the dynamic loss scale halves."
+    )
     consecutive_hysteresis: Boolean = Field(
         False, description="Refill the hysteresis after every step without overflow."
     )
-    min_loss_scale: Integer(minimum=1) = Field(1, description="Lower bound of the dynamic loss scale.")
+    min_loss_scale: Integer(minimum=1, limit=MAX_COUNT) = Field(1, description="Lower bound of the dynamic loss scale.")
 
 
 class OptimizerConfig(Section):
@@ -69,14 +73,14 @@ class OffloadOptimizerConfig(Section):
         description='Where optimizer state and fp32 master weights live: "cpu" a host arena, "nvme" one swap file '
         "per rank under nvme_path, streamed through buffer_count host buffers at each step.",
     )
-    nvme_path: Text(optional=True) = Field(
+    nvme_path: Path(optional=True) = Field(
         None, description='Existing writable directory for the per-rank swap files; required when device is "nvme".'
     )
     pin_memory: Boolean = Field(True, description="Register the host arena with CUDA when a GPU is present.")
-    buffer_count: Integer(minimum=1) = Field(
+    buffer_count: Integer(minimum=1, limit=1024) = Field(
         4, description="Host buffers in the NVMe ring: read k+1, update k and write k-1 need 3; 1 runs unpipelined."
     )
-    buffer_size: Integer(minimum=3 * 4096, multiple_of=4096) = Field(
+    buffer_size: Integer(minimum=3 * 4096, multiple_of=4096, limit=MAX_BYTES) = Field(
         64 << 20, description="Bytes per NVMe ring buffer (memfit's key): the sub-group size of the streamed step."
     )
     pipeline_read: Boolean = Field(
@@ -104,7 +108,7 @@ class ZeroConfig(Section):
     stage: Integer() = Field(
         0, description="0: replicated optimizer; 1: sharded optimizer state; 2: also sharded gradients."
     )
-    reduce_bucket_size: Integer(minimum=1) = Field(
+    reduce_bucket_size: Integer(minimum=1, limit=MAX_BYTES) = Field(
         500_000_000, description='Elements per gradient communication bucket. "auto": 500000000.'
     )
     overlap_comm: Boolean = Field(
@@ -128,7 +132,7 @@ class ZeroConfig(Section):
 
 
 class AioConfig(Section):
-    block_size: Integer(minimum=4096, multiple_of=4096) = Field(
+    block_size: Integer(minimum=4096, multiple_of=4096, limit=1 << 30) = Field(
         1 << 20, description="Bytes per I/O piece, for every file memfit opens after initialize (swap, NVMe tier)."
     )
     queue_depth: Integer(minimum=1, maximum=4096) = Field(
@@ -137,15 +141,15 @@ class AioConfig(Section):
 
 
 class MemfitConfig(Section):
-    train_batch_size: Integer(minimum=1, optional=True) = Field(
+    train_batch_size: Integer(minimum=1, optional=True, limit=MAX_COUNT) = Field(
         None,
         description="Global batch: micro batch x accumulation steps x data-parallel ranks. Any two of the three "
         'batch keys give the third; "auto" is derived from the other two and the world size.',
     )
-    train_micro_batch_size_per_gpu: Integer(minimum=1, optional=True) = Field(
+    train_micro_batch_size_per_gpu: Integer(minimum=1, optional=True, limit=MAX_COUNT) = Field(
         None, description='Samples per rank per forward pass. "auto": derived, as for train_batch_size.'
     )
-    gradient_accumulation_steps: Integer(minimum=1, optional=True) = Field(
+    gradient_accumulation_steps: Integer(minimum=1, optional=True, limit=MAX_COUNT) = Field(
         None,
         description='Micro-steps per optimizer step; 1 when only one other batch key is given. "auto": derived.',
     )
@@ -157,8 +161,10 @@ class MemfitConfig(Section):
     seed: Integer(minimum=0, maximum=MAX_SEED) = Field(
         1234, description="Seed for python, numpy and torch; rank r uses seed + r."
     )
-    steps_per_print: Integer(minimum=1) = Field(10, description="Optimizer steps between progress prints.")
-    collective_timeout_s: Real(minimum=1) = Field(
+    steps_per_print: Integer(minimum=1, limit=MAX_COUNT) = Field(
+        10, description="Optimizer steps between progress prints."
+    )
+    collective_timeout_s: Real(minimum=1, maximum=MAX_COLLECTIVE_TIMEOUT_S) = Field(
         1800.0,
         description="Seconds a collective waits for the other ranks before the job fails and names the rank "
         "that stopped answering. 30 minutes, as torch's gloo default: long enough for a slow checkpoint.",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from memfit.config.errors import unknown_key
+from memfit.config.errors import unknown_keys
 from memfit.config.values import check_bool, check_finite_anywhere, check_int, check_number, check_string, show
 
 
@@ -157,7 +157,7 @@ def check_params(
     component rejects when attempt(values) builds it, traced to the key that fails. reported:
     keys already reported (and left out of given), not to be called missing."""
     by_name = {keyword.name: keyword for keyword in keywords}
-    problems = [unknown_key(path, key, list(by_name)) for key in given if key not in by_name]
+    problems = unknown_keys(path, [key for key in given if key not in by_name], list(by_name))
     problems += [
         f"{path}.{keyword.name}: required key missing"
         for keyword in keywords

@@ -6,14 +6,21 @@ import json
 from memfit.config.errors import ConfigError, join_path
 
 MAX_DEPTH = 32  # real configs nest 4 levels; deeper input is a mistake or an attack on the parser
+# Real configs are a few KiB; DeepSpeed's largest examples stay under 20 KiB. A cap far above that
+# keeps a wrong path (a dataset, a checkpoint) from being read whole into memory and parsed.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def read_config_file(path: str):
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError([f"cannot read: {error.strerror}"], path) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [f"larger than the {MAX_CONFIG_BYTES} bytes a config may hold; is this the config file?"], path
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -23,9 +30,11 @@ def read_config_file(path: str):
         ) from None
 
     def reject_duplicates(pairs):
-        keys = [key for key, _ in pairs]
-        duplicates = sorted({key for key in keys if keys.count(key) > 1})
+        seen, duplicates = set(), set()
+        for key, _ in pairs:
+            (duplicates if key in seen else seen).add(key)
         if duplicates:
+            duplicates = sorted(duplicates)
             raise ValueError(f"duplicate keys {duplicates}")
         return dict(pairs)
 

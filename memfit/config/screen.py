@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from memfit.config.components import Findings
 from memfit.config.deepspeed_keys import DEEPSPEED_KEYS
-from memfit.config.errors import join_path, unknown_key
+from memfit.config.errors import MAX_SUGGESTIONS, join_path, unknown_key
 from memfit.config.values import show
 
 # Sections DeepSpeed declares optional, where null means the defaults (no offload).
@@ -49,13 +49,16 @@ def _section(raw: dict, model: type[BaseModel], path: str, screened: Screened, f
     fields = model.model_fields
     deepspeed = DEEPSPEED_KEYS.get(path, {})
     kept = {}
+    num_unknown = 0
     for key, value in raw.items():
         where = join_path(path, key) if path else key
         if key in fields:
             _field(kept, key, value, fields[key].annotation, where, screened, found)
             continue
         if key not in deepspeed:
-            found.problems.append(unknown_key(path, key, list(fields) + list(deepspeed)))
+            num_unknown += 1
+            valid = list(fields) + list(deepspeed) if num_unknown <= MAX_SUGGESTIONS else []
+            found.problems.append(unknown_key(path, key, valid))
             continue
         verdict = deepspeed[key](value)
         if verdict.problem:

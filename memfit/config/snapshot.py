@@ -4,7 +4,7 @@ persistence to disk (see memfit/checkpointing/snapshot.py)."""
 from pydantic import Field, field_validator
 
 from memfit.config.models import Section
-from memfit.config.values import Boolean, Integer, OneOf, Text
+from memfit.config.values import MAX_COUNT, Boolean, Integer, OneOf, Path
 
 DEFAULT_SHM_ROOT = "/dev/shm"
 SHM_DIR_ENV = "MEMFIT_SNAPSHOT_SHM_DIR"
@@ -19,19 +19,23 @@ class CheckpointConfig(Section):
 
 
 class PersistConfig(Section):
-    path: Text(optional=True) = Field(
+    path: Path(optional=True) = Field(
         None, description="Directory the agent writes snapshots to as checkpoints (engine.load_checkpoint reads it)."
     )
-    every_snapshots: Integer(minimum=1) = Field(10, description="Persist every Nth in-memory snapshot.")
-    keep: Integer(minimum=1) = Field(2, description="Persisted snapshots kept; older ones are deleted.")
+    every_snapshots: Integer(minimum=1, limit=MAX_COUNT) = Field(
+        10, description="Persist every Nth in-memory snapshot."
+    )
+    keep: Integer(minimum=1, limit=MAX_COUNT) = Field(
+        2, description="Persisted snapshots kept; older ones are deleted."
+    )
 
 
 class SnapshotConfig(Section):
-    interval_steps: Integer(minimum=0) = Field(
+    interval_steps: Integer(minimum=0, limit=MAX_COUNT) = Field(
         0, description="Optimizer steps between in-memory snapshots; 0 turns snapshots off."
     )
     persist: PersistConfig = Field(default_factory=PersistConfig, description="Lazy persistence to disk.")
-    shm_dir: Text(optional=True) = Field(
+    shm_dir: Path(optional=True) = Field(
         None,
         description=f"Shared-memory directory for the slots; default {DEFAULT_SHM_ROOT}/memfit-<job id>. "
         f"The environment variable {SHM_DIR_ENV} overrides it.",
@@ -43,7 +47,7 @@ class SnapshotConfig(Section):
         "rank on every node, so the snapshots survive the loss of one node (needs two or more nodes; with two, "
         "the parity is a full copy of the other node's snapshot).",
     )
-    parity_every: Integer(minimum=1) = Field(
+    parity_every: Integer(minimum=1, limit=MAX_COUNT) = Field(
         1, description="Compute the parity of every Nth in-memory snapshot (parity rounds per local snapshots)."
     )
 

@@ -16,6 +16,11 @@ from pydantic import BeforeValidator, Field
 
 Check = Callable[[Any], Any]  # returns the accepted (maybe converted) value or raises ValueError
 
+# Past 2**53 a float no longer holds every integer: 1e20 or 1e300 is not a count anyone wrote.
+MAX_EXACT_FLOAT_INT = 2**53
+# Counts (batch sizes, steps, buffers) far past any real job, below what C int arithmetic takes.
+MAX_COUNT = 2**31 - 1
+
 
 def show(value: Any) -> str:
     """A value as the user wrote it in JSON (strings quoted, true/false/null, NaN), shortened."""
@@ -59,16 +64,31 @@ def check_number(value: Any, minimum=None, maximum=None, above=None) -> int | fl
     return value
 
 
-def check_int(value: Any, minimum=None, maximum=None, multiple_of=None) -> int:
-    """A JSON integer (or a whole-valued number such as 5e8) within the bounds."""
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+def check_int(value: Any, minimum=None, maximum=None, multiple_of=None, limit=None) -> int:
+    """A JSON integer (or a whole-valued number such as 5e8) within the bounds. limit: a sanity
+    cap past any real value, named only when a value exceeds it (the bounds stay the message for
+    a value below the minimum)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) <= MAX_EXACT_FLOAT_INT:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected an integer, got {show(value)}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"expected an integer{_bounds(minimum, maximum)}, got {show(value)}")
+    if limit is not None and value > limit:
+        raise ValueError(f"expected an integer{_bounds(minimum, limit)}, got {show(value)}")
     if multiple_of is not None and value % multiple_of:
         raise ValueError(f"expected a multiple of {multiple_of}, got {show(value)}")
+    return value
+
+
+def check_path(value: Any) -> str:
+    """A file system path: a non-empty string without NUL bytes (the OS refuses those, late)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a path (a string), got {show(value)}")
+    if not value:
+        raise ValueError('expected a non-empty path, got ""')
+    if "\0" in value:
+        raise ValueError(f"expected a path without NUL bytes, got {show(value)}")
     return value
 
 
@@ -99,21 +119,24 @@ def check_finite_anywhere(value: Any) -> Any:
 Boolean = Annotated[bool, BeforeValidator(check_bool)]
 
 
-def Integer(minimum=None, maximum=None, multiple_of=None, optional: bool = False):
+def Integer(minimum=None, maximum=None, multiple_of=None, optional: bool = False, limit=None):
     constraints = [Ge(minimum)] if minimum is not None else []
-    constraints += [Le(maximum)] if maximum is not None else []
+    upper = maximum if maximum is not None else limit
+    constraints += [Le(upper)] if upper is not None else []
     constraints += [MultipleOf(multiple_of)] if multiple_of is not None else []
 
     def check(value):
-        return None if value is None and optional else check_int(value, minimum, maximum, multiple_of)
+        return None if value is None and optional else check_int(value, minimum, maximum, multiple_of, limit)
 
     bounded = Annotated[(int, *constraints)] if constraints else int
     return Annotated[bounded | None if optional else bounded, BeforeValidator(check)]
 
 
-def Real(minimum=None):
-    bounded = Annotated[float, Ge(minimum)] if minimum is not None else float
-    return Annotated[bounded, BeforeValidator(lambda value: float(check_number(value, minimum)))]
+def Real(minimum=None, maximum=None):
+    constraints = [Ge(minimum)] if minimum is not None else []
+    constraints += [Le(maximum)] if maximum is not None else []
+    bounded = Annotated[(float, *constraints)] if constraints else float
+    return Annotated[bounded, BeforeValidator(lambda value: float(check_number(value, minimum, maximum)))]
 
 
 def OneOf(*choices: str):
@@ -122,6 +145,13 @@ def OneOf(*choices: str):
         BeforeValidator(lambda value: check_choice(value, choices)),
         Field(json_schema_extra={"enum": list(choices)}),
     ]
+
+
+def Path(optional: bool = False):
+    def check(value):
+        return None if value is None and optional else check_path(value)
+
+    return Annotated[str | None if optional else str, BeforeValidator(check)]
 
 
 def Text(optional: bool = False):

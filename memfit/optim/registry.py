@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 
 from memfit.optim.adam import adam_optimizer
+from memfit.optim.checks import check_positive_int
 from memfit.optim.cpu_adam import CPUAdamW
 from memfit.optim.frugal import FRUGAL
 from memfit.optim.galore import GaLoreAdamW
@@ -78,10 +79,13 @@ def _sgd(named_params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, n
     )
 
 
-def _galore(named_params, rank=128, target_modules: list[str] | None = None, proj_dtype="float32", **options):
+def _galore(named_params, rank: int = 128, target_modules: list[str] | None = None, proj_dtype="float32", **options):
     """GaLoreAdamW over galore_param_groups (the default rule, or target_modules, decided on the
     whole model when memfit.initialize gives its layout); every other key is a GaLoreAdamW
     keyword, so the group options become the projected group's."""
+    # checked here, not only by a projected group: a config check (or a rank owning no projected
+    # matrix) builds no such group, and must refuse the rank the real build would
+    check_positive_int("rank", rank)
     model = current_layout() or named_params
     groups = galore_param_groups(named_params, rank, target_modules, layout=model)
     with quiet_if_model_projects(model, target_modules):

@@ -47,8 +47,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         if "MEMFIT_CONFIG" not in os.environ:
             raise ValueError("config: none given and MEMFIT_CONFIG is not set (use memfit run --config FILE)")
         config = os.environ["MEMFIT_CONFIG"]
-    rank, world_size, device = init_distributed()
     client = ClientComponents(optimizer, lr_scheduler)
+    rank, world_size, device = init_distributed(collective_timeout_s(config, client))
     resolved = resolve_config(config, world_size, client)
     cfg = resolved.config
     if gaps := engine_gaps(cfg, world_size):
@@ -172,6 +172,15 @@ def build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size
     else:
         opt = make_optimizer(optimizer, cfg, named_masters)
     return masters, opt, OptimizerUpdate(opt, masters, tier), tier
+
+
+def collective_timeout_s(config, client: ClientComponents) -> float:
+    """The config's collective_timeout_s, needed before the group exists and so before the world
+    size is known: a first pass over the config without it (its warnings are given by the second,
+    full pass; a problem found here is one at any world size and is raised at once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return resolve_config(config, None, client).config.collective_timeout_s
 
 
 def prepare_model(model, device, compute_dtype, world_size: int):

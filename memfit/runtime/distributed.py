@@ -39,6 +39,8 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
         watch_collectives(rank, world_size, collective_timeout_s)
     else:
         rank, world_size = 0, 1
+        if lifecycle.started_by_launcher():  # a 1-rank job: its error is still the launcher's to quote
+            lifecycle.install_exit_hooks(rank)
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -238,7 +238,13 @@ class Engine:
 
     def set_client_state(self, state) -> None:
         """What each snapshot keeps as the client's state (the data position): a dict, or a callable
-        returning one, called at each snapshot. A restore hands it back as engine.client_state."""
+        returning one, called at each snapshot. A restore hands it back as engine.client_state.
+        A value a restore could not load (a numpy scalar, a datetime) is a ValueError, here or at
+        the snapshot that would hold it."""
+        from memfit.checkpointing.client_state import check_client_state
+
+        if not callable(state):
+            check_client_state(state, "engine.set_client_state")
         self._client_state_source = state
 
     def barrier(self) -> None:

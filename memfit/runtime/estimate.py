@@ -117,6 +117,7 @@ def _numel(shape) -> int:
 def _optimizer_state_bytes(cfg, owned, trainable, offloaded: bool, client_optimizer: bool) -> tuple[int, str | None]:
     """The state the rank's optimizer will hold once every owned tensor has stepped."""
     from memfit.optim.groups import model_layout
+    from memfit.optim.planned_state import planned_state_bytes
     from memfit.optim.registry import build_optimizer, find_optimizer
 
     name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
@@ -133,12 +134,10 @@ def _optimizer_state_bytes(cfg, owned, trainable, offloaded: bool, client_optimi
         optimizer = build_optimizer(name, masters, params)
     if hasattr(optimizer, "planned_state_bytes"):
         return optimizer.planned_state_bytes(), None
-    defaults = optimizer.defaults
-    if "betas" in defaults:  # the Adam family: exp_avg and exp_avg_sq, fp32 like the masters
+    if "betas" in optimizer.defaults or isinstance(optimizer, torch.optim.SGD):
+        # the Adam family's moments (amsgrad's third included), SGD's momentum; torch's step tensors
         scalar_steps = 4 * len(owned) if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 0
-        return 8 * numel + scalar_steps, None
-    if isinstance(optimizer, torch.optim.SGD):
-        return (4 * numel if defaults.get("momentum", 0) else 0), None
+        return planned_state_bytes(optimizer) + scalar_steps, None
     return 0, f"optimizer {name}: state size unknown, counted as 0"
 
 

@@ -32,6 +32,7 @@ from memfit.io import HostArena
 from memfit.io.extents import align_up
 from memfit.optim.cpu_adam import CPUAdamW, check_hyperparameters, group_constants
 from memfit.optim.fused_adam import GRAD_DTYPES, step_tensors
+from memfit.optim.planned_state import planned_state_bytes
 from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, SwapSpace, check_pipeline, open_swap, plan_subgroups
 from memfit.runtime.nvme_torch_update import NvmeOptimizerUpdate, swapped_master_weights
 from memfit.runtime.offload import kernel_optimizer, runs_on_kernel, stages_through_host
@@ -49,16 +50,6 @@ def kernel_kinds(param: torch.Tensor) -> tuple[str, ...]:
 
 def kernel_swap_bytes(params) -> int:
     return sum(len(kernel_kinds(p)) * align_up(max(4 * p.numel(), 1)) for p in params)
-
-
-def planned_state_bytes(optimizer, numel: int) -> int:
-    """The state a torch-made optimizer will hold: its own plan (GaLore, FRUGAL), SGD's momentum,
-    else Adam's two moments."""
-    if hasattr(optimizer, "planned_state_bytes"):
-        return optimizer.planned_state_bytes()
-    if isinstance(optimizer, torch.optim.SGD):
-        return 4 * numel if optimizer.defaults.get("momentum", 0) else 0
-    return 8 * numel
 
 
 def optimizer_swap_bytes(numels: list[int], reduced: bool, state_bytes: int) -> int:
@@ -358,6 +349,6 @@ def build_nvme_update(optimizer, cfg, owned_params, compute_dtype, placeholder, 
     masters = swapped_master_weights(owned_params, reduced=compute_dtype is not None)
     opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)) or placeholder)
     numels = [param.numel() for param in tensors]
-    capacity = optimizer_swap_bytes(numels, compute_dtype is not None, planned_state_bytes(opt, sum(numels)))
+    capacity = optimizer_swap_bytes(numels, compute_dtype is not None, planned_state_bytes(opt))
     update = NvmeOptimizerUpdate(opt, masters, swap_space(capacity), offload)
     return masters, opt, update, update

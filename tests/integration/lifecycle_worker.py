@@ -9,8 +9,6 @@ import time
 import torch
 
 import memfit
-from memfit.config import load_config
-from memfit.runtime.distributed import init_distributed
 
 
 def record_pid(pid_dir: str, name: str) -> None:
@@ -29,11 +27,9 @@ def main() -> None:
     args = parser.parse_args()
     record_pid(args.pid_dir, f"started.{os.environ['RANK']}")
     time.sleep(args.sleep_before_init)
-    config = load_config(args.config)
-    # joins the group with the config's timeout; memfit.initialize then reuses the group
-    init_distributed(collective_timeout_s=config.collective_timeout_s)
     torch.manual_seed(0)
-    engine = memfit.initialize(torch.nn.Linear(16, 16), config)
+    # joins the group with the config's collective_timeout_s, as a user's script does
+    engine = memfit.initialize(torch.nn.Linear(16, 16), args.config)
     record_pid(args.pid_dir, f"training.{engine.rank}")
     while True:
         loss = engine(torch.randn(4, 16)).square().mean()

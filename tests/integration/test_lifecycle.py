@@ -5,6 +5,7 @@ Ctrl-C ends the job with one line and exit status 130."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +131,56 @@ def test_a_stopped_rank_fails_the_job_after_the_collective_timeout_and_is_named(
     assert f"rank {stopped_rank} stopped answering" in summary[0]
     # torchrun waits 30 s for the stopped process to honour SIGTERM before it sends SIGKILL
     assert elapsed_s < 3 + 30 + 20
+
+
+def test_collective_timeout_s_reaches_the_group_through_initialize(tmp_path):
+    """The config's collective_timeout_s, given only to memfit.initialize (through `memfit run`),
+    bounds the wait for a stopped rank: without it the group waits its 30 minute default. Once the
+    healthy rank has failed, naming the stopped one, the stopped rank is resumed so that torchrun's
+    30 s grace before it SIGKILLs a process that ignores SIGTERM does not lengthen the test (the
+    slow test above waits it out)."""
+    config = {**CONFIG, "collective_timeout_s": 10}
+    with Job(tmp_path, "memfit run", config) as job:
+        workers = job.pids("training")
+        os.kill(workers[1], signal.SIGSTOP)
+        named = "memfit: rank 0: collective timed out after 10 s (collective_timeout_s); rank 1 stopped answering"
+        wait_until(lambda: named in job.stderr(), 10 + 20, "rank 0 names the stopped rank")
+        os.kill(workers[1], signal.SIGCONT)
+        returncode = job.proc.wait(timeout=60)
+        stderr = job.stderr()
+    assert returncode == 1, stderr[-3000:]
+    summary = [line for line in stderr.splitlines() if line.startswith("memfit run: ")]
+    assert summary[0].startswith("memfit run: rank 0 failed first"), stderr[-3000:]
+    assert "collective timed out after 10 s (collective_timeout_s); rank 1 stopped answering" in summary[0]
+
+
+FAILING_SCRIPT = """
+import torch
+
+import memfit
+
+engine = memfit.initialize(torch.nn.Linear(2, 2), {"train_micro_batch_size_per_gpu": 1})
+raise FileNotFoundError("shard-7.bin: no such data shard")
+"""
+
+
+def test_a_one_rank_job_summary_quotes_its_error(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(FAILING_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "1", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    summary = [line for line in result.stderr.splitlines() if line.startswith("memfit run: ")]
+    assert len(summary) == 1, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"memfit run: rank 0 failed first \(exit code 1, pid \d+\): FileNotFoundError: shard-7.bin: no such data shard",
+        summary[0],
+    ), summary
 
 
 def test_ctrl_c_ends_the_job_with_one_line_and_status_130(tmp_path):
