@@ -71,21 +71,31 @@ def test_a_snapshot_restore_refuses_a_buffer_of_another_shape(tmp_path):
     script.write_text(SNAPSHOT_JOB)
     shm_dir = str(tmp_path / "shm")
 
-    def run(rows: int, steps: int) -> subprocess.CompletedProcess:
+    def run(rows: int, steps: int, **env) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, str(script), str(rows), str(steps), shm_dir],
             capture_output=True,
             text=True,
             timeout=120,
-            env={**os.environ, "PYTHONPATH": ROOT},
+            env={**os.environ, "PYTHONPATH": ROOT, **env},
         )
 
     first = run(1, 2)
     assert first.returncode == 0, first.stderr[-3000:]
+    slot = os.path.join(shm_dir, "rank0.slot1")
+    # the job's fingerprint names the buffer's shapes first
     second = run(3, 0)
     assert second.returncode == 1
     errors = [line for line in second.stderr.splitlines() if line.startswith("memfit.checkpointing")]
+    assert len(errors) == 1 and errors[0].startswith(f"memfit.checkpointing.integrity.CheckpointError: {slot}: "), (
+        errors
+    )
+    assert "does not match this job: scale float32(1, 1) saved, float32(3, 1) now" in errors[0]
+    # forced past the fingerprint, the restore itself still refuses to broadcast the buffer
+    forced = run(3, 0, MEMFIT_RESTORE_MISMATCHED="1")
+    assert forced.returncode == 1
+    errors = [line for line in forced.stderr.splitlines() if line.startswith("memfit.checkpointing")]
     assert errors == [
         f"memfit.checkpointing.integrity.CheckpointError: restoring the snapshot of step 2 failed: "
-        f"{os.path.join(shm_dir, 'rank0.slot1')}: module buffer 'scale' has shape (1, 1) there, (3, 1) in the model"
-    ], second.stderr[-3000:]
+        f"{slot}: module buffer 'scale' has shape (1, 1) there, (3, 1) in the model"
+    ], forced.stderr[-3000:]
