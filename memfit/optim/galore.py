@@ -207,7 +207,13 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         if step % group["update_proj_gap"] == 0:
             self._refresh(param, grad, state, group, seed_base)
         basis = self._basis(param, state, group)
-        if not self.galore_compat:
+        if self.galore_compat:
+            # galore-torch multiplies by a slice of LAPACK's column-major U or Vh. The same values
+            # in row-major order send the products to other GEMM kernels, whose sums round
+            # differently on some CPUs (AMD EPYC), so the basis is used column-major, however it
+            # was stored or restored.
+            basis = basis.t().contiguous().t()
+        else:
             basis = basis.to(gemm_dtype(basis))
         low_rank = project(grad.to(basis.dtype), basis, state["side"]).to(grad.dtype)
         if "exp_avg" not in state:

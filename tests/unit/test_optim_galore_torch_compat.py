@@ -118,6 +118,40 @@ def test_what_galore_torch_has_and_memfit_not_is_refused():
         CompatGaLoreAdamW(galore_groups(model, **PROJECTION), correct_bias="yes")
 
 
+def row_major(payload):
+    """Every tensor of a state dict as a fresh row-major copy, as a snapshot slot restores it."""
+    if torch.is_tensor(payload):
+        return payload.clone(memory_format=torch.contiguous_format).contiguous()
+    if isinstance(payload, dict):
+        return {key: row_major(value) for key, value in payload.items()}
+    if isinstance(payload, list):
+        return [row_major(value) for value in payload]
+    return payload
+
+
+@pytest.mark.parametrize("proj_type", ["std", "left"])
+def test_a_row_major_restore_stays_galore_torchs_run(proj_type):
+    """galore-torch multiplies by slices of LAPACK's column-major SVD factors; a basis restored
+    row-major (as from a snapshot slot) must still give galore-torch's bits after the resume."""
+    projection = {**PROJECTION, "proj_type": proj_type}
+    expected = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        reference = galore_torch.GaLoreAdamW(galore_groups(expected, **projection), lr=1e-2)
+        train(expected, reference, 7)
+        train(expected, reference, 8, seed=3)
+    model = make_model()
+    optimizer = CompatGaLoreAdamW(galore_groups(model, **projection), lr=1e-2)
+    train(model, optimizer, 7)
+    state = row_major(optimizer.state_dict())
+    assert any(not value["basis"].t().is_contiguous() for value in state["state"].values() if "basis" in value)
+    optimizer = CompatGaLoreAdamW(galore_groups(model, **projection), lr=1e-2)
+    optimizer.load_state_dict(state)
+    train(model, optimizer, 8, seed=3)  # crosses the refresh at step 10
+    for (name, ours), theirs in zip(model.named_parameters(), expected.parameters()):
+        assert torch.equal(ours, theirs), name
+
+
 def test_state_round_trip_resumes_bit_identical():
     import io
 
