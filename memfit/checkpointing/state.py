@@ -77,6 +77,7 @@ def export_rank_state(engine, client_state: dict) -> dict:
         else {},
         "buffers": {name: buffer.detach().cpu() for name, buffer in module.named_buffers()},
         "global_step": engine.global_step,
+        "global_samples": engine.global_samples,
         "micro_step": engine.micro_step,
         "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler is not None else None,
@@ -133,6 +134,9 @@ def restore_rank_state(engine, source: StateSource) -> dict:
     if engine.host_tier is not None:
         engine.host_tier.adopt(engine.optimizer)
     engine.global_step, engine.micro_step = base["global_step"], base["micro_step"]
+    # a checkpoint from before global_samples was saved: its steps all ran at its own world size
+    samples_per_step = engine.micro_batch_size * engine.gradient_accumulation_steps * source.world_size
+    engine.global_samples = base.get("global_samples", base["global_step"] * samples_per_step)
     if engine.lr_scheduler is not None and base["scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(base["scheduler"])
     if engine.loss_scaler is not None and base.get("loss_scaler") is not None:  # fp16: the scale goes on

@@ -67,6 +67,7 @@ class Engine:
         self.micro_batch_size = micro_batch_size
         self.gradient_accumulation_steps = accumulation_steps
         self.global_step = 0
+        self.global_samples = 0  # summed per step at the world size of that step, so a resume at another keeps it
         self.micro_step = 0
         self.skipped_steps = 0  # fp16 steps skipped for an overflow
         self.grad_bytes_after_reduce = 0  # gradient bytes this rank held after the last reduction
@@ -140,6 +141,7 @@ class Engine:
         if not overflow and self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_step += 1
+        self.global_samples += self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
         if self.snapshotter is not None:
             self.snapshotter.after_step(self)
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
