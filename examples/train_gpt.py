@@ -3,12 +3,12 @@
     memfit run --nproc-per-node 2 examples/train_gpt.py --config examples/configs/zero2.json
 
 Also runs under plain torchrun (pass --config) or as a single process. Default data: the Python
-standard library's source files. Rank 0 shows a progress bar; metrics go to a JSONL file.
+standard library's source files. Rank 0 shows a progress bar on a terminal (memfit's step lines
+otherwise); metrics go to a JSONL file.
 """
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -95,9 +95,6 @@ def validation_loss(engine, data, args, micro_batch, seq_len) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # memfit logs (the resolved config, "resumed from ...") on rank 0 through the "memfit" logger
-    is_first_rank = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if is_first_rank else logging.WARNING, format="%(name)s: %(message)s")
     model_cfg = PRESETS[args.preset]
     torch.manual_seed(0)
     model = GPT(model_cfg)
@@ -126,7 +123,9 @@ def main(argv=None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
     restored = engine.restored_from is not None
     metrics = open(args.metrics, "a" if args.resume or restored else "w") if is_main else None
-    bar = tqdm(total=args.max_steps, initial=start_step, desc="train", disable=not is_main, dynamic_ncols=True)
+    # A bar on a terminal; in a log file, memfit's step lines (every steps_per_print steps) instead
+    show_bar = is_main and sys.stdout.isatty()
+    bar = tqdm(total=args.max_steps, initial=start_step, desc="train", disable=not show_bar, file=sys.stdout)
 
     for step in range(start_step, args.max_steps):
         started = time.perf_counter()

@@ -136,6 +136,14 @@ class AioConfig(Section):
     )
 
 
+class MemfitOwnConfig(Section):
+    log_level: OneOf("debug", "info", "warning", "error") = Field(
+        "info",
+        description="What memfit's logger prints on rank 0 (the resolved config and step lines are info; other "
+        "ranks print warnings and errors). The environment variable MEMFIT_LOG_LEVEL overrides it.",
+    )
+
+
 class MemfitConfig(Section):
     train_batch_size: Integer(minimum=1, optional=True) = Field(
         None,
@@ -167,6 +175,9 @@ class MemfitConfig(Section):
     scheduler: SchedulerConfig | None = Field(None, description="Learning-rate schedule stepped with the optimizer.")
     zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig, description="ZeRO sharding.")
     aio: AioConfig = Field(default_factory=AioConfig, description="Asynchronous file I/O engine defaults.")
+    memfit: MemfitOwnConfig = Field(
+        default_factory=MemfitOwnConfig, description="memfit's own settings that DeepSpeed has no key for."
+    )
     snapshot: "SnapshotConfig" = Field(
         default_factory=lambda: SnapshotConfig(), description="In-memory snapshots and their persistence."
     )

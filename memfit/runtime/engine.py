@@ -23,6 +23,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from memfit.runtime.step_stats import StepStats
 from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params
 
 logger = logging.getLogger("memfit")
@@ -74,12 +75,15 @@ class Engine:
         self._auto_cast = config.fp16.enabled and config.fp16.auto_cast
         self.snapshotter = None  # set by the build when snapshots are on (memfit/checkpointing/snapshot.py)
         self.client_state, self.restored_from, self._client_state_source = {}, None, None
+        self.step_stats = StepStats()  # this rank's loss and timing of the last optimizer step
 
     # ---- phase 1: micro-steps -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         if self._auto_cast:  # fp16.auto_cast: floating-point inputs in the compute dtype
             args = tuple(_to_half(a) for a in args)
             kwargs = {key: _to_half(value) for key, value in kwargs.items()}
+        if self.module.training:
+            self.step_stats.add_inputs(args, kwargs)
         return self.module(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "Engine":
@@ -99,6 +103,7 @@ class Engine:
         micro-step."""
         self._grad_sync.before_backward(reducing=self.is_boundary() or self._grad_sync.reduces_every_backward)
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        self.step_stats.add_loss(loss)
         try:
             if scale != 1.0:
                 loss = loss * scale
@@ -144,13 +149,11 @@ class Engine:
         self.global_samples += self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
         if self.snapshotter is not None:
             self.snapshotter.after_step(self)
+        self.step_stats.end_step(
+            self.micro_batch_size * self.gradient_accumulation_steps * self.world_size, self.world_size
+        )
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
-            logger.info(
-                "step %d lr %s%s",
-                self.global_step,
-                [g["lr"] for g in self.optimizer.param_groups],
-                f" loss scale {self.loss_scaler.scale:g} skipped {self.skipped_steps}" if self.loss_scaler else "",
-            )
+            logger.info("%s", self.step_stats.line(self))
 
     def _gradient_multiplier(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor | None, bool]:
         """(what to multiply every gradient by, whether the step overflowed). The multiplier folds
