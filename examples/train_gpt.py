@@ -36,6 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=50, help="steps between validation losses")
     parser.add_argument("--eval-batches", type=int, default=4, help="micro-batches per validation")
     parser.add_argument("--metrics", default="runs/train_gpt/metrics.jsonl", help="JSONL metrics file")
+    parser.add_argument(
+        "--model-out", default="runs/train_gpt/model.safetensors", help="the final model (engine.save_16bit_model)"
+    )
     parser.add_argument("--save-dir", default=None, help="checkpoint directory")
     parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
@@ -181,9 +184,10 @@ def main(argv=None) -> None:
             bar.set_postfix(postfix)
         bar.update(1)
     bar.close()
+    engine.save_16bit_model(os.path.dirname(args.model_out) or ".", os.path.basename(args.model_out))
     if is_main:
         metrics.close()
-        print(f"train_gpt: done, metrics in {args.metrics}")
+        print(f"train_gpt: done, model in {args.model_out}, metrics in {args.metrics}")
 
 
 if __name__ == "__main__":

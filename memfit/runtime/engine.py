@@ -18,6 +18,7 @@ Invariant: between steps, every rank holds identical compute parameters and no g
 """
 
 import logging
+import os
 
 import psutil
 import torch
@@ -236,6 +237,18 @@ class Engine:
         if self.snapshotter is not None:
             self.snapshotter.join_copy()  # the last snapshot's lazy copy reads what loading overwrites
         return load_checkpoint(self, load_dir, tag)
+
+    def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin") -> bool:
+        """The module's state dict, as it trains (16-bit under bf16/fp16), as DeepSpeed's
+        save_16bit_model: rank 0 writes save_dir/save_filename (safetensors when the name ends in
+        .safetensors, torch.save otherwise); every rank holds the same parameters between steps."""
+        from memfit.checkpointing.export import save_module_state
+
+        if self.rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            save_module_state(self.module, os.path.join(os.fspath(save_dir), save_filename))
+        self.barrier()
+        return True
 
     def set_client_state(self, state) -> None:
         """What each snapshot keeps as the client's state (the data position): a dict, or a callable

@@ -136,6 +136,8 @@ def test_the_example_shows_the_description(tmp_path):
             "1",
             "--metrics",
             str(tmp_path / "metrics.jsonl"),
+            "--model-out",
+            str(tmp_path / "model.safetensors"),
         ],
         capture_output=True,
         text=True,
