@@ -142,6 +142,10 @@ class MemfitOwnConfig(Section):
         description="What memfit's logger prints on rank 0 (the resolved config and step lines are info; other "
         "ranks print warnings and errors). The environment variable MEMFIT_LOG_LEVEL overrides it.",
     )
+    jsonl_monitor: "JsonlMonitorConfig" = Field(
+        default_factory=lambda: JsonlMonitorConfig(),
+        description="memfit's JSONL monitor: one line per optimizer step with every metric.",
+    )
 
 
 class MemfitConfig(Section):
@@ -178,6 +182,15 @@ class MemfitConfig(Section):
     memfit: MemfitOwnConfig = Field(
         default_factory=MemfitOwnConfig, description="memfit's own settings that DeepSpeed has no key for."
     )
+    tensorboard: "TensorboardConfig" = Field(
+        default_factory=lambda: TensorboardConfig(), description="TensorBoard monitor (DeepSpeed's section)."
+    )
+    wandb: "WandbConfig" = Field(
+        default_factory=lambda: WandbConfig(), description="Weights & Biases monitor (DeepSpeed's section)."
+    )
+    csv_monitor: "CsvMonitorConfig" = Field(
+        default_factory=lambda: CsvMonitorConfig(), description="CSV monitor (DeepSpeed's section)."
+    )
     snapshot: "SnapshotConfig" = Field(
         default_factory=lambda: SnapshotConfig(), description="In-memory snapshots and their persistence."
     )
@@ -192,6 +205,13 @@ class MemfitConfig(Section):
         return train, micro, accumulation
 
 
-from memfit.config.snapshot import SnapshotConfig  # noqa: E402  (the section imports Section from here)
+from memfit.config.monitors import (  # noqa: E402  (the sections import Section from here)
+    CsvMonitorConfig,
+    JsonlMonitorConfig,
+    TensorboardConfig,
+    WandbConfig,
+)
+from memfit.config.snapshot import SnapshotConfig  # noqa: E402
 
+MemfitOwnConfig.model_rebuild()
 MemfitConfig.model_rebuild()

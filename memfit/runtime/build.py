@@ -12,6 +12,7 @@ from memfit.checkpointing.restore import restore_latest
 from memfit.checkpointing.snapshot import build_snapshotter
 from memfit.config import ClientComponents, ConfigError, describe_config, engine_gaps, resolve_config
 from memfit.io.engine import set_default_geometry
+from memfit.monitor import build_monitor
 from memfit.optim.groups import model_layout
 from memfit.optim.registry import build_optimizer
 from memfit.runtime.distributed import init_distributed, seed_everything
@@ -119,6 +120,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,
     )
+    engine.monitor = build_monitor(cfg, rank)
     engine.snapshotter = build_snapshotter(cfg.snapshot, engine)
     if engine.snapshotter is not None:
         restore_latest(engine, engine.snapshotter)

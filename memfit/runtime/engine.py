@@ -19,11 +19,12 @@ Invariant: between steps, every rank holds identical compute parameters and no g
 
 import logging
 import os
+import time
 
-import psutil
 import torch
 import torch.distributed as dist
 
+from memfit.runtime.memory_stats import peak_rss_bytes
 from memfit.runtime.step_stats import StepStats
 from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params
 
@@ -77,6 +78,7 @@ class Engine:
         self.snapshotter = None  # set by the build when snapshots are on (memfit/checkpointing/snapshot.py)
         self.client_state, self.restored_from, self._client_state_source = {}, None, None
         self.step_stats = StepStats()  # this rank's loss and timing of the last optimizer step
+        self.monitor = None  # set by the build: TensorBoard, W&B, CSV, JSONL (memfit/monitor)
 
     # ---- phase 1: micro-steps -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -128,7 +130,9 @@ class Engine:
         if not boundary:
             return
         if self.snapshotter is not None:
+            waited_from = time.perf_counter()
             self.snapshotter.wait_for_copy()  # the last snapshot's lazy copy reads what the update writes
+            self.step_stats.snapshot_stall_s = time.perf_counter() - waited_from
         touched = self._grad_sync.finish_step()
         if self.world_size > 1 and not self._grad_sync.reduces_every_backward:
             self._count_grad_bytes()
@@ -153,6 +157,8 @@ class Engine:
         self.step_stats.end_step(
             self.micro_batch_size * self.gradient_accumulation_steps * self.world_size, self.world_size
         )
+        if self.monitor is not None:
+            self.monitor.after_step(self)
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
             logger.info("%s", self.step_stats.line(self))
 
@@ -172,6 +178,7 @@ class Engine:
         if self.stage > 0:
             all_reduce_scalar(squares, self.world_size)
         total_norm = squares.sqrt()
+        self.step_stats.grad_norm = total_norm / (scaler.scale if scaler is not None else 1.0)
         scale = scaler.scale if scaler is not None else 1.0
         if scaler is not None and not bool(torch.isfinite(total_norm)):
             return None, True
@@ -219,7 +226,7 @@ class Engine:
         }
         if hasattr(self.host_tier, "swap_bytes"):  # offload_optimizer "nvme": the rank's swap file
             report["by_tier"]["nvme"] = self.host_tier.swap_bytes
-        report["peak_rss_bytes"] = _peak_rss_bytes()
+        report["peak_rss_bytes"] = peak_rss_bytes()
         return report
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, *, keep=None) -> str:
@@ -250,6 +257,12 @@ class Engine:
         self.barrier()
         return True
 
+    def log_metrics(self, values: dict) -> None:
+        """Adds the script's metrics (validation loss, ...) to the last step's monitor records;
+        a no-op without monitors and on ranks other than 0."""
+        if self.monitor is not None:
+            self.monitor.log_metrics(values)
+
     def set_client_state(self, state) -> None:
         """What each snapshot keeps as the client's state (the data position): a dict, or a callable
         returning one, called at each snapshot. A restore hands it back as engine.client_state."""
@@ -264,18 +277,6 @@ def _to_half(value):
     if torch.is_tensor(value) and value.is_floating_point():
         return value.to(torch.float16)
     return value
-
-
-def _peak_rss_bytes() -> int:
-    """The process's peak resident set (VmHWM), or its current RSS where /proc lacks it."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return psutil.Process().memory_info().rss
 
 
 NORM_CHUNK_NUMEL = 1 << 18

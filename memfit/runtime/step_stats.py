@@ -16,6 +16,8 @@ class StepStats:
         self.step_time_s = 0.0
         self.samples_per_s = 0.0
         self.tokens_per_s: float | None = None  # None when the engine saw no integer inputs (token ids)
+        self.grad_norm: torch.Tensor | None = None  # the global norm, when clipping computed it
+        self.snapshot_stall_s = 0.0  # how long the step waited for the last snapshot's copy
 
     def add_loss(self, loss: torch.Tensor) -> None:
         value = loss.detach().float().mean()
