@@ -3,7 +3,8 @@
 then `step,value` rows), and JSONL, one JSON object per optimizer step with every metric of it.
 
 Both open their files on the first write: a run whose first step is step 1 starts them afresh,
-a resumed run appends."""
+a resumed run appends. Each is flushed as it writes (one line, or a row per event, per step), so
+a killed run loses at most the step it was in."""
 
 import csv
 import json
@@ -31,6 +32,7 @@ class CsvMonitor:
                     writer.writerow(["step", name.split("/")[-1]])
                 entry = self._files[name] = (file, writer)
             entry[1].writerow([step, value])
+        self.flush()  # a few short writes per step: a killed run loses nothing it wrote
 
     def flush(self) -> None:
         for file, _ in self._files.values():
@@ -45,7 +47,8 @@ class CsvMonitor:
 class JsonlMonitor:
     """One line per optimizer step: "step", "samples", and each event under the last part of its
     name ("train_loss", "lr", "tokens_per_s", ...); values the script adds for the same step
-    (engine.log_metrics) join its line."""
+    (engine.log_metrics) join its line. The line is written and flushed when the next step's first
+    forward starts (or the monitor closes), that is right after the script's own work on the step."""
 
     def __init__(self, config):
         self.path = config.path
@@ -53,7 +56,7 @@ class JsonlMonitor:
         self._pending: dict | None = None
 
     def start_record(self, step: int, samples: int, resumed: bool) -> None:
-        self._write_pending()
+        self.write_pending()
         if self._file is None:
             self._file = open_for_run(self.path, resumed)
         self._pending = {"step": step, "samples": samples}
@@ -62,9 +65,10 @@ class JsonlMonitor:
         if self._pending is not None:
             self._pending.update(values)
 
-    def _write_pending(self) -> None:
+    def write_pending(self) -> None:
         if self._pending is not None and self._file is not None:
             self._file.write(json.dumps(self._pending) + "\n")
+            self._file.flush()
         self._pending = None
 
     def flush(self) -> None:
@@ -72,7 +76,7 @@ class JsonlMonitor:
             self._file.flush()
 
     def close(self) -> None:
-        self._write_pending()
+        self.write_pending()
         if self._file is not None:
             self._file.close()
             self._file = None

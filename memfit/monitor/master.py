@@ -59,6 +59,11 @@ class MonitorMaster:
             backend.write_events(events, self._resumed)
 
     # ---- what the engine calls ------------------------------------------------------------------
+    def before_forward(self) -> None:
+        """The previous step is over, with what the script added to it: its JSONL line is written."""
+        if self._jsonl is not None:
+            self._jsonl.write_pending()
+
     def after_step(self, engine) -> None:
         if not self.enabled:
             return

@@ -87,6 +87,8 @@ class Engine:
             kwargs = {key: _to_half(value) for key, value in kwargs.items()}
         if self.module.training:
             self.step_stats.add_inputs(args, kwargs)
+            if self.monitor is not None:
+                self.monitor.before_forward()
         return self.module(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "Engine":
