@@ -46,7 +46,7 @@ class StepStats:
         parts = [f"step {engine.global_step}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss.item():.4f}")
-        parts.append(f"lr {[group['lr'] for group in engine.optimizer.param_groups]}")
+        parts.append("lr [" + ", ".join(f"{group['lr']:.4g}" for group in engine.optimizer.param_groups) + "]")
         parts.append(f"samples/s {self.samples_per_s:.1f}")
         if self.tokens_per_s is not None:
             parts.append(f"tokens/s {self.tokens_per_s:.0f}")
