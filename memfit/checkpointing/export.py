@@ -132,7 +132,7 @@ def save_module_state(module: torch.nn.Module, path: str) -> None:
         entries = [(name, value.shape, value.dtype) for name, value in state.items()]
         write_safetensors(path, entries, state.__getitem__, {"format": "pt"})
     else:
-        torch.save(state, path)
+        torch.save({name: value.detach().cpu() for name, value in state.items()}, path)  # loads without a GPU
 
 
 __all__ = ["CheckpointError", "ConsolidatedState", "export_checkpoint", "save_module_state"]

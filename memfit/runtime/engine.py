@@ -180,8 +180,8 @@ class Engine:
         if self.stage > 0:
             all_reduce_scalar(squares, self.world_size)
         total_norm = squares.sqrt()
-        self.step_stats.grad_norm = total_norm / (scaler.scale if scaler is not None else 1.0)
         scale = scaler.scale if scaler is not None else 1.0
+        self.step_stats.grad_norm = total_norm / scale  # the norm of the unscaled gradients, for the monitors
         if scaler is not None and not bool(torch.isfinite(total_norm)):
             return None, True
         clip_coef = torch.clamp(max_norm / (total_norm / scale + 1e-6), max=1.0)

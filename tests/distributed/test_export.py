@@ -3,19 +3,20 @@ NVMe tier, becomes one state dict under the model's names; a fresh single-proces
 loads it (load_state_dict, safetensors' load_file, Hugging Face's sharded layout) computes what
 the trained engine computes. A damaged checkpoint is refused in one line naming the file."""
 
+import contextlib
+import io
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import memfit
+from memfit.launcher.cli import main
 from tests.distributed.harness import run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INPUTS = torch.arange(12) % 16
 
 
@@ -61,8 +62,11 @@ def train_and_save(rank, world_size, save_dir, offload):
 
 
 def export(*args):
-    return subprocess.run([sys.executable, "-m", "memfit.launcher.cli", "export", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
+    """`memfit export ARGS` through the command's entry point, in this process: (exit status, stderr)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        status = main(["export", *map(str, args)])
+    return status, stderr.getvalue()
 
 
 def outputs_of(state_dict):
@@ -81,19 +85,19 @@ def stage2_checkpoint(tmp_path_factory):
 
 def test_stage2_checkpoint_exports_to_safetensors_and_torch(stage2_checkpoint, tmp_path):
     directory, trained = stage2_checkpoint
-    assert export(directory / "ckpt", tmp_path / "st").returncode == 0
+    assert export(directory / "ckpt", tmp_path / "st")[0] == 0
     assert torch.equal(outputs_of(load_file(tmp_path / "st" / "model.safetensors")), trained)
-    assert export(directory / "ckpt", tmp_path / "pt", "--format", "torch").returncode == 0
+    assert export(directory / "ckpt", tmp_path / "pt", "--format", "torch")[0] == 0
     assert torch.equal(outputs_of(torch.load(tmp_path / "pt" / "pytorch_model.bin", weights_only=True)), trained)
-    assert export(directory / "ckpt", tmp_path / "bf16", "--dtype", "bf16").returncode == 0
+    assert export(directory / "ckpt", tmp_path / "bf16", "--dtype", "bf16")[0] == 0
     half = load_file(tmp_path / "bf16" / "model.safetensors")
     assert half["proj.weight"].dtype == torch.bfloat16 and half["norm.num_batches_tracked"].dtype == torch.int64
 
 
 def test_a_large_model_is_sharded_as_hugging_face_lays_it_out(stage2_checkpoint, tmp_path):
     directory, trained = stage2_checkpoint
-    result = export(directory / "ckpt", tmp_path, "--max-shard-size", "300B")
-    assert result.returncode == 0, result.stderr
+    status, stderr = export(directory / "ckpt", tmp_path, "--max-shard-size", "300B")
+    assert status == 0, stderr
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
@@ -107,7 +111,7 @@ def test_a_large_model_is_sharded_as_hugging_face_lays_it_out(stage2_checkpoint,
 
 def test_nvme_tier_checkpoint_exports(tmp_path):
     trained = train_and_save(0, 1, str(tmp_path), "nvme")  # one rank, in this process: the tier is the point
-    assert export(tmp_path / "ckpt", tmp_path / "out").returncode == 0
+    assert export(tmp_path / "ckpt", tmp_path / "out")[0] == 0
     assert torch.equal(outputs_of(load_file(tmp_path / "out" / "model.safetensors")), trained)
 
 
@@ -116,17 +120,17 @@ def test_a_damaged_checkpoint_is_refused(stage2_checkpoint, tmp_path):
     tag = directory / "ckpt" / (directory / "ckpt" / "latest").read_text().strip()
     for damage in ("flip", "truncate"):
         copy = tmp_path / damage
-        subprocess.run(["cp", "-r", str(tag), str(copy)], check=True)
+        shutil.copytree(tag, copy)
         data = bytearray((copy / "rank1.pt").read_bytes())
         if damage == "flip":
             data[len(data) // 2] ^= 0x01
         else:
             data = data[: len(data) - 100]
         (copy / "rank1.pt").write_bytes(bytes(data))
-        result = export(copy, tmp_path / f"out-{damage}")
-        assert result.returncode == 2
-        assert result.stderr.startswith(f"memfit export: {copy / 'rank1.pt'}: "), result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        status, stderr = export(copy, tmp_path / f"out-{damage}")
+        assert status == 2
+        assert stderr.startswith(f"memfit export: {copy / 'rank1.pt'}: "), stderr
+        assert len(stderr.strip().splitlines()) == 1
 
 
 def test_save_16bit_model_writes_what_the_engine_trains(tmp_path):
