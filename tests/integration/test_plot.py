@@ -1,20 +1,22 @@
-"""`memfit plot`: runs written by the engine's monitors (a JSONL file and a csv_monitor directory)
+"""`memfit plot` (its entry point, in this process): runs written by the engine's monitors (a JSONL file and a csv_monitor directory)
 overlaid in one PNG; a path that is not a run is one line naming it."""
 
-import os
-import subprocess
+import contextlib
+import io
 import sys
 
 import torch
 
 import memfit
+from memfit.launcher.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def plot(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "memfit.launcher.cli", "plot", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=cwd, env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
+def plot(*args):
+    """`memfit plot ARGS` through the command's entry point, in this process: (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(["plot", *map(str, args)])
+    return status, out.getvalue(), err.getvalue()
 
 
 def write_run(directory):
@@ -40,10 +42,10 @@ def test_plot_overlays_a_jsonl_run_and_a_csv_run(tmp_path):
     import matplotlib.image
 
     write_run(tmp_path)
-    result = plot(tmp_path / "run.jsonl", tmp_path / "csv_run", "-o", tmp_path / "out" / "runs.png",
-                  "--label", "jsonl", "--label", "csv", cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("2 run(s) (jsonl: 6 loss points, csv: 6 loss points)")
+    status, stdout, stderr = plot(tmp_path / "run.jsonl", tmp_path / "csv_run", "-o", tmp_path / "out" / "runs.png",
+                                  "--label", "jsonl", "--label", "csv")  # fmt: skip
+    assert status == 0, stderr
+    assert stdout.strip().endswith("2 run(s) (jsonl: 6 loss points, csv: 6 loss points)")
     assert matplotlib.image.imread(tmp_path / "out" / "runs.png").shape == (800, 1200, 4)
 
 
@@ -54,14 +56,12 @@ def test_a_path_that_is_not_a_run_is_one_line(tmp_path):
         (tmp_path / "bad.jsonl", "bad.jsonl:2: not JSON"),
         (tmp_path, "a directory without csv_monitor files"),
     ):
-        result = plot(path, cwd=tmp_path)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-        assert result.stderr.startswith("memfit plot: ") and message in result.stderr
+        status, _, stderr = plot(path, "-o", tmp_path / "out.png")
+        assert status == 2 and stderr.count("\n") == 1, stderr
+        assert stderr.startswith("memfit plot: ") and message in stderr
 
 
 def test_without_matplotlib_the_error_says_what_to_install(tmp_path, monkeypatch, capsys):
-    from memfit.launcher.cli import main
-
     (tmp_path / "run.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without matplotlib imports
     assert main(["plot", str(tmp_path / "run.jsonl"), "-o", str(tmp_path / "out.png")]) == 2
