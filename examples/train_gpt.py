@@ -3,15 +3,14 @@
     memfit run --nproc-per-node 2 examples/train_gpt.py --config examples/configs/zero2.json
 
 Also runs under plain torchrun (pass --config) or as a single process. Default data: the Python
-standard library's source files. Rank 0 shows a progress bar; metrics go to a JSONL file.
+standard library's source files. Rank 0 shows a progress bar on a terminal (memfit's step lines
+otherwise); metrics go to a JSONL file.
 """
 
 import argparse
 import json
-import logging
 import os
 import sys
-import time
 
 import psutil
 import torch
@@ -36,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=50, help="steps between validation losses")
     parser.add_argument("--eval-batches", type=int, default=4, help="micro-batches per validation")
     parser.add_argument("--metrics", default="runs/train_gpt/metrics.jsonl", help="JSONL metrics file")
+    parser.add_argument(
+        "--model-out", default="runs/train_gpt/model.safetensors", help="the final model (engine.save_16bit_model)"
+    )
     parser.add_argument("--save-dir", default=None, help="checkpoint directory")
     parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
@@ -95,13 +97,14 @@ def validation_loss(engine, data, args, micro_batch, seq_len) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # memfit logs (the resolved config, "resumed from ...") on rank 0 through the "memfit" logger
-    is_first_rank = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if is_first_rank else logging.WARNING, format="%(name)s: %(message)s")
     model_cfg = PRESETS[args.preset]
     torch.manual_seed(0)
     model = GPT(model_cfg)
-    engine = memfit.initialize(model, args.config)
+    with open(args.config) as file:
+        config = json.load(file)
+    # metrics go through memfit's JSONL monitor (one line per step, rank 0), unless the config has one
+    config.setdefault("memfit", {}).setdefault("jsonl_monitor", {"enabled": True, "path": args.metrics})
+    engine = memfit.initialize(model, config)
     train, validation, source = load_corpus(args.data)
     # Snapshots (config "snapshot"): each one keeps the data position, and a restarted job is
     # restored by memfit.initialize; the loop continues where the snapshot was taken.
@@ -114,7 +117,6 @@ def main(argv=None) -> None:
             print(f"train_gpt: --resume: no checkpoint in {args.save_dir} yet; starting at step 0", flush=True)
 
     micro, accumulation = engine.micro_batch_size, engine.gradient_accumulation_steps
-    tokens_per_step = micro * accumulation * engine.world_size * model_cfg.seq_len
     is_main = engine.rank == 0
     if is_main:
         num_params = sum(p.numel() for p in model.parameters())
@@ -123,13 +125,11 @@ def main(argv=None) -> None:
             f"ZeRO stage {engine.stage}, data {source} ({len(train) / (1 << 20):.1f} MiB train)",
             flush=True,
         )
-        os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
-    restored = engine.restored_from is not None
-    metrics = open(args.metrics, "a" if args.resume or restored else "w") if is_main else None
-    bar = tqdm(total=args.max_steps, initial=start_step, desc="train", disable=not is_main, dynamic_ncols=True)
+    # A bar on a terminal; in a log file, memfit's step lines (every steps_per_print steps) instead
+    show_bar = is_main and sys.stdout.isatty()
+    bar = tqdm(total=args.max_steps, initial=start_step, desc="train", disable=not show_bar, file=sys.stdout)
 
     for step in range(start_step, args.max_steps):
-        started = time.perf_counter()
         step_loss = 0.0
         for micro_step in range(accumulation):
             inputs, targets = batch_for(
@@ -149,18 +149,10 @@ def main(argv=None) -> None:
             engine.step()
             step_loss += loss.item() / accumulation
         loss_value = mean_over_ranks(step_loss, engine)
-        tokens_per_s = tokens_per_step / (time.perf_counter() - started)
         done = step + 1
-        record = {
-            "step": done,
-            "loss": round(loss_value, 5),
-            "tokens_per_s": round(tokens_per_s, 1),
-            "lr": engine.optimizer.param_groups[0]["lr"],
-        }
-        if engine.loss_scaler is not None:  # fp16
-            record.update(loss_scale=engine.loss_scaler.scale, skipped_steps=engine.skipped_steps)
-        if restored and step == start_step:
-            record["restored_from"] = engine.restored_from
+        # memfit's monitor records the step (lr, tokens/s, grad norm, loss scale, restored_from, ...);
+        # the example adds the loss averaged over ranks and what it measures itself
+        record = {"loss": round(loss_value, 5)}
         if done % engine.config.steps_per_print == 0 or done == args.max_steps or done % args.eval_every == 0:
             record["rss_bytes_per_rank"] = rss_per_rank(engine)
             record["memory"] = engine.memory_report()
@@ -170,10 +162,9 @@ def main(argv=None) -> None:
             record["params_xxh3"] = params_digest(engine)
         if args.save_dir and ((args.save_every and done % args.save_every == 0) or done == args.max_steps):
             engine.save_checkpoint(args.save_dir, client_state={"data_position": done})
+        engine.log_metrics(record)
         if is_main:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{tokens_per_s:.0f}"}
+            postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{engine.step_stats.tokens_per_s or 0:.0f}"}
             if "rss_bytes_per_rank" in record:
                 postfix["rss"] = "/".join(f"{b / 2**20:.0f}M" for b in record["rss_bytes_per_rank"])
             if "val_loss" in record:
@@ -182,9 +173,9 @@ def main(argv=None) -> None:
             bar.set_postfix(postfix)
         bar.update(1)
     bar.close()
+    engine.save_16bit_model(os.path.dirname(args.model_out) or ".", os.path.basename(args.model_out))
     if is_main:
-        metrics.close()
-        print(f"train_gpt: done, metrics in {args.metrics}")
+        print(f"train_gpt: done, model in {args.model_out}, metrics in {args.metrics}")
 
 
 if __name__ == "__main__":

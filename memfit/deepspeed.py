@@ -220,7 +220,7 @@ class DeepSpeedEngine:
 
     @property
     def global_samples(self) -> int:
-        return self._engine.global_step * self.train_batch_size()
+        return self._engine.global_samples
 
     @property
     def skipped_steps(self) -> int:

@@ -7,6 +7,7 @@ A payload, as a checkpoint file (and later a snapshot) holds it for one rank:
     param_groups     the rank's optimizer groups: hyperparameters plus "param_names"
     frozen           {name: tensor}: parameters with requires_grad=False (rank 0 only)
     buffers          {name: tensor}: the rank's module buffers (BatchNorm statistics)
+    state_dict_layout  persistent buffer names and tied-parameter aliases (for `memfit export`)
     scheduler, rng, global_step, micro_step, client_state
 Everything is keyed by parameter name, and every rank computes the same ownership plan, so a
 rank restores by reading the payloads that hold the tensors it owns now. Group hyperparameters
@@ -80,7 +81,9 @@ def export_rank_state(engine, client_state: dict) -> dict:
         if engine.rank == 0
         else {},
         "buffers": {name: buffer.detach().cpu() for name, buffer in module.named_buffers()},
+        "state_dict_layout": state_dict_layout(module),
         "global_step": engine.global_step,
+        "global_samples": engine.global_samples,
         "micro_step": engine.micro_step,
         "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler is not None else None,
@@ -88,6 +91,25 @@ def export_rank_state(engine, client_state: dict) -> dict:
         "rng": rng_state(),
         "client_state": client_state,
     }
+
+
+def state_dict_layout(module: torch.nn.Module) -> dict:
+    """What the module's state_dict holds beyond the saved tensors, for `memfit export`: the names
+    of its persistent buffers (named_buffers also lists the others), and every second name of a
+    tied parameter, with the name it was saved under."""
+    persistent = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, child in module.named_modules()
+        for name, buffer in child.named_buffers(recurse=False)
+        if buffer is not None and name not in child._non_persistent_buffers_set
+    ]
+    first_name, aliases = {}, {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            aliases[name] = first_name[id(param)]
+        else:
+            first_name[id(param)] = name
+    return {"persistent_buffers": persistent, "aliases": aliases}
 
 
 def _portable(key: str, value):
@@ -148,6 +170,9 @@ def restore_rank_state(engine, source: StateSource, load_optimizer_states: bool 
     if engine.host_tier is not None:
         engine.host_tier.adopt(engine.optimizer)
     engine.global_step, engine.micro_step = base["global_step"], base["micro_step"]
+    # a checkpoint from before global_samples was saved: its steps all ran at its own world size
+    samples_per_step = engine.micro_batch_size * engine.gradient_accumulation_steps * source.world_size
+    engine.global_samples = base.get("global_samples", base["global_step"] * samples_per_step)
     if load_optimizer_states and engine.lr_scheduler is not None and base["scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(base["scheduler"])
     if engine.loss_scaler is not None and base.get("loss_scaler") is not None:  # fp16: the scale goes on

@@ -140,6 +140,18 @@ class AioConfig(Section):
     )
 
 
+class MemfitOwnConfig(Section):
+    log_level: OneOf("debug", "info", "warning", "error") = Field(
+        "info",
+        description="What memfit's logger prints on rank 0 (the resolved config and step lines are info; other "
+        "ranks print warnings and errors). The environment variable MEMFIT_LOG_LEVEL overrides it.",
+    )
+    jsonl_monitor: "JsonlMonitorConfig" = Field(
+        default_factory=lambda: JsonlMonitorConfig(),
+        description="memfit's JSONL monitor: one line per optimizer step with every metric.",
+    )
+
+
 class MemfitConfig(Section):
     train_batch_size: Integer(minimum=1, optional=True, limit=MAX_COUNT) = Field(
         None,
@@ -173,6 +185,18 @@ class MemfitConfig(Section):
     scheduler: SchedulerConfig | None = Field(None, description="Learning-rate schedule stepped with the optimizer.")
     zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig, description="ZeRO sharding.")
     aio: AioConfig = Field(default_factory=AioConfig, description="Asynchronous file I/O engine defaults.")
+    memfit: MemfitOwnConfig = Field(
+        default_factory=MemfitOwnConfig, description="memfit's own settings that DeepSpeed has no key for."
+    )
+    tensorboard: "TensorboardConfig" = Field(
+        default_factory=lambda: TensorboardConfig(), description="TensorBoard monitor (DeepSpeed's section)."
+    )
+    wandb: "WandbConfig" = Field(
+        default_factory=lambda: WandbConfig(), description="Weights & Biases monitor (DeepSpeed's section)."
+    )
+    csv_monitor: "CsvMonitorConfig" = Field(
+        default_factory=lambda: CsvMonitorConfig(), description="CSV monitor (DeepSpeed's section)."
+    )
     snapshot: "SnapshotConfig" = Field(
         default_factory=lambda: SnapshotConfig(), description="In-memory snapshots and their persistence."
     )
@@ -190,6 +214,13 @@ class MemfitConfig(Section):
         return train, micro, accumulation
 
 
-from memfit.config.snapshot import CheckpointConfig, SnapshotConfig  # noqa: E402  (they import Section from here)
+from memfit.config.monitors import (  # noqa: E402  (the sections import Section from here)
+    CsvMonitorConfig,
+    JsonlMonitorConfig,
+    TensorboardConfig,
+    WandbConfig,
+)
+from memfit.config.snapshot import CheckpointConfig, SnapshotConfig  # noqa: E402
 
+MemfitOwnConfig.model_rebuild()
 MemfitConfig.model_rebuild()

@@ -7,7 +7,7 @@ check` needs it: checking a config resolves its optimizer through the registry.)
 import argparse
 import sys
 
-from memfit.launcher import config_cmd, estimate_cmd, snapshot_cmd
+from memfit.launcher import config_cmd, estimate_cmd, export_cmd, plot_cmd, snapshot_cmd
 
 RUN_HELP = "launch a training script (torchrun's options plus --config)"
 REPORT_HELP = "print what memfit finds here: versions, devices, native extension, I/O, CPU, limits"
@@ -23,6 +23,8 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     commands.add_parser("report", help=REPORT_HELP)
     estimate_cmd.add_arguments(commands)
     snapshot_cmd.add_arguments(commands)
+    export_cmd.add_arguments(commands)
+    plot_cmd.add_arguments(commands)
     bench = commands.add_parser("bench", help="measure this machine").add_subparsers(dest="what", required=True)
     bench_io_parser = bench.add_parser("io", help="file I/O throughput of each backend")
     if list(argv[:2]) == ["bench", "io"]:
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return report()
     if args.command == "snapshot":
         return snapshot_cmd.run(args)
+    if args.command == "export":
+        return export_cmd.run(args)
+    if args.command == "plot":
+        return plot_cmd.run(args)
     if args.command == "bench" and args.what == "io":
         from memfit.launcher import bench_io
 

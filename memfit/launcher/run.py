@@ -12,6 +12,7 @@ Ctrl-C is handled here rather than by torchrun, which would forward SIGINT and l
 print its own KeyboardInterrupt traceback: the workers are stopped with SIGTERM instead.
 """
 
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from torch.distributed.run import run as torchrun
 
 from memfit.config import ConfigError, engine_gaps, load_config
 from memfit.runtime.lifecycle import LAUNCHER_PID_ENV
+from memfit.runtime.logs import SHOWN_WARNINGS_ENV
 
 SINGLE_NODE = ("1", "1:1")
 FRESH_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"  # torch's opt-out of one agent store for all rounds
@@ -92,7 +94,10 @@ def start_snapshot_agent(paths: list[str], rdzv_id: str = "none") -> str | None:
     from memfit.checkpointing.identity import JOB_ID_ENV, MEANINGLESS_RUN_IDS, job_id
     from memfit.checkpointing.snapshot import agent_arguments, resolve_shm_dir
 
-    loaded = next((config for config in map(load_config, paths) if config.snapshot.interval_steps), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # check_configs printed them
+        configs = [load_config(path) for path in paths]
+    loaded = next((config for config in configs if config.snapshot.interval_steps), None)
     if loaded is None:
         return None
     config, group_access = loaded.snapshot, loaded.checkpoint.group_access
@@ -144,7 +149,7 @@ def fixed_world_size(args) -> int | None:
 
 def check_configs(paths: list[str], world_size: int | None) -> list[str]:
     """Every problem in the configs, one line each; warnings are printed as they are found."""
-    problems = []
+    problems, shown = [], []
     for path in paths:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -158,6 +163,9 @@ def check_configs(paths: list[str], world_size: int | None) -> list[str]:
                 problems += [f"{path}: {problem}" for problem in error.problems]
         for warning in caught:
             print(f"memfit run: warning: {warning.message}", file=sys.stderr)
+            text = str(warning.message)  # "<path>: ..."; workers read the config by its absolute path
+            shown += [text, text.replace(f"{path}: ", f"{os.path.abspath(path)}: ", 1)]
+    os.environ[SHOWN_WARNINGS_ENV] = json.dumps(shown)  # rank 0 does not print them a second time
     return problems
 
 

@@ -13,11 +13,13 @@ from memfit.checkpointing.restore import restore_latest
 from memfit.checkpointing.snapshot import build_snapshotter
 from memfit.config import ClientComponents, ConfigError, describe_config, engine_gaps, resolve_config
 from memfit.io.engine import set_default_geometry
+from memfit.monitor import build_monitor
 from memfit.optim.groups import model_layout
 from memfit.optim.registry import build_optimizer
 from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
 from memfit.runtime.estimate import host_memory_problem
+from memfit.runtime.logs import setup_logging
 from memfit.runtime.loss_scale import build_loss_scaler
 from memfit.runtime.nvme_update import build_nvme_update
 from memfit.runtime.offload import HostTier, kernel_optimizer, planned_host_bytes, runs_on_kernel, stages_through_host
@@ -49,8 +51,12 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         config = os.environ["MEMFIT_CONFIG"]
     client = ClientComponents(optimizer, lr_scheduler)
     rank, world_size, device = init_distributed(collective_timeout_s(config, client))
-    resolved = resolve_config(config, world_size, client)
+    with warnings.catch_warnings(record=True) as config_warnings:  # shown once the config's log level is known
+        resolved = resolve_config(config, world_size, client)
     cfg = resolved.config
+    setup_logging(rank, cfg.memfit.log_level)
+    for caught in config_warnings:
+        warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     if gaps := engine_gaps(cfg, world_size):
         raise ConfigError(gaps, os.fspath(config) if isinstance(config, (str, os.PathLike)) else "config")
     if rank == 0:
@@ -116,6 +122,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         accumulation_steps=accumulation_steps,
     )
     engine.job_id, engine.fingerprint = job_id(), fingerprint(model, cfg, optimizer, opt)
+    engine.monitor = build_monitor(cfg, rank)
     engine.snapshotter = build_snapshotter(cfg.snapshot, engine)
     if engine.snapshotter is not None:
         restore_latest(engine, engine.snapshotter)

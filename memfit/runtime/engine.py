@@ -18,11 +18,14 @@ Invariant: between steps, every rank holds identical compute parameters and no g
 """
 
 import logging
+import os
+import time
 
-import psutil
 import torch
 import torch.distributed as dist
 
+from memfit.runtime.memory_stats import peak_rss_bytes
+from memfit.runtime.step_stats import StepStats
 from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params
 
 logger = logging.getLogger("memfit")
@@ -67,6 +70,7 @@ class Engine:
         self.micro_batch_size = micro_batch_size
         self.gradient_accumulation_steps = accumulation_steps
         self.global_step = 0
+        self.global_samples = 0  # summed per step at the world size of that step, so a resume at another keeps it
         self.micro_step = 0
         self.skipped_steps = 0  # fp16 steps skipped for an overflow
         self.grad_bytes_after_reduce = 0  # gradient bytes this rank held after the last reduction
@@ -74,12 +78,18 @@ class Engine:
         self.snapshotter = None  # set by the build when snapshots are on (memfit/checkpointing/snapshot.py)
         self.client_state, self.restored_from, self._client_state_source = {}, None, None
         self.job_id, self.fingerprint = "", None  # set by the build (memfit/checkpointing/identity.py)
+        self.step_stats = StepStats()  # this rank's loss and timing of the last optimizer step
+        self.monitor = None  # set by the build: TensorBoard, W&B, CSV, JSONL (memfit/monitor)
 
     # ---- phase 1: micro-steps -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         if self._auto_cast:  # fp16.auto_cast: floating-point inputs in the compute dtype
             args = tuple(_to_half(a) for a in args)
             kwargs = {key: _to_half(value) for key, value in kwargs.items()}
+        if self.module.training:
+            self.step_stats.add_inputs(args, kwargs)
+            if self.monitor is not None:
+                self.monitor.before_forward()
         return self.module(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "Engine":
@@ -99,6 +109,7 @@ class Engine:
         micro-step."""
         self._grad_sync.before_backward(reducing=self.is_boundary() or self._grad_sync.reduces_every_backward)
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        self.step_stats.add_loss(loss)
         try:
             if scale != 1.0:
                 loss = loss * scale
@@ -122,7 +133,9 @@ class Engine:
         if not boundary:
             return
         if self.snapshotter is not None:
+            waited_from = time.perf_counter()
             self.snapshotter.wait_for_copy()  # the last snapshot's lazy copy reads what the update writes
+            self.step_stats.snapshot_stall_s = time.perf_counter() - waited_from
         touched = self._grad_sync.finish_step()
         if self.world_size > 1 and not self._grad_sync.reduces_every_backward:
             self._count_grad_bytes()
@@ -141,15 +154,16 @@ class Engine:
         if not overflow and self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_step += 1
+        self.global_samples += self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
         if self.snapshotter is not None:
             self.snapshotter.after_step(self)
+        self.step_stats.end_step(
+            self.micro_batch_size * self.gradient_accumulation_steps * self.world_size, self.world_size
+        )
+        if self.monitor is not None:
+            self.monitor.after_step(self)
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
-            logger.info(
-                "step %d lr %s%s",
-                self.global_step,
-                [g["lr"] for g in self.optimizer.param_groups],
-                f" loss scale {self.loss_scaler.scale:g} skipped {self.skipped_steps}" if self.loss_scaler else "",
-            )
+            logger.info("%s", self.step_stats.line(self))
 
     def _gradient_multiplier(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor | None, bool]:
         """(what to multiply every gradient by, whether the step overflowed). The multiplier folds
@@ -168,6 +182,7 @@ class Engine:
             all_reduce_scalar(squares, self.world_size)
         total_norm = squares.sqrt()
         scale = scaler.scale if scaler is not None else 1.0
+        self.step_stats.grad_norm = total_norm / scale  # the norm of the unscaled gradients, for the monitors
         if scaler is not None and not bool(torch.isfinite(total_norm)):
             return None, True
         clip_coef = torch.clamp(max_norm / (total_norm / scale + 1e-6), max=1.0)
@@ -214,7 +229,7 @@ class Engine:
         }
         if hasattr(self.host_tier, "swap_bytes"):  # offload_optimizer "nvme": the rank's swap file
             report["by_tier"]["nvme"] = self.host_tier.swap_bytes
-        report["peak_rss_bytes"] = _peak_rss_bytes()
+        report["peak_rss_bytes"] = peak_rss_bytes()
         return report
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, *, keep=None) -> str:
@@ -236,6 +251,24 @@ class Engine:
             self.snapshotter.join_copy()  # the last snapshot's lazy copy reads what loading overwrites
         return load_checkpoint(self, load_dir, tag, load_optimizer_states=load_optimizer_states)
 
+    def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin") -> bool:
+        """The module's state dict, as it trains (16-bit under bf16/fp16), as DeepSpeed's
+        save_16bit_model: rank 0 writes save_dir/save_filename (safetensors when the name ends in
+        .safetensors, torch.save otherwise); every rank holds the same parameters between steps."""
+        from memfit.checkpointing.export import save_module_state
+
+        if self.rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            save_module_state(self.module, os.path.join(os.fspath(save_dir), save_filename))
+        self.barrier()
+        return True
+
+    def log_metrics(self, values: dict) -> None:
+        """Adds the script's metrics (validation loss, ...) to the last step's monitor records;
+        a no-op without monitors and on ranks other than 0."""
+        if self.monitor is not None:
+            self.monitor.log_metrics(values)
+
     def set_client_state(self, state) -> None:
         """What each snapshot keeps as the client's state (the data position): a dict, or a callable
         returning one, called at each snapshot. A restore hands it back as engine.client_state.
@@ -256,18 +289,6 @@ def _to_half(value):
     if torch.is_tensor(value) and value.is_floating_point():
         return value.to(torch.float16)
     return value
-
-
-def _peak_rss_bytes() -> int:
-    """The process's peak resident set (VmHWM), or its current RSS where /proc lacks it."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return psutil.Process().memory_info().rss
 
 
 NORM_CHUNK_NUMEL = 1 << 18

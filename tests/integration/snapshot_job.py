@@ -70,7 +70,7 @@ class Job:
         command = [sys.executable, "-m", *LAUNCHERS[launcher], "--nproc-per-node", "2"]
         command += ["--max-restarts", str(max_restarts), EXAMPLE, "--config", config]
         command += ["--data", write_corpus(directory), "--max-steps", str(MAX_STEPS), "--eval-every", "1000"]
-        command += ["--metrics", metrics]
+        command += ["--metrics", metrics, "--model-out", os.path.join(directory, "model.safetensors")]
         self.log_path = os.path.join(directory, f"job-{uuid.uuid4().hex[:6]}.log")
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(

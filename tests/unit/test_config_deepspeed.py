@@ -275,7 +275,7 @@ def test_keys_that_change_nothing_are_accepted_silently(overrides):
             {"wall_clock_breakdown": True},
             "wall_clock_breakdown: true is ignored by memfit: memfit does not time step phases",
         ),
-        ({"tensorboard": {"enabled": True}}, "tensorboard: ignored by memfit: it only configures DeepSpeed's logging"),
+        ({"comet": {"enabled": True}}, "comet: ignored by memfit: it only configures DeepSpeed's logging"),
         (
             {"timers": {"throughput": {"enabled": True}}},
             "timers: ignored by memfit: it only configures DeepSpeed's logging",

@@ -136,6 +136,8 @@ def test_the_example_shows_the_description(tmp_path):
             "1",
             "--metrics",
             str(tmp_path / "metrics.jsonl"),
+            "--model-out",
+            str(tmp_path / "model.safetensors"),
         ],
         capture_output=True,
         text=True,
@@ -144,3 +146,4 @@ def test_the_example_shows_the_description(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "memfit: memfit config:\n  batch: global 16 = micro batch 8 x accumulation 2 x 1 rank\n" in result.stderr
+    assert "\r" not in result.stdout + result.stderr  # no progress-bar frames when the output is not a terminal
