@@ -150,7 +150,9 @@ class MemfitConfig(Section):
         description='Micro-steps per optimizer step; 1 when only one other batch key is given. "auto": derived.',
     )
     gradient_clipping: Real(minimum=0) = Field(
-        1.0, description='Clip the global gradient L2 norm to this; 0 turns it off. "auto": 1.0.'
+        0.0,
+        description="Clip the global gradient L2 norm to this; 0 (the default, as in DeepSpeed) turns it off. "
+        '"auto": 1.0, the Hugging Face Trainer\'s max_grad_norm.',
     )
     bf16: Bf16Config = Field(default_factory=Bf16Config, description="bfloat16 training.")
     fp16: Fp16Config = Field(default_factory=Fp16Config, description="float16 training with loss scaling.")

@@ -95,8 +95,8 @@ class WarmupLR(_Schedule):
         if warmup_type not in WARMUP_TYPES:
             raise ValueError(f"warmup_type must be 'log' or 'linear', got {warmup_type!r}")
         self.optimizer = optimizer
-        if warmup_max_lr is None:
-            warmup_max_lr = [group["lr"] for group in optimizer.param_groups]
+        if warmup_max_lr is None:  # the lr's value: a tensor lr is the optimizer's, and set_lrs fills it
+            warmup_max_lr = [float(group["lr"]) for group in optimizer.param_groups]
         self.min_lrs = _per_group(optimizer, warmup_min_lr, "warmup_min_lr")
         self.max_lrs = _per_group(optimizer, warmup_max_lr, "warmup_max_lr")
         self.warmup_num_steps = max(2, warmup_num_steps)
@@ -181,7 +181,7 @@ class WarmupCosineLR(_Schedule):
         if last_batch_iteration == -1:
             self._last_lr = _set_lrs(optimizer, self.get_lr())
 
-    def lr_ratio(self) -> float:
+    def get_lr_ratio(self) -> float:
         if self.last_batch_iteration < 0:
             return 0.0
         if self.last_batch_iteration < self.warmup_num_steps:
@@ -192,7 +192,7 @@ class WarmupCosineLR(_Schedule):
         return max(0.0, self.cos_min_ratio + (1.0 - self.cos_min_ratio) * (1 + math.cos(math.pi * progress)) / 2)
 
     def get_lr(self) -> list[float]:
-        ratio = self.lr_ratio()
+        ratio = self.get_lr_ratio()
         return [lr * ratio for lr in self.base_lrs]
 
 
