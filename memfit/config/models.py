@@ -159,6 +159,14 @@ class MemfitConfig(Section):
     seed: Integer(minimum=0, maximum=MAX_SEED) = Field(
         1234, description="Seed for python, numpy and torch; rank r uses seed + r."
     )
+    gradient_allreduce_op: OneOf("mean", "sum") = Field(
+        "mean",
+        description='How gradients combine across data-parallel ranks: "mean" (DeepSpeed\'s default) or "sum" '
+        "(the sum, world size times the mean).",
+    )
+    dataloader_drop_last: Boolean = Field(
+        False, description="Drop the last incomplete batch of the loader initialize(training_data=...) builds."
+    )
     steps_per_print: Integer(minimum=1) = Field(10, description="Optimizer steps between progress prints.")
     collective_timeout_s: Real(minimum=1) = Field(
         1800.0,
@@ -172,6 +180,11 @@ class MemfitConfig(Section):
     snapshot: "SnapshotConfig" = Field(
         default_factory=lambda: SnapshotConfig(), description="In-memory snapshots and their persistence."
     )
+
+    @field_validator("gradient_allreduce_op", mode="before")
+    @classmethod
+    def allreduce_op_in_any_case(cls, value):
+        return value.lower() if isinstance(value, str) else value  # DeepSpeed lower-cases it
 
     def batch_sizes(self, world_size: int) -> tuple[int, int, int]:
         """(train_batch_size, micro batch per rank, accumulation steps) for world_size ranks."""

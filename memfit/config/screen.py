@@ -55,7 +55,11 @@ def _section(raw: dict, model: type[BaseModel], path: str, screened: Screened, f
             _field(kept, key, value, fields[key].annotation, where, screened, found)
             continue
         if key not in deepspeed:
-            found.problems.append(unknown_key(path, key, list(fields) + list(deepspeed)))
+            problem = unknown_key(path, key, list(fields) + list(deepspeed))
+            if path:
+                found.problems.append(problem)
+            else:  # DeepSpeed ignores unknown top-level keys (other tools' settings share its file)
+                found.warnings.append(f"{problem}; ignored, as DeepSpeed ignores unknown top-level keys")
             continue
         verdict = deepspeed[key](value)
         if verdict.problem:

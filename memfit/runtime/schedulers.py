@@ -1,5 +1,5 @@
 """DeepSpeed 0.19's learning-rate schedules, with its parameter names, defaults and step timing:
-WarmupLR, WarmupDecayLR, WarmupCosineLR and OneCycle.
+LRRangeTest, WarmupLR, WarmupDecayLR, WarmupCosineLR and OneCycle.
 
 Timing, as in DeepSpeed: the engine calls step() after each optimizer step, and
 last_batch_iteration counts those calls from -1. Construction sets the lr of iteration -1 (the
@@ -196,6 +196,36 @@ class WarmupCosineLR(_Schedule):
         return [lr * ratio for lr in self.base_lrs]
 
 
+class LRRangeTest(_Schedule):
+    """The learning-rate range test: lr = min_lr x (1 + step_rate x interval), where interval is
+    (iteration + 1) / step_size, floored with staircase. Iteration -1 runs at min_lr."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr_range_test_min_lr: float | list[float] = 1e-3,
+        lr_range_test_step_size: int = 2000,
+        lr_range_test_step_rate: float = 1.0,
+        lr_range_test_staircase: bool = False,
+        last_batch_iteration: int = -1,
+    ):
+        self.optimizer = optimizer
+        self.min_lrs = _per_group(optimizer, lr_range_test_min_lr, "lr_range_test_min_lr")
+        self.step_size = _positive_int(lr_range_test_step_size, "lr_range_test_step_size")
+        self.step_rate = lr_range_test_step_rate
+        self.staircase = lr_range_test_staircase
+        self.last_batch_iteration = last_batch_iteration
+        self._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if last_batch_iteration == -1:
+            self._last_lr = _set_lrs(optimizer, list(self.min_lrs))
+
+    def get_lr(self) -> list[float]:
+        interval = (self.last_batch_iteration + 1) / self.step_size
+        if self.staircase:
+            interval = math.floor(interval)
+        return [low * (1 + self.step_rate * interval) for low in self.min_lrs]
+
+
 class OneCycle(_Schedule):
     """1cycle: lr rises from cycle_min_lr to cycle_max_lr over cycle_first_step_size steps, falls
     back over cycle_second_step_size (default: the same), then decays by decay_lr_rate every
@@ -323,6 +353,7 @@ class OneCycle(_Schedule):
 
 
 SCHEDULERS = {
+    "LRRangeTest": LRRangeTest,
     "WarmupLR": WarmupLR,
     "WarmupDecayLR": WarmupDecayLR,
     "WarmupCosineLR": WarmupCosineLR,
