@@ -32,6 +32,7 @@ logger = logging.getLogger("memfit")
 # The DeepSpeed release whose API and semantics memfit.deepspeed follows; scripts compare it.
 __version__ = "0.19.8"
 __git_hash__ = f"memfit-{memfit.__version__}"  # no DeepSpeed commit: this is memfit
+__git_branch__ = "memfit"
 __version_major__, __version_minor__, __version_patch__ = 0, 19, 8
 
 

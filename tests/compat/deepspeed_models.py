@@ -17,9 +17,10 @@ class ClassifierWithLoss(torch.nn.Module):
         return self.loss(self.linear(x), y)
 
 
-def random_batches(num_samples: int, micro_batch: int, hidden_dim: int, seed: int = 0):
+def random_batches(num_samples: int, micro_batch: int, hidden_dim: int, seed: int = 0, dtype=torch.float32):
+    """(inputs, labels) batches; inputs in the model's compute dtype, as DeepSpeed's loader gives."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(num_samples, hidden_dim, generator=generator)
+    inputs = torch.randn(num_samples, hidden_dim, generator=generator).to(dtype)
     labels = torch.randint(0, hidden_dim, (num_samples,), generator=generator)
     return [(inputs[i : i + micro_batch], labels[i : i + micro_batch]) for i in range(0, num_samples, micro_batch)]
 
