@@ -72,6 +72,11 @@ def initialize(
     config = _config_source(args, config, config_params)
     factory = _optimizer_factory(model, optimizer, model_parameters)
     if lr_scheduler is not None and hasattr(lr_scheduler, "optimizer") and hasattr(lr_scheduler, "step"):
+        if lr_scheduler.optimizer is not optimizer:
+            raise ValueError(
+                "lr_scheduler: built over another optimizer than the one passed as optimizer=; build it over "
+                "that optimizer, or pass a callable optimizer -> scheduler"
+            )
         lr_scheduler = rebinding(lr_scheduler)
     elif lr_scheduler is not None and not callable(lr_scheduler):
         raise TypeError(
