@@ -189,9 +189,7 @@ def _known_schedule(name, found: Findings) -> str | None:
         return None
     if name in SCHEDULERS:
         return name
-    if name == "LRRangeTest":
-        found.problems.append(f"scheduler.type: {show(name)} is {NOT_MEMFIT}")
-    elif hasattr(torch.optim.lr_scheduler, name) and inspect.isclass(getattr(torch.optim.lr_scheduler, name)):
+    if hasattr(torch.optim.lr_scheduler, name) and inspect.isclass(getattr(torch.optim.lr_scheduler, name)):
         found.problems.append(
             f"scheduler.type: {show(name)} (torch.optim.lr_scheduler) is {NOT_MEMFIT}; pass lr_scheduler= to "
             "memfit.initialize"

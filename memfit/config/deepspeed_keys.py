@@ -167,11 +167,54 @@ def offload_param(value) -> Verdict:
     return ACCEPTED
 
 
-def allreduce_op(value) -> Verdict:
+def communication_data_type(value) -> Verdict:
+    """memfit reduces gradients in their compute dtype; fp32 communication is what it does in
+    fp32 training (under bf16 or fp16 it reduces in 16 bits, with a warning). 16-bit
+    communication of fp32 gradients would change the numbers: refused."""
+    if value is None:
+        return ACCEPTED
     if (verdict := _typed(check_string, value)) is not None:
         return verdict
-    if value.lower() != "mean":
-        return Verdict(problem=f'{show(value)} is {NOT_MEMFIT} (memfit averages: "mean")')
+    if value.lower() not in ("fp32", "float32"):
+        return Verdict(problem=f'{show(value)} is {NOT_MEMFIT} (memfit accepts null or "fp32")')
+    return Verdict(
+        warning=f"{show(value)}: memfit reduces gradients in their compute dtype, fp32 unless bf16 or fp16 is on"
+    )
+
+
+def data_types(value) -> Verdict:
+    """DeepSpeed's data_types.grad_accum_dtype: null (its default) is what memfit does, which
+    accumulates gradients in the compute dtype."""
+    if not isinstance(value, dict):
+        return Verdict(problem=f"expected an object, got {show(value)}")
+    for key, dtype in value.items():
+        if key != "grad_accum_dtype":
+            return Verdict(problem=f"{key}: unknown key (did you mean 'grad_accum_dtype'?)")
+        if dtype is not None:
+            return Verdict(problem=f"grad_accum_dtype {show(dtype)} is {NOT_MEMFIT} (memfit accepts null)")
+    return ACCEPTED
+
+
+TAG_VALIDATION = ("ignore", "warn", "fail")
+
+
+def checkpoint_section(value) -> Verdict:
+    """DeepSpeed's checkpoint section: tag_validation is accepted (memfit saves every rank under
+    the one tag given to save_checkpoint, so there is nothing to compare); what changes the
+    checkpoint's layout is refused."""
+    if not isinstance(value, dict):
+        return Verdict(problem=f"expected an object, got {show(value)}")
+    for key, setting in value.items():
+        if key == "tag_validation":
+            if not isinstance(setting, str) or setting.lower() not in TAG_VALIDATION:
+                return Verdict(problem=f"tag_validation: expected Ignore, Warn or Fail, got {show(setting)}")
+        elif key in ("load_universal", "use_node_local_storage"):
+            if (verdict := _typed(check_bool, setting)) is not None:
+                return Verdict(problem=f"{key}: {verdict.problem}")
+            if setting:
+                return Verdict(problem=f"{key}: {NOT_MEMFIT} (memfit accepts false)")
+        else:
+            return Verdict(problem=f"{key}: {NOT_MEMFIT}")
     return ACCEPTED
 
 
@@ -190,8 +233,7 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
     "": {
         "prescale_gradients": only(False),
         "gradient_predivide_factor": only(1.0, check_number),
-        "gradient_allreduce_op": allreduce_op,
-        "communication_data_type": only(None, lambda value: value if value is None else check_string(value)),
+        "communication_data_type": communication_data_type,
         "disable_allgather": only(False),
         "sparse_gradients": only(False),
         "sequence_parallel_size": only(1, check_int),
@@ -200,7 +242,8 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
         "wall_clock_breakdown": ignored(False, "memfit does not time step phases"),
         "memory_breakdown": ignored(False, "use engine.memory_report()"),
         "dump_state": ignored(False, "memfit does not print its state"),
-        "dataloader_drop_last": ignored(False, "memfit builds no data loader"),
+        "data_types": data_types,
+        "checkpoint": checkpoint_section,
         "comms_logger": logging_section,
         "comet": logging_section,
         "flops_profiler": logging_section,
@@ -212,7 +255,6 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
         "bfloat16": old_bf16_name,
         **dict.fromkeys(
             (
-                "data_types",
                 "autotuning",
                 "elasticity",
                 "compression_training",

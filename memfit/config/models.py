@@ -166,12 +166,22 @@ class MemfitConfig(Section):
         description='Micro-steps per optimizer step; 1 when only one other batch key is given. "auto": derived.',
     )
     gradient_clipping: Real(minimum=0) = Field(
-        1.0, description='Clip the global gradient L2 norm to this; 0 turns it off. "auto": 1.0.'
+        0.0,
+        description="Clip the global gradient L2 norm to this; 0 (the default, as in DeepSpeed) turns it off. "
+        '"auto": 1.0, the Hugging Face Trainer\'s max_grad_norm.',
     )
     bf16: Bf16Config = Field(default_factory=Bf16Config, description="bfloat16 training.")
     fp16: Fp16Config = Field(default_factory=Fp16Config, description="float16 training with loss scaling.")
     seed: Integer(minimum=0, maximum=MAX_SEED) = Field(
         1234, description="Seed for python, numpy and torch; rank r uses seed + r."
+    )
+    gradient_allreduce_op: OneOf("mean", "sum") = Field(
+        "mean",
+        description='How gradients combine across data-parallel ranks: "mean" (DeepSpeed\'s default) or "sum" '
+        "(the sum, world size times the mean).",
+    )
+    dataloader_drop_last: Boolean = Field(
+        False, description="Drop the last incomplete batch of the loader initialize(training_data=...) builds."
     )
     steps_per_print: Integer(minimum=1, limit=MAX_COUNT) = Field(
         10, description="Optimizer steps between progress prints."
@@ -203,6 +213,11 @@ class MemfitConfig(Section):
     checkpoint: "CheckpointConfig" = Field(
         default_factory=lambda: CheckpointConfig(), description="Checkpoints and persisted snapshots on disk."
     )
+
+    @field_validator("gradient_allreduce_op", mode="before")
+    @classmethod
+    def allreduce_op_in_any_case(cls, value):
+        return value.lower() if isinstance(value, str) else value  # DeepSpeed lower-cases it
 
     def batch_sizes(self, world_size: int) -> tuple[int, int, int]:
         """(train_batch_size, micro batch per rank, accumulation steps) for world_size ranks."""

@@ -19,6 +19,10 @@ from memfit.config.read import nesting_problem, read_config_file
 from memfit.config.screen import screen
 from memfit.config.values import check_int
 
+# "auto" that is not the key's default: the Hugging Face Trainer fills gradient_clipping with its
+# max_grad_norm (1.0), while a missing key means DeepSpeed's default, 0 (off).
+AUTO_OTHER_THAN_DEFAULT = {"gradient_clipping": (1.0, "auto: 1.0, the Hugging Face Trainer's max_grad_norm")}
+
 
 @dataclass(frozen=True)
 class ResolvedConfig:
@@ -103,8 +107,11 @@ def _resolve_defaults(data: dict, auto: set[str], found: Findings) -> None:
         model, target = MemfitConfig, data
         for section in sections:
             model, target = model.model_fields[section].default_factory, target[section]
-        target[key] = model.model_fields[key].default
-        found.resolved.append(Resolved(path, target[key], "auto: the default"))
+        if path in AUTO_OTHER_THAN_DEFAULT:
+            target[key], reason = AUTO_OTHER_THAN_DEFAULT[path]
+        else:
+            target[key], reason = model.model_fields[key].default, "auto: the default"
+        found.resolved.append(Resolved(path, target[key], reason))
 
 
 def _check_batch(data: dict, world_size: int | None, auto: frozenset, found: Findings) -> tuple | None:

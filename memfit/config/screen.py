@@ -58,7 +58,11 @@ def _section(raw: dict, model: type[BaseModel], path: str, screened: Screened, f
         if key not in deepspeed:
             num_unknown += 1
             valid = list(fields) + list(deepspeed) if num_unknown <= MAX_SUGGESTIONS else []
-            found.problems.append(unknown_key(path, key, valid))
+            problem = unknown_key(path, key, valid)
+            if path:
+                found.problems.append(problem)
+            else:  # DeepSpeed ignores unknown top-level keys (other tools' settings share its file)
+                found.warnings.append(f"{problem}; ignored, as DeepSpeed ignores unknown top-level keys")
             continue
         verdict = deepspeed[key](value)
         if verdict.problem:

@@ -119,19 +119,22 @@ def _interrupted(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+SCRIPT_CONFIG_FLAGS = ("--config", "--deepspeed_config", "--deepscale_config")
+
+
 def config_paths(args) -> list[str]:
-    """memfit's own --config, and a --config among the script's arguments when it names a .json
-    file (a script may have a --config of its own, in another format, that is not memfit's)."""
+    """memfit's own --config, and among the script's arguments a --config naming a .json file (a
+    script may have a --config of its own, in another format, that is not memfit's) and
+    DeepSpeed's --deepspeed_config (the script hands it to memfit.deepspeed.initialize)."""
     paths = [args.config] if args.config is not None else []
     script_args = args.training_script_args
     for index, arg in enumerate(script_args):
-        if arg == "--config" and index + 1 < len(script_args):
-            value = script_args[index + 1]
-        elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-        else:
+        flag, _, value = arg.partition("=")
+        if flag not in SCRIPT_CONFIG_FLAGS:
             continue
-        if value.endswith(".json") and value not in paths:
+        if not value and index + 1 < len(script_args):
+            value = script_args[index + 1]
+        if (value.endswith(".json") or flag != "--config") and value and value not in paths:
             paths.append(value)
     return paths
 

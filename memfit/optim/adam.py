@@ -9,10 +9,9 @@ several times faster than foreach there), else with torch's default implementati
 memfit runs DeepSpeedAdam, whose per-tensor step is below.
 """
 
-import math
-
 import torch
 
+from memfit.optim.adam_math import adam_step
 from memfit.optim.checks import check_adam_hyperparameters, check_flag
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -118,22 +117,4 @@ class DeepSpeedAdam(torch.optim.Optimizer):
 def deepspeed_adam_step(param, grad, state, group) -> None:
     """One Adam step in torch's operation order. adam_w_mode false adds the decay to the gradient
     (L2); bias_correction false leaves both moments uncorrected."""
-    if "exp_avg" not in state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(param)
-        state["exp_avg_sq"] = torch.zeros_like(param)
-    state["step"] += 1
-    beta1, beta2 = group["betas"]
-    lr, weight_decay, step = group["lr"], group["weight_decay"], state["step"]
-    if group["adam_w_mode"]:
-        param.mul_(1 - lr * weight_decay)
-    elif weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    if group["bias_correction"]:
-        bias1, root_bias2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
-    else:
-        bias1, root_bias2 = 1.0, 1.0
-    denom = (state["exp_avg_sq"].sqrt() / root_bias2).add_(group["eps"])
-    param.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+    adam_step(param, grad, state, group, decoupled=group["adam_w_mode"], bias_correction=group["bias_correction"])

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from memfit.optim.contract import check_implementation_flags
 from memfit.optim.exact_state import ExactStateLoading
 from memfit.optim.fused_adam import GRAD_DTYPES, adam_constants, step_tensors
 
@@ -41,7 +42,13 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
         *,
         adamw_mode: bool = True,
         bias_correction: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ):
+        check_implementation_flags(
+            "CPUAdamW", foreach=foreach, fused=fused, differentiable=differentiable, has_fused=True
+        )
         check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(
             lr=lr,
@@ -54,6 +61,10 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
         # Where state tensors come from: the engine's host tier points this at its arena.
         self.allocate_state: Callable[[tuple, torch.dtype], torch.Tensor] = _zeros
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict:
+        # a copy allocates its state with torch: the host arena belongs to the engine that set it
+        return {**super().__getstate__(), "allocate_state": _zeros}
 
     def master_of(self, param: torch.Tensor) -> torch.Tensor | None:
         """The fp32 master of a 16-bit parameter, once it has one (None for fp32 parameters,
@@ -90,7 +101,7 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
                 loss = closure()
         for group_index, group in enumerate(self.param_groups):
             batches: dict[tuple, list] = {}  # (step, grad dtype, param_out dtype) -> kernel rows
-            stepped = []
+            stepped, strided_back = [], []  # strided_back: (parameter, the contiguous copy stepped)
             for param_index, param in enumerate(group["params"]):
                 grad = param.grad
                 if grad is None:
@@ -104,13 +115,19 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
                 if "exp_avg" not in state or (param.dtype != torch.float32 and "master" not in state):
                     _ensure_state(param, state, self.allocate_state)
                 state["step"] += 1
-                master = state.get("master", param)
-                out = None if master is param else param
+                target = param
+                if not param.is_contiguous():  # the kernel writes dense memory: step a copy, copy it back
+                    target = param.contiguous()
+                    strided_back.append((param, target))
+                master = state.get("master", target)
+                out = None if master is target else target
                 key = (state["step"], grad.dtype, None if out is None else out.dtype)
                 batches.setdefault(key, []).append((master, grad, state["exp_avg"], state["exp_avg_sq"], out))
                 stepped.append(param)
             for (step, _, _), rows in batches.items():
                 step_tensors(rows, group_constants(group, step, grad_scale))
+            for param, stepped_copy in strided_back:
+                param.copy_(stepped_copy)
             if stepped:
                 torch.autograd.graph.increment_version(stepped)  # written through raw pointers
         return loss
@@ -133,7 +150,10 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
                         f"state_dict: {key} of parameter {param_id} has {value.numel()} elements, "
                         f"the parameter has {param.numel()}"
                     )
+        default_keys = set(self.defaults)
         super().load_state_dict(state_dict)
+        for key in set(self.defaults) - default_keys:  # torch's __setstate__ adds `differentiable`
+            del self.defaults[key]
         for param in params:
             state = self.state.get(param)
             if not state:
@@ -150,6 +170,8 @@ class CPUAdamW(ExactStateLoading, torch.optim.Optimizer):
 def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     """torch.optim.AdamW's checks, with its messages; a value that is not a number (a string, None)
     fails the same check with a ValueError where torch would raise a TypeError."""
+    if torch.is_tensor(lr) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
     if not _at_least_zero(lr):
         raise ValueError(f"Invalid learning rate: {lr}")
     if not _at_least_zero(eps):
@@ -178,8 +200,8 @@ def _check_param(param: torch.Tensor, param_index: int, group_index: int) -> Non
         raise ValueError(
             f"{where} is {param.dtype}; CPUAdamW steps {', '.join(map(str, GRAD_DTYPES[:-1]))} and {GRAD_DTYPES[-1]}"
         )
-    if param.layout != torch.strided or not param.is_contiguous():
-        raise ValueError(f"{where} is not contiguous; the kernel steps dense contiguous tensors")
+    if param.layout != torch.strided:
+        raise ValueError(f"{where} is {param.layout}; the kernel steps dense tensors")
 
 
 def _dense_grad(grad: torch.Tensor, param_index: int, group_index: int) -> torch.Tensor:

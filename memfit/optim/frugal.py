@@ -27,7 +27,9 @@ import math
 
 import torch
 
+from memfit.optim.adam_math import bias_corrections, update_moments
 from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_positive_int
+from memfit.optim.contract import KeepsSettings, check_implementation_flags, check_real, dense_grad
 from memfit.optim.exact_state import ExactStateLoading
 from memfit.optim.galore import adamw_step, param_seed
 from memfit.optim.groups import warn_nothing_projected
@@ -46,7 +48,9 @@ PROJ_TYPES = ("blockwise", "svd", "randomized", "random")
 STATE_FREE = ("signsgd", "sgd")
 
 
-class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
+class FRUGAL(KeepsSettings, ExactStateLoading, torch.optim.Optimizer):
+    settings = ("seed",)
+
     def __init__(
         self,
         params,
@@ -63,7 +67,13 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         proj_scale=1.0,
         reset_state_on_refresh=True,
         seed=0,
+        foreach=None,
+        fused=None,
+        differentiable=False,
     ):
+        check_implementation_flags(
+            "FRUGAL", foreach=foreach, fused=fused, differentiable=differentiable, has_fused=False
+        )
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -99,6 +109,8 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
     @staticmethod
     def _check_group(group) -> None:
         check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        for param in group["params"]:
+            check_real("FRUGAL", param)
         density = group["density"]
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
             raise ValueError(f"Invalid density: {density!r} (expected 0 to 1)")
@@ -116,6 +128,10 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    dense_grad("FRUGAL", param)
         for group_index, group in enumerate(self.param_groups):
             if not group["projectable"]:
                 for param in group["params"]:
@@ -229,10 +245,8 @@ class FRUGAL(ExactStateLoading, torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(low_rank)
             state["exp_avg_sq"] = torch.zeros_like(low_rank)
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        state["exp_avg"].lerp_(low_rank, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(low_rank, low_rank, value=1 - beta2)
-        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        update_moments(state["exp_avg"], state["exp_avg_sq"], low_rank, group["betas"])
+        bias1, bias2 = bias_corrections(group["betas"], state["step"], True)
         normalized = state["exp_avg"] / (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(group["eps"])
         residual = grad.float() - project_back(low_rank, basis, state["side"])
         lr_full = group["lr"] * group["proj_scale"]

@@ -38,6 +38,8 @@ import warnings
 
 import torch
 
+from memfit.optim.adam_math import blend_moments
+
 ISAS = ("torch", "scalar", "avx2", "avx512")
 NONFINITE_MODES = ("update", "skip", "check")
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -285,8 +287,7 @@ def _torch_step(rows, constants: list[float], nonfinite: str) -> bool:
             p, m, v = master[part], exp_avg[part], exp_avg_sq[part]
             if l2:
                 g.add_(p, alpha=l2)
-            m.lerp_(g, one_minus_beta1)
-            v.mul_(beta2).addcmul_(g, g, value=one_minus_beta2)
+            blend_moments(m, v, g, one_minus_beta1, beta2, one_minus_beta2)
             denom = v.sqrt().mul_(inv_sqrt_bias2).add_(eps)
             p.mul_(decay).addcdiv_(m, denom, value=neg_step_size)
             if param_out is not None:

@@ -29,7 +29,9 @@ import zlib
 
 import torch
 
+from memfit.optim.adam_math import adam_step, bias_corrections, update_moments
 from memfit.optim.checks import check_adam_hyperparameters, check_choice, check_flag, check_positive_int
+from memfit.optim.contract import KeepsSettings, check_implementation_flags, check_real, dense_grad
 from memfit.optim.exact_state import ExactStateLoading
 from memfit.optim.groups import warn_nothing_projected
 from memfit.optim.hf_adamw import hf_adam_direction, hf_adamw_step, hf_apply
@@ -52,7 +54,9 @@ GALORE_TORCH_EPS = 1e-6  # galore-torch's (and Hugging Face's legacy AdamW's) de
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
-class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
+class GaLoreAdamW(KeepsSettings, ExactStateLoading, torch.optim.Optimizer):
+    settings = ("galore_compat", "proj_dtype", "seed")
+
     def __init__(
         self,
         params,
@@ -71,7 +75,13 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
         galore_compat=False,
         proj_dtype=torch.float32,
         seed=0,
+        foreach=None,
+        fused=None,
+        differentiable=False,
     ):
+        check_implementation_flags(
+            "GaLoreAdamW", foreach=foreach, fused=fused, differentiable=differentiable, has_fused=False
+        )
         if eps is None:
             eps = GALORE_TORCH_EPS if galore_compat else 1e-8
         check_adam_hyperparameters(lr, betas, eps, weight_decay)
@@ -126,6 +136,8 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
     def _check_group(cls, group) -> None:
         check_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         check_flag("correct_bias", group["correct_bias"])
+        for param in group["params"]:
+            check_real("GaLoreAdamW", param)
         if group.get("rank") is None:
             return
         cls._check_projection_options(group)
@@ -143,9 +155,10 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
             for param_index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
+                grad = dense_grad("GaLoreAdamW", param)
                 state = self.state[param]
                 if group.get("rank") is None:
-                    (hf_adamw_step if self.galore_compat else adamw_step)(param, param.grad, state, group)
+                    (hf_adamw_step if self.galore_compat else adamw_step)(param, grad, state, group)
                 else:
                     self._galore_step(param, state, group, param_seed(self.seed, group, group_index, param_index))
         return loss
@@ -226,12 +239,10 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
             normalized, step_size = hf_adam_direction(state, low_rank, group, state["moment_step"])
             hf_apply(param, project_back(normalized, basis, state["side"]) * group["scale"], step_size, group)
             return
-        beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(low_rank, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low_rank, low_rank, value=1 - beta2)
-        lr, weight_decay, scale, moment_step = group["lr"], group["weight_decay"], group["scale"], state["moment_step"]
-        bias1, bias2 = (1 - beta1**moment_step, 1 - beta2**moment_step) if group["correct_bias"] else (1.0, 1.0)
+        update_moments(exp_avg, exp_avg_sq, low_rank, group["betas"])
+        lr, weight_decay, scale = group["lr"], group["weight_decay"], group["scale"]
+        bias1, bias2 = bias_corrections(group["betas"], state["moment_step"], group["correct_bias"])
         # (M / bias1) / (sqrt(V / bias2) + eps) == (sqrt(bias2) / bias1) * M / (sqrt(V) + eps sqrt(bias2)):
         # the constants move into addmm's alpha, saving a pass over the low-rank state.
         root_bias2 = math.sqrt(bias2)
@@ -270,9 +281,13 @@ class GaLoreAdamW(ExactStateLoading, torch.optim.Optimizer):
 def param_seed(base_seed: int, group: dict, group_index: int, param_index: int) -> int:
     """A per-parameter seed: from the parameter's name when the group carries `names` (as memfit's
     engine and the group helpers do), so a sharded optimizer draws the same numbers as an
-    unsharded one; else from its position."""
+    unsharded one; else from its shape, so a group draws the same numbers wherever it sits (built
+    in the constructor or added with add_param_group). group_index is kept for callers' sake."""
     names = group.get("names")
-    key = names[param_index] if names else f"{group_index}.{param_index}"
+    if names:
+        key = names[param_index]
+    else:
+        key = "x".join(str(size) for size in group["params"][param_index].shape)
     return (base_seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 62)
 
 
@@ -317,16 +332,4 @@ def apply_back(param, normalized, basis, side, *, beta, alpha) -> None:
 def adamw_step(param, grad, state, group) -> None:
     """torch.optim.AdamW's single-tensor step, same operations in the same order (a group with
     correct_bias false, GaLoreAdamW's option, skips the bias correction)."""
-    if "exp_avg" not in state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(param)
-        state["exp_avg_sq"] = torch.zeros_like(param)
-    state["step"] += 1
-    beta1, beta2 = group["betas"]
-    lr, step = group["lr"], state["step"]
-    param.mul_(1 - lr * group["weight_decay"])
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias1, bias2 = (1 - beta1**step, 1 - beta2**step) if group.get("correct_bias", True) else (1.0, 1.0)
-    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(group["eps"])
-    param.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+    adam_step(param, grad, state, group, bias_correction=group.get("correct_bias", True))

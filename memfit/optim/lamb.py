@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from memfit.optim.adam_math import update_moments
 from memfit.optim.checks import check_adam_hyperparameters, check_flag, is_number
 
 
@@ -92,8 +93,7 @@ def lamb_step(param, grad, state, group) -> torch.Tensor:
     state["step"] += 1
     beta1, beta2 = group["betas"]
     exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    update_moments(exp_avg, exp_avg_sq, grad, group["betas"])
     if group["eps_inside_sqrt"]:
         denom = (exp_avg_sq + group["eps"]).sqrt_()
     else:

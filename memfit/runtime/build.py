@@ -116,7 +116,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         optimizer=opt,
         update=update,
         lr_scheduler=scheduler,
-        loss_scaler=build_loss_scaler(cfg.fp16),
+        loss_scaler=build_loss_scaler(cfg.fp16, cfg.zero_optimization.stage),
         host_tier=tier,
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,

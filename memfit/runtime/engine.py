@@ -73,8 +73,11 @@ class Engine:
         self.global_samples = 0  # summed per step at the world size of that step, so a resume at another keeps it
         self.micro_step = 0
         self.skipped_steps = 0  # fp16 steps skipped for an overflow
+        self.global_grad_norm = None  # the last step's unscaled global gradient norm (a 0-d tensor), if computed
         self.grad_bytes_after_reduce = 0  # gradient bytes this rank held after the last reduction
         self._auto_cast = config.fp16.enabled and config.fp16.auto_cast
+        # gradient_allreduce_op "sum" (DeepSpeed's option) sums over ranks instead of averaging
+        self._ranks_averaged = world_size if config.gradient_allreduce_op == "mean" else 1
         self.snapshotter = None  # set by the build when snapshots are on (memfit/checkpointing/snapshot.py)
         self.client_state, self.restored_from, self._client_state_source = {}, None, None
         self.job_id, self.fingerprint = "", None  # set by the build (memfit/checkpointing/identity.py)
@@ -113,7 +116,7 @@ class Engine:
         try:
             if scale != 1.0:
                 loss = loss * scale
-            (loss / (self.gradient_accumulation_steps * self.world_size)).backward(retain_graph=retain_graph)
+            (loss / (self.gradient_accumulation_steps * self._ranks_averaged)).backward(retain_graph=retain_graph)
         finally:
             self._grad_sync.after_backward()
         self._count_grad_bytes()
@@ -182,7 +185,8 @@ class Engine:
             all_reduce_scalar(squares, self.world_size)
         total_norm = squares.sqrt()
         scale = scaler.scale if scaler is not None else 1.0
-        self.step_stats.grad_norm = total_norm / scale  # the norm of the unscaled gradients, for the monitors
+        self.global_grad_norm = total_norm / scale  # of the unscaled gradients
+        self.step_stats.grad_norm = self.global_grad_norm  # for the monitors
         if scaler is not None and not bool(torch.isfinite(total_norm)):
             return None, True
         clip_coef = torch.clamp(max_norm / (total_norm / scale + 1e-6), max=1.0)

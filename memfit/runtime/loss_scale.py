@@ -7,7 +7,11 @@ an inf or nan on any rank is skipped, and the scale is halved, but only once `hy
 overflows have been seen (the hysteresis is refilled when the scale grows, or after every good
 step with consecutive_hysteresis). After `loss_scale_window` steps without overflow since the
 last one, the scale doubles. The scale never goes below min_loss_scale; an overflow at the
-minimum stops training, as in DeepSpeed.
+minimum stops training, as in DeepSpeed's ZeRO optimizers.
+
+At ZeRO stage 0 DeepSpeed runs its FP16_Optimizer, whose scaler has no hysteresis (every overflow
+halves the scale) and stays at min_loss_scale instead of stopping; memfit follows it there, so a
+config gives the same scale trajectory on DeepSpeed and memfit at every stage.
 """
 
 
@@ -30,7 +34,16 @@ class StaticLossScaler:
 class DynamicLossScaler:
     dynamic = True
 
-    def __init__(self, initial_scale: float, window: int, min_scale: float, hysteresis: int, consecutive: bool):
+    def __init__(
+        self,
+        initial_scale: float,
+        window: int,
+        min_scale: float,
+        hysteresis: int,
+        consecutive: bool,
+        stop_at_min: bool = True,
+    ):
+        self.stop_at_min = stop_at_min
         self.scale = float(initial_scale)
         self.window = window
         self.min_scale = float(min_scale)
@@ -43,7 +56,7 @@ class DynamicLossScaler:
     def update(self, overflow: bool) -> None:
         if overflow:
             if self.hysteresis == 1 or self.hysteresis_left == 1:
-                if self.scale == self.min_scale:
+                if self.scale == self.min_scale and self.stop_at_min:
                     raise RuntimeError(
                         f"fp16: the loss scale is already at min_loss_scale ({self.min_scale:g}) and the gradients "
                         "still overflow; training cannot continue"
@@ -77,8 +90,8 @@ class DynamicLossScaler:
         self.last_overflow_iteration = int(state["last_overflow_iteration"])
 
 
-def build_loss_scaler(fp16_config):
-    """The scaler for the config's fp16 section; None when fp16 is off."""
+def build_loss_scaler(fp16_config, stage: int):
+    """The scaler for the config's fp16 section at ZeRO `stage`; None when fp16 is off."""
     if not fp16_config.enabled:
         return None
     if fp16_config.loss_scale > 0:
@@ -87,6 +100,7 @@ def build_loss_scaler(fp16_config):
         initial_scale=2.0**fp16_config.initial_scale_power,
         window=fp16_config.loss_scale_window,
         min_scale=fp16_config.min_loss_scale,
-        hysteresis=fp16_config.hysteresis,
+        hysteresis=fp16_config.hysteresis if stage > 0 else 1,
         consecutive=fp16_config.consecutive_hysteresis,
+        stop_at_min=stage > 0,
     )

@@ -1,5 +1,5 @@
 """DeepSpeed 0.19's learning-rate schedules, with its parameter names, defaults and step timing:
-WarmupLR, WarmupDecayLR, WarmupCosineLR and OneCycle.
+LRRangeTest, WarmupLR, WarmupDecayLR, WarmupCosineLR and OneCycle.
 
 Timing, as in DeepSpeed: the engine calls step() after each optimizer step, and
 last_batch_iteration counts those calls from -1. Construction sets the lr of iteration -1 (the
@@ -95,8 +95,8 @@ class WarmupLR(_Schedule):
         if warmup_type not in WARMUP_TYPES:
             raise ValueError(f"warmup_type must be 'log' or 'linear', got {warmup_type!r}")
         self.optimizer = optimizer
-        if warmup_max_lr is None:
-            warmup_max_lr = [group["lr"] for group in optimizer.param_groups]
+        if warmup_max_lr is None:  # the lr's value: a tensor lr is the optimizer's, and set_lrs fills it
+            warmup_max_lr = [float(group["lr"]) for group in optimizer.param_groups]
         self.min_lrs = _per_group(optimizer, warmup_min_lr, "warmup_min_lr")
         self.max_lrs = _per_group(optimizer, warmup_max_lr, "warmup_max_lr")
         self.warmup_num_steps = max(2, warmup_num_steps)
@@ -181,7 +181,7 @@ class WarmupCosineLR(_Schedule):
         if last_batch_iteration == -1:
             self._last_lr = _set_lrs(optimizer, self.get_lr())
 
-    def lr_ratio(self) -> float:
+    def get_lr_ratio(self) -> float:
         if self.last_batch_iteration < 0:
             return 0.0
         if self.last_batch_iteration < self.warmup_num_steps:
@@ -192,8 +192,38 @@ class WarmupCosineLR(_Schedule):
         return max(0.0, self.cos_min_ratio + (1.0 - self.cos_min_ratio) * (1 + math.cos(math.pi * progress)) / 2)
 
     def get_lr(self) -> list[float]:
-        ratio = self.lr_ratio()
+        ratio = self.get_lr_ratio()
         return [lr * ratio for lr in self.base_lrs]
+
+
+class LRRangeTest(_Schedule):
+    """The learning-rate range test: lr = min_lr x (1 + step_rate x interval), where interval is
+    (iteration + 1) / step_size, floored with staircase. Iteration -1 runs at min_lr."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr_range_test_min_lr: float | list[float] = 1e-3,
+        lr_range_test_step_size: int = 2000,
+        lr_range_test_step_rate: float = 1.0,
+        lr_range_test_staircase: bool = False,
+        last_batch_iteration: int = -1,
+    ):
+        self.optimizer = optimizer
+        self.min_lrs = _per_group(optimizer, lr_range_test_min_lr, "lr_range_test_min_lr")
+        self.step_size = _positive_int(lr_range_test_step_size, "lr_range_test_step_size")
+        self.step_rate = lr_range_test_step_rate
+        self.staircase = lr_range_test_staircase
+        self.last_batch_iteration = last_batch_iteration
+        self._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if last_batch_iteration == -1:
+            self._last_lr = _set_lrs(optimizer, list(self.min_lrs))
+
+    def get_lr(self) -> list[float]:
+        interval = (self.last_batch_iteration + 1) / self.step_size
+        if self.staircase:
+            interval = math.floor(interval)
+        return [low * (1 + self.step_rate * interval) for low in self.min_lrs]
 
 
 class OneCycle(_Schedule):
@@ -323,6 +353,7 @@ class OneCycle(_Schedule):
 
 
 SCHEDULERS = {
+    "LRRangeTest": LRRangeTest,
     "WarmupLR": WarmupLR,
     "WarmupDecayLR": WarmupDecayLR,
     "WarmupCosineLR": WarmupCosineLR,

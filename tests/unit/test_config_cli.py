@@ -95,7 +95,7 @@ def test_good_file_prints_ok_and_what_auto_became(tmp_path):
     lines = result.stderr.splitlines()
     assert lines[:3] == [
         f"warning: {path}: wall_clock_breakdown: true is ignored by memfit: memfit does not time step phases",
-        "resolved: gradient_clipping = 1.0 (auto: the default)",
+        "resolved: gradient_clipping = 1.0 (auto: 1.0, the Hugging Face Trainer's max_grad_norm)",
         "resolved: train_batch_size = 32 (derived: train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
         "world size 4)",
     ]

@@ -30,7 +30,7 @@ ACCEPTED = {
         ],
         [
             "fp16.enabled = false (auto: the default)",
-            "gradient_clipping = 1.0 (auto: the default)",
+            "gradient_clipping = 1.0 (auto: 1.0, the Hugging Face Trainer's max_grad_norm)",
             "zero_optimization.reduce_bucket_size = 500000000 (auto: the default)",
             "optimizer.params.betas = [0.9, 0.999] (auto: AdamW's default)",
             "optimizer.params.eps = 1e-08 (auto: AdamW's default)",
@@ -51,7 +51,7 @@ ACCEPTED = {
         [
             "bf16.enabled = false (auto: the default)",
             "fp16.enabled = false (auto: the default)",
-            "gradient_clipping = 1.0 (auto: the default)",
+            "gradient_clipping = 1.0 (auto: 1.0, the Hugging Face Trainer's max_grad_norm)",
             "train_batch_size = 32 (derived: train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size 2)",
         ],
         [
@@ -62,7 +62,7 @@ ACCEPTED = {
     "axolotl_zero1.json": (
         [("train_batch_size", 16), ("zero_optimization.overlap_comm", True)],
         [
-            "gradient_clipping = 1.0 (auto: the default)",
+            "gradient_clipping = 1.0 (auto: 1.0, the Hugging Face Trainer's max_grad_norm)",
             "train_batch_size = 16 (derived: train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size 2)",
         ],
         [],

@@ -43,7 +43,7 @@ def test_initialize_logs_resolved_values_and_the_description_on_rank_0(caplog):
         engine = memfit.initialize(model(), config)
     messages = [record.getMessage() for record in caplog.records if record.name == "memfit"]
     assert messages[:4] == [
-        "config: gradient_clipping = 1.0 (auto: the default)",
+        "config: gradient_clipping = 1.0 (auto: 1.0, the Hugging Face Trainer's max_grad_norm)",
         "config: scheduler.params.warmup_max_lr = 3e-05 (auto: the optimizer's lr)",
         "config: train_batch_size = 2 (derived: train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
         "world size 1)",

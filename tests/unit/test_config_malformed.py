@@ -99,18 +99,12 @@ MALFORMED_DICTS = [
     ),
     # unknown keys, with the closest valid key
     ({"zero_optimization": {"stgae": 2}}, "config: zero_optimization.stgae: unknown key (did you mean 'stage'?)"),
-    (
-        {"train_micro_batch_size": 2},
-        "config: train_micro_batch_size: unknown key (did you mean 'train_micro_batch_size_per_gpu'?)",
-    ),
-    ({"gradient_clip": 1.0}, "config: gradient_clip: unknown key (did you mean 'gradient_clipping'?)"),
     ({"bf16": {"enable": True}}, "config: bf16.enable: unknown key (did you mean 'enabled'?)"),
     ({"aio": {"queue_dept": 8}}, "config: aio.queue_dept: unknown key (did you mean 'queue_depth'?)"),
     (
         {"zero_optimization": {"offload_optimizer": {"devise": "cpu"}}},
         "config: zero_optimization.offload_optimizer.devise: unknown key (did you mean 'device'?)",
     ),
-    ({"completely_new": 1}, "config: completely_new: unknown key"),
     ({"optimizer": {"typ": "AdamW"}}, "config: optimizer.typ: unknown key (did you mean 'type'?)"),
     # "auto" where memfit has nothing to resolve it from
     ({"seed": "auto"}, 'config: seed: "auto" cannot be resolved for this key; give a value'),
@@ -201,18 +195,14 @@ MALFORMED_DICTS = [
     ({"scheduler": {"params": {}}}, "config: scheduler.type: required key missing"),
     ({"scheduler": {"type": "WarmupLR", "params": [1]}}, "config: scheduler.params: expected an object, got [1]"),
     (
-        {"scheduler": {"type": "LRRangeTest"}},
-        'config: scheduler.type: "LRRangeTest" is supported by DeepSpeed, not by memfit',
-    ),
-    (
         {"scheduler": {"type": "StepLR"}},
         'config: scheduler.type: "StepLR" (torch.optim.lr_scheduler) is supported by DeepSpeed, not by memfit; '
         "pass lr_scheduler= to memfit.initialize",
     ),
     (
         {"scheduler": {"type": "warmupLR"}},
-        'config: scheduler.type: unknown schedule "warmupLR" (did you mean "WarmupLR"?); known: WarmupLR, '
-        "WarmupDecayLR, WarmupCosineLR, OneCycle",
+        'config: scheduler.type: unknown schedule "warmupLR" (did you mean "WarmupLR"?); known: LRRangeTest, '
+        "WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle",
     ),
     ({"scheduler": {"type": "WarmupDecayLR"}}, "config: scheduler.params.total_num_steps: required key missing"),
     (
@@ -280,11 +270,12 @@ MALFORMED_DICTS = [
     ),
     (
         {"communication_data_type": "fp16"},
-        'config: communication_data_type: "fp16" is supported by DeepSpeed, not by memfit (memfit accepts null)',
+        'config: communication_data_type: "fp16" is supported by DeepSpeed, not by memfit (memfit accepts null or '
+        '"fp32")',
     ),
     (
-        {"gradient_allreduce_op": "sum"},
-        'config: gradient_allreduce_op: "sum" is supported by DeepSpeed, not by memfit (memfit averages: "mean")',
+        {"gradient_allreduce_op": "max"},
+        'config: gradient_allreduce_op: expected one of "mean", "sum", got "max"',
     ),
     (
         {"activation_checkpointing": {"partition_activations": True}},
@@ -359,7 +350,6 @@ MALFORMED_DICTS = [
     ({"elasticity": {"enabled": True}}, "config: elasticity: supported by DeepSpeed, not by memfit"),
     # nesting and keys
     ({"seed": deep(40)}, "config: seed" + ".a" * 31 + ": nested more than 32 levels deep"),
-    ({1: 2}, "config: 1: unknown key"),
 ]
 
 

@@ -222,7 +222,7 @@ def test_invalid_proj_dtype_is_refused():
     "kwargs,message",
     [
         ({"lr": -1}, "Invalid learning rate"),
-        ({"betas": (0.9, 1.0)}, "Invalid betas"),
+        ({"betas": (0.9, 1.0)}, "Invalid beta parameter at index 1: 1.0"),
         ({"rank": 0}, "Invalid rank"),
         ({"rank": 4, "proj_type": "diagonal"}, "Invalid proj_type"),
         ({"rank": 4, "projector": "qr"}, "Invalid projector"),

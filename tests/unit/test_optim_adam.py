@@ -167,7 +167,7 @@ def test_adamw_ignores_adam_w_mode_false_like_deepspeed_but_says_so():
         ("Adam", {"bias_correction": "no"}, "bias_correction"),
         ("Adam", {"adam_w_mode": 1}, "adam_w_mode"),
         ("Adam", {"bias_correction": False, "lr": -1.0}, "Invalid learning rate"),
-        ("Adam", {"bias_correction": False, "betas": [0.9, 1.0]}, "Invalid betas"),
+        ("Adam", {"bias_correction": False, "betas": [0.9, 1.0]}, "Invalid beta parameter at index 1: 1.0"),
     ],
 )
 def test_bad_settings_are_one_clear_error(name, config, message):

@@ -17,6 +17,11 @@ Design note.
   drop it (set_to_none), after which autograd would allocate a fresh tensor outside the buffer.
   Before every backward and before reducing, each .grad is put back into its view: zeroed if it
   was dropped (the user discarded it), copied if a fresh tensor appeared.
+- Gradients written by hand (`p.grad = g`, or into p.grad in place) before step(), with no
+  backward: torch and DeepSpeed step on them. A fresh tensor is copied into the view and marks
+  its parameter; at the step, a parameter no hook marked whose view holds a nonzero value was
+  written in place (a check only for the unmarked, usually none). At stage 2 on several ranks
+  gradients are reduced during backward, so only the ones backward produced are reduced.
 - Two reducing backwards in one step (stage 0/1 with overlap_comm). The first one's buffers are
   already reduced when the second begins: they are set aside, the second backward is reduced on
   its own, and the two sums are added. Stage 2 needs no such care: owners accumulate reduced
@@ -134,6 +139,8 @@ class GradientSync:
             self._reduce_all()
         else:
             self.reattach_grads()
+        if not self.reduces_every_backward:
+            self._mark_written_in_place()
         if self._set_aside is not None:
             for bucket, kept in zip(self.buckets, self._set_aside):
                 if kept is not None:
@@ -147,6 +154,15 @@ class GradientSync:
         self.has_grad = [False] * len(self.params)
         self._reduced_since_step = False
         return got_grad
+
+    def _mark_written_in_place(self) -> None:
+        for bucket in self.buckets:
+            if bucket.grad_buffer is None:
+                continue
+            for param, view in zip(bucket.params, bucket.grad_views):
+                index = self._index_of[id(param)]
+                if not self.touched[index] and bool(view.any()):
+                    self.touched[index] = True
 
     def _or_across_ranks(self, flags: list[bool]) -> list[bool]:
         if not self.distributed:
@@ -179,5 +195,6 @@ class GradientSync:
                     index = self._index_of[id(param)]
                     self.touched[index] = self.has_grad[index] = False
                 else:
-                    view.copy_(grad)
+                    view.copy_(grad)  # autograd's fresh tensor, or one assigned by hand
+                    self.touched[self._index_of[id(param)]] = True
                 param.grad = view

@@ -14,6 +14,8 @@ hyperparameters; model_parameters given as param groups keep their per-group hyp
 (weight-decay groups), matched by tensor. memfit.initialize stays the plain API.
 """
 
+import copy
+import functools
 import inspect
 import logging
 import os
@@ -22,9 +24,16 @@ import torch
 import torch.distributed as dist
 
 import memfit
-from memfit.runtime.distributed import init_distributed as _init_distributed
+from memfit.deepspeed import comm, ops  # noqa: F401  (deepspeed.comm, deepspeed.ops.adam)
+from memfit.deepspeed.engine import DeepSpeedEngine
 
 logger = logging.getLogger("memfit")
+
+# The DeepSpeed release whose API and semantics memfit.deepspeed follows; scripts compare it.
+__version__ = "0.19.8"
+__git_hash__ = f"memfit-{memfit.__version__}"  # no DeepSpeed commit: this is memfit
+__git_branch__ = "memfit"
+__version_major__, __version_minor__, __version_patch__ = 0, 19, 8
 
 
 def add_config_arguments(parser):
@@ -37,12 +46,7 @@ def add_config_arguments(parser):
     return parser
 
 
-def init_distributed(dist_backend=None, auto_mpi_discovery=True, distributed_port=None, verbose=True, **kwargs):
-    """Joins the process group torchrun describes (gloo on the CPU, NCCL on GPUs); a no-op when
-    it is joined already or when running as one process."""
-    if dist_backend not in (None, "gloo", "nccl"):
-        raise ValueError(f"dist_backend: memfit runs on gloo or nccl, got {dist_backend!r}")
-    _init_distributed()
+init_distributed = comm.init_distributed
 
 
 def initialize(
@@ -67,14 +71,62 @@ def initialize(
         raise ValueError("mpu / mesh_param: model parallelism is supported by DeepSpeed, not by memfit")
     config = _config_source(args, config, config_params)
     factory = _optimizer_factory(model, optimizer, model_parameters)
-    if lr_scheduler is not None and not callable(lr_scheduler):
+    if lr_scheduler is not None and hasattr(lr_scheduler, "optimizer") and hasattr(lr_scheduler, "step"):
+        if lr_scheduler.optimizer is not optimizer:
+            raise ValueError(
+                "lr_scheduler: built over another optimizer than the one passed as optimizer=; build it over "
+                "that optimizer, or pass a callable optimizer -> scheduler"
+            )
+        lr_scheduler = rebinding(lr_scheduler)
+    elif lr_scheduler is not None and not callable(lr_scheduler):
         raise TypeError(
-            "lr_scheduler: pass a callable optimizer -> scheduler; a scheduler already built is bound to an "
-            "optimizer that memfit replaces with one over the tensors each rank owns"
+            "lr_scheduler: expected a scheduler or a callable optimizer -> scheduler, "
+            f"got {type(lr_scheduler).__name__}"
         )
     engine = DeepSpeedEngine(memfit.initialize(model, config, optimizer=factory, lr_scheduler=lr_scheduler))
     loader = engine.deepspeed_io(training_data, collate_fn=collate_fn) if training_data is not None else None
     return engine, engine.optimizer, loader, engine.lr_scheduler
+
+
+def rebinding(scheduler):
+    """A scheduler built over the user's optimizer, moved onto the one memfit builds over the
+    tensors each rank owns: a copy that keeps its schedule, position and current lrs."""
+
+    def build(optimizer):
+        old_groups = scheduler.optimizer.param_groups
+        if len(optimizer.param_groups) != len(old_groups):
+            raise ValueError(
+                f"lr_scheduler: built over {len(old_groups)} param groups, but this rank's optimizer has "
+                f"{len(optimizer.param_groups)} (a group with no tensor on this rank); pass a callable "
+                "optimizer -> scheduler instead"
+            )
+        for group, old in zip(optimizer.param_groups, old_groups):
+            for key in ("lr", "initial_lr", "betas", "momentum"):
+                if key in old and (key in group or key == "initial_lr"):
+                    group[key] = old[key]
+        rebound = copy.copy(scheduler)
+        rebound.optimizer = optimizer
+        if isinstance(rebound, torch.optim.lr_scheduler.LRScheduler):
+            _track_step_calls(optimizer)
+        return rebound
+
+    return build
+
+
+def _track_step_calls(optimizer) -> None:
+    """What torch's LRScheduler does to the optimizer it is built on: step() records that it ran,
+    so the scheduler does not warn that the optimizer's step was replaced or never called."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def tracked(*args, **kwargs):
+        optimizer._opt_called = True
+        return step(*args, **kwargs)
+
+    tracked._wrapped_by_lr_sched = True
+    optimizer.step = tracked
 
 
 def _config_source(args, config, config_params):
@@ -86,7 +138,11 @@ def _config_source(args, config, config_params):
             raise ValueError("config: given both in args.deepspeed_config and to initialize(); give one")
         config = from_args
     if config is None:
-        raise ValueError("config: none given (pass config=, or --deepspeed_config through add_config_arguments)")
+        config = os.environ.get("MEMFIT_CONFIG")  # `memfit run --config FILE`
+    if config is None:
+        raise ValueError(
+            "config: none given (pass config=, --deepspeed_config through add_config_arguments, or memfit run --config)"
+        )
     return config
 
 
@@ -165,139 +221,6 @@ def _owned_groups(named_params, groups) -> list[dict]:
         if tensors:
             owned.append({"params": tensors, **{k: v for k, v in group.items() if k != "names"}})
     return owned or [{"params": [tensor for _, tensor in named_params]}]
-
-
-class DeepSpeedEngine:
-    """DeepSpeed's engine interface over a memfit Engine; anything else reaches the memfit engine."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def __call__(self, *args, **kwargs):
-        return self._engine(*args, **kwargs)
-
-    forward = __call__
-
-    @property
-    def module(self):
-        return self._engine.module
-
-    @property
-    def optimizer(self):
-        return self._engine.optimizer
-
-    @property
-    def lr_scheduler(self):
-        return self._engine.lr_scheduler
-
-    def backward(self, loss, retain_graph=False, scale_wrt_gas=True):
-        if not scale_wrt_gas:
-            raise ValueError("scale_wrt_gas=False: memfit always divides the loss by gradient_accumulation_steps")
-        self._engine.backward(loss, retain_graph=retain_graph)
-        return loss
-
-    def step(self, lr_kwargs=None):
-        if lr_kwargs:
-            raise ValueError("lr_kwargs: not supported by memfit's schedulers")
-        self._engine.step()
-
-    def zero_grad(self):
-        self._engine.module.zero_grad()
-
-    def train(self, mode: bool = True):
-        self._engine.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    @property
-    def global_steps(self) -> int:
-        return self._engine.global_step
-
-    @property
-    def global_samples(self) -> int:
-        return self._engine.global_samples
-
-    @property
-    def skipped_steps(self) -> int:
-        return self._engine.skipped_steps
-
-    def get_lr(self) -> list[float]:
-        return [group["lr"] for group in self._engine.optimizer.param_groups]
-
-    def get_loss_scale(self) -> float:
-        return self._engine.loss_scaler.scale if self._engine.loss_scaler is not None else 1.0
-
-    def train_batch_size(self) -> int:
-        return self._engine.micro_batch_size * self._engine.gradient_accumulation_steps * self._engine.world_size
-
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return self._engine.micro_batch_size
-
-    def gradient_accumulation_steps(self) -> int:
-        return self._engine.gradient_accumulation_steps
-
-    def is_gradient_accumulation_boundary(self) -> bool:
-        return self._engine.is_boundary()
-
-    @property
-    def global_rank(self) -> int:
-        return self._engine.rank
-
-    @property
-    def local_rank(self) -> int:
-        return int(os.environ.get("LOCAL_RANK", "0"))
-
-    @property
-    def dp_world_size(self) -> int:
-        return self._engine.world_size
-
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False):
-        if not save_latest or exclude_frozen_parameters:
-            raise ValueError("save_latest=False / exclude_frozen_parameters=True: not supported by memfit")
-        self._engine.save_checkpoint(save_dir, tag, client_state or {})
-        return True
-
-    def load_checkpoint(
-        self,
-        load_dir,
-        tag=None,
-        load_module_strict=True,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-        load_module_only=False,
-        custom_load_fn=None,
-    ):
-        """(path, client_state); (None, None) with a warning when load_dir holds no checkpoint,
-        as in DeepSpeed."""
-        if not (load_module_strict and load_optimizer_states and load_lr_scheduler_states) or load_module_only:
-            raise ValueError("load_checkpoint: memfit restores everything; partial loads are not supported")
-        if custom_load_fn is not None:
-            raise ValueError("custom_load_fn: not supported by memfit")
-        if tag is None and not os.path.exists(os.path.join(os.fspath(load_dir), "latest")):
-            logger.warning("no checkpoint in %s (no 'latest' file); nothing loaded", load_dir)
-            return None, None
-        client_state = self._engine.load_checkpoint(load_dir, tag)
-        tag = tag or open(os.path.join(os.fspath(load_dir), "latest")).read().strip()
-        return os.path.join(os.fspath(load_dir), tag), client_state
-
-    def deepspeed_io(self, dataset, batch_size=None, route=None, pin_memory=True, data_sampler=None, collate_fn=None,
-                     num_local_io_workers=None):  # fmt: skip
-        """A DataLoader of micro-batches, each rank its own shard (DistributedSampler), as DeepSpeed's."""
-        world_size, rank = self._engine.world_size, self._engine.rank
-        if data_sampler is None and world_size > 1:
-            data_sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=world_size, rank=rank)
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size or self._engine.micro_batch_size,
-            sampler=data_sampler,
-            collate_fn=collate_fn,
-            num_workers=num_local_io_workers or 0,
-        )
 
 
 def is_initialized() -> bool:
