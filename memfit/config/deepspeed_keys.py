@@ -198,23 +198,11 @@ def data_types(value) -> Verdict:
 TAG_VALIDATION = ("ignore", "warn", "fail")
 
 
-def checkpoint_section(value) -> Verdict:
-    """DeepSpeed's checkpoint section: tag_validation is accepted (memfit saves every rank under
-    the one tag given to save_checkpoint, so there is nothing to compare); what changes the
-    checkpoint's layout is refused."""
-    if not isinstance(value, dict):
-        return Verdict(problem=f"expected an object, got {show(value)}")
-    for key, setting in value.items():
-        if key == "tag_validation":
-            if not isinstance(setting, str) or setting.lower() not in TAG_VALIDATION:
-                return Verdict(problem=f"tag_validation: expected Ignore, Warn or Fail, got {show(setting)}")
-        elif key in ("load_universal", "use_node_local_storage"):
-            if (verdict := _typed(check_bool, setting)) is not None:
-                return Verdict(problem=f"{key}: {verdict.problem}")
-            if setting:
-                return Verdict(problem=f"{key}: {NOT_MEMFIT} (memfit accepts false)")
-        else:
-            return Verdict(problem=f"{key}: {NOT_MEMFIT}")
+def tag_validation(value) -> Verdict:
+    """Accepted: memfit saves every rank under the one tag given to save_checkpoint, so there is
+    nothing to compare."""
+    if not isinstance(value, str) or value.lower() not in TAG_VALIDATION:
+        return Verdict(problem=f"expected Ignore, Warn or Fail, got {show(value)}")
     return ACCEPTED
 
 
@@ -243,7 +231,6 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
         "memory_breakdown": ignored(False, "use engine.memory_report()"),
         "dump_state": ignored(False, "memfit does not print its state"),
         "data_types": data_types,
-        "checkpoint": checkpoint_section,
         "comms_logger": logging_section,
         "comet": logging_section,
         "flops_profiler": logging_section,
@@ -348,9 +335,12 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
     },
     "fp16": {"fp16_master_weights_and_grads": only(False)},
     # DeepSpeed's checkpoint options; memfit's own key there is group_access
-    "checkpoint": dict.fromkeys(
-        ("tag_validation", "load_universal", "use_node_local_storage", "parallel_write"), unsupported
-    ),
+    "checkpoint": {
+        "tag_validation": tag_validation,
+        "load_universal": only(False),
+        "use_node_local_storage": only(False),
+        "parallel_write": unsupported,
+    },
     "aio": {
         "use_gds": only(False),
         "intra_op_parallelism": ignored(1, MEMFIT_IO_THREADS, check_int),
