@@ -10,7 +10,7 @@ from memfit.config.values import MAX_COUNT, Boolean, Integer, OneOf, Path, Real,
 
 MAX_SEED = 2**63 - 1  # seed + rank must stay within torch's 64-bit seed range
 MAX_BYTES = 1 << 40  # sizes of one buffer or bucket: a TiB is past any machine memfit runs on
-MAX_COLLECTIVE_TIMEOUT_S = 30 * 24 * 3600.0  # 30 days; a longer timedelta overflows torch's milliseconds
+MAX_COLLECTIVE_TIMEOUT_S = 30 * 24 * 3600  # 30 days; a longer timedelta overflows torch's milliseconds
 
 
 class Section(BaseModel):

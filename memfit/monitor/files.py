@@ -75,8 +75,10 @@ class JsonlMonitor:
         if self._file is not None:
             self._file.flush()
 
-    def close(self) -> None:
-        self.write_pending()
+    def close(self, write_pending: bool = True) -> None:
+        if write_pending:
+            self.write_pending()
+        self._pending = None
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -4,6 +4,7 @@ backend. On other ranks every call is a no-op, so a script calls it on all ranks
 
 import atexit
 import numbers
+import sys
 
 import torch
 
@@ -34,7 +35,7 @@ class MonitorMaster:
         self._step, self._samples, self._resumed = 0, 0, False
         self.enabled = bool(event_backends) or jsonl is not None
         if self.enabled:
-            atexit.register(self.close)
+            atexit.register(self._close_at_exit)
 
     # ---- what the script calls ------------------------------------------------------------------
     def write_events(self, events) -> None:
@@ -86,15 +87,21 @@ class MonitorMaster:
         if self._jsonl is not None:
             self._jsonl.flush()
 
-    def close(self) -> None:
+    def close(self, finished_step: bool = True) -> None:
         if not self.enabled:
             return
         if self._jsonl is not None:
-            self._jsonl.close()
+            self._jsonl.close(write_pending=finished_step)
         for backend in self._backends:
             backend.close()
         self.enabled = False
-        atexit.unregister(self.close)
+        atexit.unregister(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        # A process ending on an uncaught exception (a collective whose peer died, say) left its
+        # last step before the script added to it: that line would lack the script's values (the
+        # loss) and is dropped; the step is redone after a restart and written then.
+        self.close(finished_step=getattr(sys, "last_value", None) is None)
 
 
 def engine_events(engine) -> list[tuple[str, float, int]]:

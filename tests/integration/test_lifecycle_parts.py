@@ -175,9 +175,10 @@ def test_which_errors_count_as_timeouts(error, expected):
 @pytest.mark.parametrize(
     "value, message",
     [
-        (0, "expected a number >= 1, got 0"),
-        (0.5, "expected a number >= 1, got 0.5"),
-        (-1, "expected a number >= 1, got -1"),
+        (0, "expected a number from 1 to 2592000, got 0"),
+        (0.5, "expected a number from 1 to 2592000, got 0.5"),
+        (-1, "expected a number from 1 to 2592000, got -1"),
+        (2592001, "expected a number from 1 to 2592000, got 2592001"),
         ("30m", 'expected a number, got "30m"'),
         (None, "expected a number, got null"),
     ],

@@ -24,6 +24,7 @@ STEPS, SAMPLES_PER_STEP = 4, 4  # micro batch 2 x 2 ranks
 def monitors_config(directory) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 2,
+        "gradient_clipping": 1.0,  # a global norm is computed only when something needs it
         "steps_per_print": 2,
         "tensorboard": {"enabled": True, "output_path": str(directory / "tb"), "job_name": "job"},
         "wandb": {"enabled": True, "project": "memfit-test"},

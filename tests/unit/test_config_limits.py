@@ -43,7 +43,7 @@ CASES = [
         {"fp16": {"enabled": True, "initial_scale_power": 2000}},
         "fp16.initial_scale_power: expected an integer from 0 to 64, got 2000",
     ),
-    ({"collective_timeout_s": 1e300}, "collective_timeout_s: expected a number from 1 to 2592000.0, got 1e+300"),
+    ({"collective_timeout_s": 1e300}, "collective_timeout_s: expected a number from 1 to 2592000, got 1e+300"),
     ({"snapshot": {"interval_steps": 1e300}}, "snapshot.interval_steps: expected an integer, got 1e+300"),
     (
         {"snapshot": {"interval_steps": 1, "persist": {"path": "ckpt\x00/x"}}},
