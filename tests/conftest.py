@@ -21,6 +21,33 @@ def io_backend(request):
     return request.param
 
 
+# Further variants of features the fast tier already tests once, run in the slow tier only (most
+# slow-tier tests carry @pytest.mark.slow where they are written; these are picked by id so that a
+# parametrized test keeps its table in one place). A listed id that its file no longer has fails the run.
+SLOW_TIER_VARIANTS = {
+    "distributed/test_estimate.py::test_estimate_equals_memory_report_on_one_rank",
+    "distributed/test_estimate.py::test_estimate_equals_memory_report_of_the_staged_host_tier",
+    "distributed/test_fp16.py::test_resume_keeps_the_loss_scale_and_skipped_steps",
+    "distributed/test_nvme_offload.py::test_checkpoints_move_between_nvme_and_host_tiers[GaLoreAdamW]",
+    "distributed/test_nvme_offload.py::test_staged_nvme_tier_equals_staged_host_tier",
+    "distributed/test_snapshot_parity.py::test_round_and_rebuild[3-1-1]",
+    "integration/test_job_identity.py::test_a_persisted_snapshot_is_private_and_refused_to_another_optimizer",
+    "integration/test_launcher.py::test_memfit_run_checks_the_batch_sizes_for_the_world_it_launches[launch1-6]",
+    "integration/test_launcher.py::test_memfit_run_checks_the_config_wherever_it_is_given[after the script]",
+    "integration/test_launcher.py::test_memfit_run_checks_the_config_wherever_it_is_given[after the script, with =]",
+    "integration/test_lifecycle.py::test_workers_exit_when_the_launcher_died_before_initialize[torchrun]",
+    "integration/test_lifecycle.py::test_workers_exit_when_the_launcher_is_killed[torchrun]",
+    "integration/test_logs.py::test_a_quieter_level_keeps_only_warnings[config]",
+    "integration/test_shm_directory.py::test_a_symlink_planted_in_an_own_directory_is_refused[rank0.slot0]",
+    "integration/test_snapshot_slot_size.py::test_amsgrad_slots_reserved_at_start_are_never_outgrown",
+    "unit/test_checkpoint_buffers.py::test_a_snapshot_restore_refuses_a_buffer_of_another_shape",
+    "unit/test_client_state.py::test_a_snapshot_refuses_a_state_updated_in_place_and_restores_the_last_good_one",
+    "unit/test_optim_groups.py::test_sharded_engine_projects_what_one_process_projects",
+    "unit/test_suite_guard.py::test_a_file_pytest_skips_fails_the_run[slow]",
+    "unit/test_suite_guard.py::test_each_tier_runs_its_own_tests[slow]",
+}
+
+
 def _test_files_on_disk() -> set[str]:
     found = set()
     for directory, _, files in os.walk(TESTS_ROOT):
@@ -34,6 +61,9 @@ def pytest_collection_modifyitems(session, config, items):
     collected: a folder that pytest skips by name (it skips `dist`, `build`, `venv`...) fails the
     run instead of silently dropping its tests. This runs before `-m` deselects a tier's tests, so a
     file whose tests are all in the other tier still counts as collected."""
+    for item in items:
+        if os.path.relpath(str(item.path), TESTS_ROOT) + "::" + item.name in SLOW_TIER_VARIANTS:
+            item.add_marker(pytest.mark.slow)
     asked = [os.path.abspath(str(arg).split("::")[0]) for arg in config.args]
     if asked and any(path != TESTS_ROOT and path != os.path.dirname(TESTS_ROOT) for path in asked):
         return  # a subset was asked for
@@ -43,3 +73,7 @@ def pytest_collection_modifyitems(session, config, items):
     missing = sorted(os.path.relpath(path, TESTS_ROOT) for path in _test_files_on_disk() - collected)
     if missing:
         raise pytest.UsageError(f"test files on disk that pytest did not collect: {', '.join(missing)}")
+    ids = {os.path.relpath(str(item.path), TESTS_ROOT) + "::" + item.name for item in items}
+    files = {test_id.split("::")[0] for test_id in ids}
+    if stale := sorted(test_id for test_id in SLOW_TIER_VARIANTS - ids if test_id.split("::")[0] in files):
+        raise pytest.UsageError(f"SLOW_TIER_VARIANTS in tests/conftest.py names tests that do not exist: {stale}")

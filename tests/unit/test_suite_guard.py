@@ -45,3 +45,14 @@ def test_each_tier_runs_its_own_tests(tmp_path, tier, ran):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed, 1 deselected" in result.stdout
     assert f"::{ran}\n" in result.stdout.replace("PASSED ", "")
+
+
+def test_a_slow_tier_variant_its_file_no_longer_has_fails_the_run(tmp_path):
+    suite = make_suite(tmp_path, with_skipped_folder=False)
+    os.mkdir(os.path.join(suite, "unit"))
+    with open(os.path.join(suite, "unit", "test_suite_guard.py"), "w") as file:  # a file the list names
+        file.write("def test_renamed():\n    pass\n")
+    result = run_pytest(suite)
+    assert result.returncode != 0
+    assert "SLOW_TIER_VARIANTS in tests/conftest.py names tests that do not exist" in result.stdout + result.stderr
+    assert "unit/test_suite_guard.py::test_each_tier_runs_its_own_tests[slow]" in result.stdout + result.stderr
