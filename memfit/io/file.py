@@ -133,6 +133,7 @@ class AsyncFile:
         self._owner_pid = os.getpid()  # a forked child has a copy of this object but not its engine
         self._outstanding: collections.deque[Request] = collections.deque()
         self._failed_writes: list[Request] = []  # finished, failed, error not yet raised anywhere
+        self.bytes_read = self.bytes_written = 0  # submitted since the file was opened
         if mode not in _MODES:
             raise ValueError(f"mode: expected 'r', 'w' or 'rw', got {mode!r}")
         self.path = os.fspath(path)
@@ -230,6 +231,10 @@ class AsyncFile:
                     if not finished.is_read and finished._unreported_failure():
                         self._failed_writes.append(finished)
                 self._outstanding.append(request)
+                if is_read:
+                    self.bytes_read += span.num_bytes
+                else:
+                    self.bytes_written += span.num_bytes
         except MemoryError:
             raise OSError(errno.ENOMEM, "no memory to queue the request", self.path) from None
         return request

@@ -227,5 +227,10 @@ class SwapSpace:
     def capacity_bytes(self) -> int:
         return self.swap.capacity_bytes
 
+    @property
+    def transferred_bytes(self) -> tuple[int, int]:
+        """(bytes read, bytes written) through the swap file since it was opened."""
+        return self.swap.file.bytes_read, self.swap.file.bytes_written
+
     def close(self) -> None:
         self.swap.close()

@@ -263,3 +263,8 @@ class NvmeOptimizerUpdate:
     def swap_bytes(self) -> int:
         """What the rank's swap file takes on disk (preallocated at start)."""
         return self.space.capacity_bytes
+
+    @property
+    def swap_transferred_bytes(self) -> tuple[int, int]:
+        """(bytes read, bytes written) through the rank's swap file so far."""
+        return self.space.transferred_bytes

@@ -162,6 +162,11 @@ class NvmeKernelUpdate:
         """What the rank's swap file takes on disk (preallocated at start)."""
         return self.space.capacity_bytes
 
+    @property
+    def swap_transferred_bytes(self) -> tuple[int, int]:
+        """(bytes read, bytes written) through the rank's swap file so far."""
+        return self.space.transferred_bytes
+
     # ---- the streamed step ----------------------------------------------------------------------
     def run(self, grad_scale: float) -> None:
         constants, row_key = {}, {}

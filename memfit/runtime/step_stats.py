@@ -18,6 +18,12 @@ class StepStats:
         self.tokens_per_s: float | None = None  # None when the engine saw no integer inputs (token ids)
         self.grad_norm: torch.Tensor | None = None  # the global norm, when clipping computed it
         self.snapshot_stall_s = 0.0  # how long the step waited for the last snapshot's copy
+        self._swap_io_until_now = (0, 0)  # bytes read and written through the swap file before this step
+
+    def swap_io_of_step(self, read_bytes: int, written_bytes: int) -> tuple[int, int]:
+        """The swap file's bytes read and written since the last call, from its running totals."""
+        before, self._swap_io_until_now = self._swap_io_until_now, (read_bytes, written_bytes)
+        return read_bytes - before[0], written_bytes - before[1]
 
     def add_loss(self, loss: torch.Tensor) -> None:
         value = loss.detach().float().mean()
