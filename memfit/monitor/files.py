@@ -54,16 +54,21 @@ class JsonlMonitor:
         self.path = config.path
         self._file = None
         self._pending: dict | None = None
+        self._pending_added_to = False  # the script's values for the pending step arrived
+        self._script_adds = False  # the script has added values to some step (engine.log_metrics)
 
     def start_record(self, step: int, samples: int, resumed: bool) -> None:
         self.write_pending()
         if self._file is None:
             self._file = open_for_run(self.path, resumed)
         self._pending = {"step": step, "samples": samples}
+        self._pending_added_to = False
 
-    def add(self, values: dict) -> None:
+    def add(self, values: dict, from_script: bool = True) -> None:
         if self._pending is not None:
             self._pending.update(values)
+            if from_script:
+                self._pending_added_to = self._script_adds = True
 
     def write_pending(self) -> None:
         if self._pending is not None and self._file is not None:
@@ -75,8 +80,12 @@ class JsonlMonitor:
         if self._file is not None:
             self._file.flush()
 
-    def close(self, write_pending: bool = True) -> None:
-        if write_pending:
+    def close(self, crashed: bool = False) -> None:
+        """A process ending on an uncaught exception (a collective whose peer died, say) may have
+        left its last step before the script added to it: that line would lack the script's values
+        (the loss) and is dropped, as the step is redone after a restart. A step the script did add
+        to is complete and written, crash or not: its snapshot may be the one a restart resumes from."""
+        if not crashed or self._pending_added_to or not self._script_adds:
             self.write_pending()
         self._pending = None
         if self._file is not None:

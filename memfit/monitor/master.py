@@ -40,13 +40,16 @@ class MonitorMaster:
     # ---- what the script calls ------------------------------------------------------------------
     def write_events(self, events) -> None:
         """DeepSpeed's monitor API: a list of (name, value, step) tuples, the step in samples."""
+        self._write_events(events, from_script=True)
+
+    def _write_events(self, events, from_script: bool) -> None:
         if not self.enabled:
             return
         events = [(name, _number(value), step) for name, value, step in events]
         for backend in self._backends:
             backend.write_events(events, self._resumed)
         if self._jsonl is not None:
-            self._jsonl.add({name.split("/")[-1]: value for name, value, _ in events})
+            self._jsonl.add({name.split("/")[-1]: value for name, value, _ in events}, from_script)
 
     def log_metrics(self, values: dict) -> None:
         """Adds the script's metrics to the last step: to its JSONL line as they are, and as
@@ -77,7 +80,7 @@ class MonitorMaster:
         events = engine_events(engine)
         if first and engine.restored_from is not None:  # the step a snapshot restore continued from
             events.append(("memfit/restored_from", engine.restored_from, self._samples))
-        self.write_events(events)
+        self._write_events(events, from_script=False)
         if self._step % self._flush_every == 0:
             self.flush()
 
@@ -87,21 +90,18 @@ class MonitorMaster:
         if self._jsonl is not None:
             self._jsonl.flush()
 
-    def close(self, finished_step: bool = True) -> None:
+    def close(self, crashed: bool = False) -> None:
         if not self.enabled:
             return
         if self._jsonl is not None:
-            self._jsonl.close(write_pending=finished_step)
+            self._jsonl.close(crashed)
         for backend in self._backends:
             backend.close()
         self.enabled = False
         atexit.unregister(self._close_at_exit)
 
     def _close_at_exit(self) -> None:
-        # A process ending on an uncaught exception (a collective whose peer died, say) left its
-        # last step before the script added to it: that line would lack the script's values (the
-        # loss) and is dropped; the step is redone after a restart and written then.
-        self.close(finished_step=getattr(sys, "last_value", None) is None)
+        self.close(crashed=getattr(sys, "last_value", None) is not None)
 
 
 def engine_events(engine) -> list[tuple[str, float, int]]:

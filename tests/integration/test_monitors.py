@@ -139,3 +139,44 @@ def test_a_missing_package_is_one_clear_error(tmp_path, monkeypatch):
     config = {"train_micro_batch_size_per_gpu": 1, "wandb": {"enabled": True}}
     with pytest.raises(ImportError, match=r"^wandb.enabled: true needs the wandb package .*pip install wandb"):
         memfit.initialize(plain_model(), config)
+
+
+CRASHING_SCRIPT = """
+import sys, torch, memfit
+from tests.integration.test_monitors import plain_model
+log_steps, crash_before_log = sys.argv[1] == "logs", sys.argv[2] == "before"
+config = {"train_micro_batch_size_per_gpu": 2, "memfit": {"jsonl_monitor": {"enabled": True, "path": sys.argv[3]}}}
+engine = memfit.initialize(plain_model(), config)
+for step in range(3):
+    tokens = torch.randint(0, 16, (2, 4))
+    engine.backward(torch.nn.functional.cross_entropy(engine(tokens), tokens[:, 0]))
+    engine.step()
+    if step == 2 and crash_before_log:
+        raise RuntimeError("a peer died in the script's all-reduce of the loss")
+    if log_steps:
+        engine.log_metrics({"loss": float(step)})
+raise RuntimeError("a peer died in the final save")
+"""
+
+
+@pytest.mark.parametrize(
+    "logs, crash, last_line",
+    [
+        ("logs", "after", {"step": 3, "loss": 2.0}),  # the step is complete: written
+        ("logs", "before", {"step": 2, "loss": 1.0}),  # the loss never came: step 3 dropped
+        ("silent", "after", {"step": 3}),  # a script that adds nothing: every step complete
+    ],
+)
+def test_a_crash_keeps_each_complete_step_and_drops_the_unfinished_one(tmp_path, logs, crash, last_line):
+    """A process ending on an uncaught exception: the last step's line is written when the script
+    added its values to it (its snapshot may be what a restart resumes from, so it is not redone),
+    dropped when the script was still working on it (a restart redoes the step and writes it)."""
+    metrics = tmp_path / "metrics.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", CRASHING_SCRIPT, logs, crash, str(metrics)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+    )  # fmt: skip
+    assert result.returncode == 1 and "RuntimeError: a peer died" in result.stderr, result.stderr[-3000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, last_line["step"] + 1))
+    assert {key: records[-1].get(key) for key in last_line} == last_line
