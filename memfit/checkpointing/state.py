@@ -22,7 +22,6 @@ import torch
 from memfit.checkpointing.integrity import CheckpointError
 from memfit.checkpointing.optimizer_change import check_optimizer_kind, keep_config_hyperparameters, log_changes
 from memfit.runtime.distributed import rng_state, set_rng_state
-from memfit.runtime.zero.collectives import broadcast_params
 
 STRUCTURAL_GROUP_KEYS = ("params", "names", "param_names")  # describe this rank's group, never copied
 PLACEHOLDER_GROUP_KEYS = ("lr", "initial_lr")  # all a group without tensors needs (for the scheduler)
@@ -158,8 +157,7 @@ def restore_rank_state(engine, source: StateSource, load_optimizer_states: bool 
                     f"{tuple(buffer.shape)} in the model"
                 )
             buffer.copy_(value)
-    if engine.stage > 0 and engine.world_size > 1:
-        broadcast_params(engine._buckets)  # owners hand the restored values to every rank
+    engine.sync_params()  # owners hand the restored values to every rank
     if load_optimizer_states:
         _restore_optimizer(engine, source, same_world)
     set_master = getattr(engine.optimizer, "set_master", None)

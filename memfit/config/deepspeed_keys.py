@@ -3,9 +3,10 @@ value changes nothing in training is accepted (silently when it equals what memf
 with a warning when memfit ignores what it asks for); a value that would change training is an
 error; a legacy name is renamed. Nothing is dropped silently.
 
-Semantics follow DeepSpeed 0.19.8: its ZeRO stage 1/2 optimizer never reads the stage-3 keys
-(stage3_* and their un-prefixed names) nor sub_group_size, which only sizes the tiles of its
-stage-3 offload, so below stage 3 they are accepted and reported as ignored. The legacy
+Semantics follow DeepSpeed 0.19.8. The stage-3 keys memfit implements are fields (stage3_*,
+offload_param); their un-prefixed names are renamed to them. The tuning keys of DeepSpeed's
+partitioned-tensor stage 3 (sub_group_size, module_granularity_threshold, ...) are accepted and
+reported as ignored. The legacy
 zero_optimization.cpu_offload: true is offload_optimizer.device "cpu"."""
 
 from collections.abc import Callable
@@ -80,16 +81,21 @@ def ignored(default, why: str, check=check_bool) -> Handler:
 MEMFIT_IO_THREADS = "memfit's I/O engine sizes its own thread pool (io_uring needs none)"
 MEMFIT_IO_SUBMISSION = "memfit's I/O engine always submits in batches and reaps while submitting"
 STAGE3_SETTINGS = "ZeRO stage 3 settings, which DeepSpeed also ignores below stage 3"
+STAGE3_TUNING = "tuning of DeepSpeed's partitioned-tensor stage 3, which memfit's whole-tensor gathering has no use for"
 LOSS_SCALING_SETTINGS = "loss scaling settings, which apply to fp16 only"
 
 
 def stage3(check) -> Handler:
-    """A stage-3 setting: the stage itself is refused at 3, so here the stage is below 3."""
+    """A stage-3 tuning key of DeepSpeed's partitioned-tensor design (and ignored by it below stage 3)."""
 
     def handle(value):
         return (None if value == "auto" else _typed(check, value)) or Verdict(ignored_as=STAGE3_SETTINGS)
 
     return handle
+
+
+def renamed(memfit_key: str) -> Handler:
+    return lambda value: Verdict(rename_to=memfit_key, renamed_value=value)
 
 
 def old_bf16_name(value) -> Verdict:
@@ -154,16 +160,6 @@ def activation_checkpointing(value) -> Verdict:
             return Verdict(problem=f"{key}: {verdict.problem}")
         elif flag:
             return Verdict(problem=f"{NOT_MEMFIT} (memfit accepts it only with every flag false)")
-    return ACCEPTED
-
-
-def offload_param(value) -> Verdict:
-    if value is None:
-        return ACCEPTED
-    if not isinstance(value, dict):
-        return Verdict(problem=f"expected an object, got {show(value)}")
-    if value.get("device", "none") != "none":
-        return Verdict(problem=f'{NOT_MEMFIT} (parameter offload; memfit accepts device "none")')
     return ACCEPTED
 
 
@@ -281,28 +277,32 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
         "zero_quantized_weights": only(False),
         "zero_quantized_gradients": only(False),
         "zero_quantized_nontrainable_weights": only(False),
-        "offload_param": offload_param,
         "cpu_offload": cpu_offload,
         "cpu_offload_param": only(False),
         "cpu_offload_use_pin_memory": either(),  # deprecated in DeepSpeed, which no longer reads it
         **dict.fromkeys(
             ("zenflow", "mics_shard_size", "mics_hierarchical_params_gather", "zeropp_loco_param"), unsupported
         ),
+        **{  # DeepSpeed's other names for memfit's stage3_* fields
+            name: renamed(f"stage3_{name}")
+            for name in (
+                "prefetch_bucket_size",
+                "param_persistence_threshold",
+                "max_live_parameters",
+                "max_reuse_distance",
+                "gather_16bit_weights_on_model_save",
+            )
+        },
+        "stage3_gather_fp16_weights_on_model_save": renamed("stage3_gather_16bit_weights_on_model_save"),
         **{
             key: stage3(check)
             for names, check in (
-                (
-                    ("prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold"),
-                    _non_negative_int,
-                ),
-                (("max_live_parameters", "max_reuse_distance", "module_granularity_threshold"), _non_negative_int),
-                (("gather_16bit_weights_on_model_save", "use_all_reduce_for_fetch_params"), check_bool),
-                (("allgather_sequential",), check_bool),
+                (("model_persistence_threshold", "module_granularity_threshold"), _non_negative_int),
+                (("use_all_reduce_for_fetch_params", "allgather_sequential"), check_bool),
             )
             for name in names
             for key in (name, f"stage3_{name}")
         },
-        "stage3_gather_fp16_weights_on_model_save": stage3(check_bool),
         "sub_group_size": stage3(_non_negative_int),
         "memory_efficient_linear": stage3(check_bool),
         "override_module_apply": stage3(check_bool),

@@ -62,9 +62,20 @@ def _schedule(cfg: MemfitConfig, client: ClientComponents) -> str:
 
 def _zero(cfg: MemfitConfig) -> str:
     zero = cfg.zero_optimization
-    owned = {0: "replicated optimizer", 1: "optimizer state sharded", 2: "optimizer state and gradients sharded"}
+    owned = {
+        0: "replicated optimizer",
+        1: "optimizer state sharded",
+        2: "optimizer state and gradients sharded",
+        3: "optimizer state, gradients and parameters sharded",
+    }
     overlap = ", overlapped with backward" if zero.overlap_comm else ""
-    return f"{owned[zero.stage]}, gradient buckets of {zero.reduce_bucket_size} elements{overlap}"
+    described = f"{owned[zero.stage]}, gradient buckets of {zero.reduce_bucket_size} elements{overlap}"
+    if zero.stage == 3:
+        described += (
+            f", tensors under {zero.stage3_param_persistence_threshold} elements kept whole on every rank"
+            f"; parameter offload: {zero.offload_param.device}"
+        )
+    return described
 
 
 def _precision(cfg: MemfitConfig) -> str:

@@ -104,9 +104,38 @@ class OffloadOptimizerConfig(Section):
         return self
 
 
+class OffloadParamConfig(Section):
+    device: OneOf("none", "cpu", "nvme") = Field(
+        "none",
+        description='Where the 16-bit parameters a rank owns rest between uses at ZeRO stage 3: "cpu" the host '
+        'arena, "nvme" a swap file per rank under nvme_path, read ahead in the order the model uses them.',
+    )
+    nvme_path: Path(optional=True) = Field(
+        None, description='Existing writable directory for the per-rank parameter files; required when device is "nvme".'
+    )
+    pin_memory: Boolean = Field(False, description="Register the host buffers with CUDA when a GPU is present.")
+    buffer_count: Integer(minimum=1, limit=1024) = Field(
+        5, description="Host buffers parameters are read into from NVMe (DeepSpeed's key and default)."
+    )
+    buffer_size: Integer(minimum=1, limit=MAX_BYTES) = Field(
+        100_000_000, description="Elements per NVMe read buffer (DeepSpeed's key and default)."
+    )
+    max_in_cpu: Integer(minimum=0, limit=MAX_BYTES) = Field(
+        1_000_000_000, description="Parameter elements kept in host memory under NVMe offload (DeepSpeed's key)."
+    )
+
+    @model_validator(mode="after")
+    def nvme_needs_path(self) -> "OffloadParamConfig":
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError('nvme_path: required when device is "nvme" (an existing writable directory)')
+        return self
+
+
 class ZeroConfig(Section):
     stage: Integer() = Field(
-        0, description="0: replicated optimizer; 1: sharded optimizer state; 2: also sharded gradients."
+        0,
+        description="0: replicated optimizer; 1: sharded optimizer state; 2: also sharded gradients; 3: also "
+        "sharded parameters, each tensor gathered from its owner while it is in use.",
     )
     reduce_bucket_size: Integer(minimum=1, limit=MAX_BYTES) = Field(
         500_000_000, description='Elements per gradient communication bucket. "auto": 500000000.'
@@ -120,14 +149,39 @@ class ZeroConfig(Section):
     offload_optimizer: OffloadOptimizerConfig = Field(
         default_factory=OffloadOptimizerConfig, description="Optimizer-state offload."
     )
+    offload_param: OffloadParamConfig = Field(
+        default_factory=OffloadParamConfig, description="Parameter offload (stage 3; ignored below, as in DeepSpeed)."
+    )
+    stage3_param_persistence_threshold: Integer(minimum=0, limit=MAX_COUNT) = Field(
+        100_000,
+        description="Stage 3: tensors with fewer elements stay whole on every rank (their owner broadcasts them "
+        "after each step) instead of being gathered at each use.",
+    )
+    stage3_prefetch_bucket_size: Integer(minimum=0, limit=MAX_COUNT) = Field(
+        50_000_000,
+        description="Stage 3: elements gathered ahead of use, in the order the last step used them (0: none).",
+    )
+    stage3_max_live_parameters: Integer(minimum=0, limit=MAX_COUNT) = Field(
+        1_000_000_000,
+        description="Stage 3: most elements of gathered, not owned, tensors a rank holds at once; prefetching "
+        "stops there.",
+    )
+    stage3_max_reuse_distance: Integer(minimum=0, limit=MAX_COUNT) = Field(
+        1_000_000_000,
+        description="Stage 3: accepted with DeepSpeed's meaning (a tensor used again within this many elements is "
+        "kept); memfit releases a tensor when the module that gathered it ends.",
+    )
+    stage3_gather_16bit_weights_on_model_save: Boolean = Field(
+        False,
+        description="Stage 3: save_16bit_model gathers every tensor (one at a time) and writes the whole model; "
+        "false: it writes nothing and says so, as DeepSpeed.",
+    )
 
     @field_validator("stage")
     @classmethod
     def stage_implemented(cls, stage: int) -> int:
-        if stage == 3:
-            raise ValueError("stage 3 is supported by DeepSpeed, not by memfit (memfit implements stages 0, 1 and 2)")
-        if stage not in (0, 1, 2):
-            raise ValueError(f"expected 0, 1 or 2, got {stage}")
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"expected 0, 1, 2 or 3, got {stage}")
         return stage
 
 

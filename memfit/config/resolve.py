@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from memfit.config.batch import ACCUMULATION, MICRO, TRAIN, batch_problems, check_world_size, resolve_batch
 from memfit.config.client import ClientComponents
 from memfit.config.components import Findings, Resolved, resolve_optimizer, resolve_scheduler
+from memfit.config.deepspeed_keys import STAGE3_SETTINGS, STAGE3_TUNING
 from memfit.config.errors import ConfigError, describe_pydantic_error
 from memfit.config.models import MemfitConfig
 from memfit.config.read import nesting_problem, read_config_file
@@ -57,6 +58,12 @@ def resolve_config(source, world_size: int | None = None, client: ClientComponen
     batch = _check_batch(data, world_size, frozenset(screened.auto), found)
     if config is not None and config.bf16.enabled and config.fp16.enabled:
         found.problems.append("fp16.enabled: true together with bf16.enabled true; enable one of them")
+    if config is not None:
+        written = [  # the keys as the file names them (DeepSpeed's other names included)
+            screened.written_as.get(f"zero_optimization.{key}", key).rpartition(".")[2]
+            for key in data.get("zero_optimization", {})
+        ]
+        stage3_settings_ignored(config.zero_optimization, written, screened.ignored)
     found.warnings += screened.ignored_warnings()
     problems = list(dict.fromkeys(_as_written(problem, screened.written_as) for problem in found.problems))
     if problems:
@@ -68,6 +75,22 @@ def resolve_config(source, world_size: int | None = None, client: ClientComponen
     return ResolvedConfig(config, found.resolved)
 
 
+def stage3_settings_ignored(zero, written: list[str], ignored: dict) -> None:
+    """Below stage 3 every stage-3 setting changes nothing, as in DeepSpeed: memfit's fields join
+    DeepSpeed's tuning keys in one warning. At stage 3 only the tuning keys are ignored."""
+    key = ("zero_optimization", STAGE3_SETTINGS)
+    if zero.stage == 3:
+        if key in ignored:
+            ignored[("zero_optimization", STAGE3_TUNING)] = ignored.pop(key)
+        return
+    fields = {name.removeprefix("stage3_") for name in type(zero).model_fields if name.startswith("stage3_")}
+    given = [name for name in written if name.removeprefix("stage3_") in fields]
+    if zero.offload_param.device != "none":
+        given.append("offload_param")
+    if given:
+        ignored[key] = given + ignored.get(key, [])
+
+
 def load_config(source) -> MemfitConfig:
     """resolve_config without a world size or passed components: a path, dict or MemfitConfig."""
     return resolve_config(source).config
@@ -77,6 +100,11 @@ def engine_gaps(config: MemfitConfig, world_size: int | None = None) -> list[str
     """Settings the config accepts that the engine refuses at this world size, as problem lines;
     the engine, `memfit config check --world-size` and `memfit run` all refuse them."""
     zero = config.zero_optimization
+    if zero.offload_param.device != "none" and zero.stage == 3:
+        return [
+            f'zero_optimization.offload_param.device: "{zero.offload_param.device}" is not implemented yet '
+            '(stage 3 runs with parameters in memory: "none")'
+        ]
     if zero.offload_optimizer.device != "none" and zero.stage == 0 and (world_size or 1) > 1:
         return [
             f'zero_optimization.offload_optimizer.device: "{zero.offload_optimizer.device}" needs ZeRO stage 1 or 2 '

@@ -14,7 +14,7 @@ from memfit.config.errors import MAX_SUGGESTIONS, join_path, unknown_key
 from memfit.config.values import show
 
 # Sections DeepSpeed declares optional, where null means the defaults (no offload).
-NULL_MEANS_DEFAULT = {"zero_optimization.offload_optimizer"}
+NULL_MEANS_DEFAULT = {"zero_optimization.offload_optimizer", "zero_optimization.offload_param"}
 
 # Fields where "auto" is resolved; optimizer.params and scheduler.params take it for every key.
 AUTO_FIELDS = {
@@ -25,6 +25,12 @@ AUTO_FIELDS = {
     "bf16.enabled",
     "fp16.enabled",
     "zero_optimization.reduce_bucket_size",
+    # Hugging Face's templates write these as "auto" (it derives them from the hidden size)
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+    "zero_optimization.stage3_max_live_parameters",
+    "zero_optimization.stage3_max_reuse_distance",
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save",
 }
 
 

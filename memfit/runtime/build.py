@@ -30,6 +30,7 @@ from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flat
 from memfit.runtime.zero.collectives import GradientReducer
 from memfit.runtime.zero.grad_sync import GradientSync
 from memfit.runtime.zero.ownership import plan_ownership
+from memfit.runtime.zero.stage3 import Stage3Params
 
 PLACEHOLDER_NAME = "<no owned tensor>"
 
@@ -91,13 +92,17 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     )
     if agree_on_failure(problem is not None, world_size, device):
         raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")
-    if world_size > 1 and stage > 0:
+    if world_size > 1 and stage in (1, 2):
         flatten_params(buckets)  # owners broadcast each bucket in place
     attach_grad_buffers([b for b in buckets if stage < 2 or b.owner_rank == rank])
     reducer = GradientReducer(stage, rank, staging_numel(buckets, stage, rank))
     grad_sync = GradientSync(
         named_params, buckets, reducer, stage=stage, world_size=world_size, overlap=cfg.zero_optimization.overlap_comm
     )
+    stage3 = None
+    if stage == 3:
+        threshold = cfg.zero_optimization.stage3_param_persistence_threshold
+        stage3 = Stage3Params(model, named_params, plan, rank, world_size, threshold)
     owned_params = [(n, p) for n, p in named_params if n in owned_names]
     with model_layout(model):  # the low-rank factories decide what to project from the whole model
         masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
@@ -120,12 +125,15 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         host_tier=tier,
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,
+        stage3=stage3,
     )
     engine.job_id, engine.fingerprint = job_id(), fingerprint(model, cfg, optimizer, opt)
     engine.monitor = build_monitor(cfg, rank)
     engine.snapshotter = build_snapshotter(cfg.snapshot, engine)
     if engine.snapshotter is not None:
         restore_latest(engine, engine.snapshotter)
+    if stage3 is not None:
+        stage3.release_all()  # from here on a rank holds whole only what it owns
     return engine
 
 

@@ -17,6 +17,7 @@ allocated once, so reductions and broadcasts run in place.
 Invariant: between steps, every rank holds identical compute parameters and no gradients.
 """
 
+import contextlib
 import logging
 import os
 import time
@@ -52,6 +53,7 @@ class Engine:
         host_tier,
         micro_batch_size,
         accumulation_steps,
+        stage3=None,
     ):
         self.module = model
         self.config = config
@@ -67,6 +69,7 @@ class Engine:
         self.lr_scheduler = lr_scheduler
         self.loss_scaler = loss_scaler
         self.host_tier = host_tier
+        self._stage3 = stage3  # stage 3: gathers and releases the tensors a rank does not own
         self.micro_batch_size = micro_batch_size
         self.gradient_accumulation_steps = accumulation_steps
         self.global_step = 0
@@ -119,6 +122,8 @@ class Engine:
             (loss / (self.gradient_accumulation_steps * self._ranks_averaged)).backward(retain_graph=retain_graph)
         finally:
             self._grad_sync.after_backward()
+            if self._stage3 is not None:
+                self._stage3.after_backward()
         self._count_grad_bytes()
 
     def _count_grad_bytes(self) -> None:
@@ -139,6 +144,8 @@ class Engine:
             waited_from = time.perf_counter()
             self.snapshotter.wait_for_copy()  # the last snapshot's lazy copy reads what the update writes
             self.step_stats.snapshot_stall_s = time.perf_counter() - waited_from
+        if self._stage3 is not None:
+            self._stage3.check_same_use()
         touched = self._grad_sync.finish_step()
         if self.world_size > 1 and not self._grad_sync.reduces_every_backward:
             self._count_grad_bytes()
@@ -150,8 +157,8 @@ class Engine:
         else:
             self._update.apply(multiplier)
         self._grad_sync.reset_buffers()
-        if not overflow and self.stage > 0 and self.world_size > 1:
-            broadcast_params(self._buckets)
+        if not overflow:
+            self.sync_params()
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow)
         if not overflow and self.lr_scheduler is not None:
@@ -167,6 +174,24 @@ class Engine:
             self.monitor.after_step(self)
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
             logger.info("%s", self.step_stats.line(self))
+
+    def sync_params(self) -> None:
+        """Owners hand their updated parameters to every rank (stage 1/2: all of them; stage 3: the
+        ones every rank keeps whole; the others are gathered from their owners when used)."""
+        if self.stage == 0 or self.world_size == 1:
+            return
+        if self._stage3 is not None:
+            self._stage3.sync_persistent()
+        else:
+            broadcast_params(self._buckets)
+
+    def gathered_parameters(self, params=None):
+        """A context in which `params` (default: every parameter) are whole on every rank; at stage 3
+        each is gathered from its owner and released at the end, elsewhere nothing moves. Every
+        rank must enter it with the same parameters."""
+        if self._stage3 is None:
+            return contextlib.nullcontext()
+        return self._stage3.gathered(None if params is None else list(params))
 
     def _gradient_multiplier(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor | None, bool]:
         """(what to multiply every gradient by, whether the step overflowed). The multiplier folds

@@ -12,6 +12,7 @@ from memfit.optim.registry import build_optimizer
 from tests.distributed.models import make_model
 
 STEPS, MICRO_BATCH, IN_FEATURES, OUT_FEATURES = 3, 2, 16, 8
+PERSISTENCE_THRESHOLD = 50
 # The low-rank optimizers project the attn and mlp modules. The default rule would also project
 # the moe model's rank-routed experts, whose gradients have rank 2 at one micro-step: Adam then
 # runs on projected coordinates that cancel to nearly 0, where a last-bit difference in the
@@ -89,6 +90,8 @@ def config(case: Case, world_size: int) -> dict:
             "overlap_comm": case.overlap,
             "reduce_bucket_size": 300,
             "offload_optimizer": {"device": case.offload},
+            # stage 3: weights are gathered at each use, biases (at most 40 elements) stay whole
+            "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD,
         },
     }
 
@@ -144,7 +147,8 @@ def run_engine(case: Case, rank: int, world_size: int) -> dict:
                 output = engine(piece_inputs.to(dtype), route=rank, step=step).float()
                 engine.backward(torch.nn.functional.mse_loss(output, piece_targets))
             engine.step()
-    return {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
+    with engine.gathered_parameters():  # stage 3: each tensor whole on every rank
+        return {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
 
 
 def run_reference(case: Case, world_size: int) -> dict:

@@ -45,9 +45,18 @@ HABIT_AXES = dict(
     optimizer=["AdamW"],
     habit=[habit for habit in HABITS if habit != "none"],
 )
+# Stage 3 gathers each tensor from its owner where it is used, so every rank must run the same
+# modules: the rank-routed experts are refused there (test_stage3_refuses_rank_dependent_modules).
+STAGE3_MODELS = [model for model in EQUIVALENCE_MODELS if model != "moe"]
+STAGE3_AXES = {**MAIN_AXES, "model": STAGE3_MODELS, "stage": [3]}
+STAGE3_HABIT_AXES = {**HABIT_AXES, "model": STAGE3_MODELS, "stage": [3]}
 MAIN_TABLE = grid(**MAIN_AXES)
 HABIT_TABLE = grid(**HABIT_AXES)
+STAGE3_TABLE = grid(**STAGE3_AXES) + grid(**STAGE3_HABIT_AXES)
 PAIRWISE_TABLE = [Case(**row) for row in all_pairs(MAIN_AXES)] + [Case(**row) for row in all_pairs(HABIT_AXES)]
+STAGE3_PAIRWISE_TABLE = [Case(**row) for row in all_pairs(STAGE3_AXES)] + [
+    Case(**row) for row in all_pairs(STAGE3_HABIT_AXES)
+]
 
 
 def check_table(cases, report_name: str) -> None:
@@ -85,6 +94,34 @@ def test_engine_equals_single_process_with_user_habits():
 def test_engine_equals_single_process_all_pairs():
     """Every pair of factor values of both tables meets in at least one case."""
     check_table(PAIRWISE_TABLE, "all pairs of the main and habit tables")
+
+
+def test_stage3_equals_single_process_all_pairs():
+    """Stage 3 (weights gathered at each use, biases kept whole): tied weights read transposed by
+    the parent's forward, a frozen layer, a layer unused on some steps, a rank owning nothing."""
+    check_table(STAGE3_PAIRWISE_TABLE, "all pairs at stage 3")
+
+
+@pytest.mark.slow
+def test_stage3_equals_single_process_table():
+    check_table(STAGE3_TABLE, "stage 3 table")
+
+
+def _routed_step(rank, world_size):
+    from tests.distributed.equivalence import run_engine
+
+    try:
+        run_engine(Case("moe", 3, False, 1, 0.0, "AdamW"), rank, world_size)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_stage3_refuses_rank_dependent_modules():
+    """Experts routed by rank make the ranks gather different tensors: the step stops with a clear
+    error before it updates anything."""
+    for message in run_ranks(_routed_step, WORLD_SIZE):
+        assert message.startswith("ZeRO stage 3: the ranks used different parameters since the last step"), message
 
 
 def test_model_without_trainable_parameters_is_refused():

@@ -120,13 +120,16 @@ ACCEPTED = {
     ),
     "no_effect_keys.json": (
         [("zero_optimization.offload_optimizer.device", "none"), ("bf16.enabled", True)],
-        ["train_batch_size = 4 (derived: train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size 2)"],
+        [
+            "zero_optimization.stage3_gather_16bit_weights_on_model_save = false (auto: the default)",
+            "train_batch_size = 4 (derived: train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size 2)",
+        ],
         [
             "bf16: loss_scale, loss_scale_window, initial_scale_power ignored: loss scaling settings, which apply to "
             "fp16 only",
-            "zero_optimization: sub_group_size, stage3_max_live_parameters, max_reuse_distance, "
-            "stage3_gather_16bit_weights_on_model_save ignored: ZeRO stage 3 settings, which DeepSpeed also ignores "
-            "below stage 3",
+            "zero_optimization: stage3_max_live_parameters, max_reuse_distance, "
+            "stage3_gather_16bit_weights_on_model_save, sub_group_size ignored: ZeRO stage 3 settings, which "
+            "DeepSpeed also ignores below stage 3",
         ],
     ),
     "onecycle.json": (
@@ -138,6 +141,18 @@ ACCEPTED = {
         [],
     ),
     "deepspeed_zero1.json": ([("optimizer.params.lr", 3e-4), ("zero_optimization.stage", 1)], [], []),
+    "deepspeed_zero3_offload.json": (
+        [
+            ("zero_optimization.stage", 3),
+            ("zero_optimization.offload_param.device", "cpu"),
+            ("zero_optimization.stage3_max_live_parameters", 1_000_000_000),
+        ],
+        [
+            "train_batch_size = 2 (derived: train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size 2)",
+            "gradient_accumulation_steps = 1 (derived: 1 with train_micro_batch_size_per_gpu alone)",
+        ],
+        [],
+    ),
     "deepspeed_zero2.json": (
         [("zero_optimization.overlap_comm", True), ("aio.queue_depth", 8)],
         [
@@ -155,10 +170,6 @@ ALL_AUTO_BATCH = (
     "without train_micro_batch_size_per_gpu or train_batch_size; give train_micro_batch_size_per_gpu and "
     "gradient_accumulation_steps"
 )
-STAGE_3 = (
-    "zero_optimization.stage: stage 3 is supported by DeepSpeed, not by memfit (memfit implements stages 0, 1 and 2)"
-)
-PARAM_OFFLOAD = 'zero_optimization.offload_param: supported by DeepSpeed, not by memfit (parameter offload; memfit accepts device "none")'
 REFUSED = {
     "hf_trainer_zero2_auto.json": [ALL_AUTO_BATCH],
     "axolotl_zero2_offload.json": [ALL_AUTO_BATCH],
@@ -168,12 +179,9 @@ REFUSED = {
         "gradient_accumulation_steps",
     ],
     "hf_trainer_zero3.json": [
-        PARAM_OFFLOAD,
         'scheduler.params.total_num_steps: "auto" cannot be resolved: memfit does not know the number of training '
         "steps; give it",
-        STAGE_3,
     ],
-    "deepspeed_zero3_offload.json": [PARAM_OFFLOAD, STAGE_3],
 }
 
 

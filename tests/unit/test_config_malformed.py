@@ -45,12 +45,8 @@ MALFORMED_DICTS = [
     ({"zero_optimization": {"stage": "two"}}, 'config: zero_optimization.stage: expected an integer, got "two"'),
     ({"zero_optimization": {"stage": True}}, "config: zero_optimization.stage: expected an integer, got true"),
     ({"zero_optimization": {"stage": 1.5}}, "config: zero_optimization.stage: expected an integer, got 1.5"),
-    ({"zero_optimization": {"stage": 7}}, "config: zero_optimization.stage: expected 0, 1 or 2, got 7"),
-    (
-        {"zero_optimization": {"stage": 3}},
-        "config: zero_optimization.stage: stage 3 is supported by DeepSpeed, not by memfit "
-        "(memfit implements stages 0, 1 and 2)",
-    ),
+    ({"zero_optimization": {"stage": 7}}, "config: zero_optimization.stage: expected 0, 1, 2 or 3, got 7"),
+    ({"zero_optimization": {"stage": -1}}, "config: zero_optimization.stage: expected 0, 1, 2 or 3, got -1"),
     (
         {"zero_optimization": {"reduce_bucket_size": "5e8"}},
         'config: zero_optimization.reduce_bucket_size: expected an integer, got "5e8"',
@@ -293,9 +289,17 @@ MALFORMED_DICTS = [
         "false)",
     ),
     (
-        {"zero_optimization": {"offload_param": {"device": "cpu"}}},
-        "config: zero_optimization.offload_param: supported by DeepSpeed, not by memfit (parameter offload; memfit "
-        'accepts device "none")',
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "disk"}}},
+        'config: zero_optimization.offload_param.device: expected one of "none", "cpu", "nvme", got "disk"',
+    ),
+    (
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+        'config: zero_optimization.offload_param: nvme_path: required when device is "nvme" (an existing writable '
+        "directory)",
+    ),
+    (
+        {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": -5}},
+        "config: zero_optimization.stage3_param_persistence_threshold: expected an integer >= 0, got -5",
     ),
     (
         {"zero_optimization": {"cpu_offload_param": True}},

@@ -18,10 +18,13 @@ class Bucket:
     param_buffer: torch.Tensor | None = None  # flat storage the params view (multi-tensor buckets)
     grad_buffer: torch.Tensor | None = None  # flat storage the grads view, kept across steps
     grad_views: list[torch.Tensor] = field(default_factory=list)  # one view of grad_buffer per param
+    # the parameters' full shapes, as built: at stage 3 a rank's copy of a tensor it does not own
+    # is released between uses and has no elements
+    shapes: list[torch.Size] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+        return sum(shape.numel() for shape in self.shapes)
 
     def flat_params(self) -> torch.Tensor:
         return self.param_buffer if self.param_buffer is not None else self.params[0].data.view(-1)
@@ -39,6 +42,7 @@ def build_buckets(named_params, plan, bucket_numel: int) -> list[Bucket]:
                 buckets.append(current)
             current.params.append(param)
             current.names.append(name)
+            current.shapes.append(param.shape)
     return buckets
 
 

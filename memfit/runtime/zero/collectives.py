@@ -56,12 +56,12 @@ class GradientReducer:
             flat = bucket.grad_buffer
         elif len(bucket.params) == 1:
             param = bucket.params[0]
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)  # unused this step: still takes part, with zeros
+            if param.grad is None:  # unused this step: still takes part, with zeros
+                param.grad = torch.zeros(bucket.shapes[0], dtype=param.dtype, device=param.device)
             flat = param.grad.view(-1)
         else:
             flat, staged = self._stage(bucket), True
-        if self.stage == 2:
+        if self.stage >= 2:
             work = dist.reduce(flat, dst=bucket.owner_rank, async_op=True)
             pending = PendingReduce(bucket, work, drop_grads=self.rank != bucket.owner_rank)
         else:
@@ -85,8 +85,8 @@ class GradientReducer:
             self._staging = torch.empty(self._staging_numel, dtype=first.dtype, device=first.device)
         flat = self._staging[: bucket.numel]
         offset = 0
-        for param in bucket.params:
-            count = param.numel()
+        for param, shape in zip(bucket.params, bucket.shapes):
+            count = shape.numel()
             if param.grad is None:
                 flat[offset : offset + count].zero_()
             else:

@@ -44,7 +44,7 @@ class GradientSync:
         self.reducer = reducer
         self.distributed = world_size > 1
         self.overlap = overlap and self.distributed
-        self.reduces_every_backward = stage == 2 and self.distributed
+        self.reduces_every_backward = stage >= 2 and self.distributed
         index_of = {id(param): index for index, param in enumerate(self.params)}
         self._index_of = index_of
         self.bucket_of = [0] * len(self.params)
