@@ -395,7 +395,10 @@ MALFORMED_FILES = [
         "syntax or use quotes if the key name includes {{}}[],: or whitespace)",
     ),
     (b"{\n  seed: 1\n  seed: 2\n}", "{path}: invalid Hjson: duplicate keys ['seed']"),
-    (b"{\n  train_micro_batch_size_per_gpu: two\n}", '{path}: train_micro_batch_size_per_gpu: expected an integer, got "two"'),
+    (
+        b"{\n  train_micro_batch_size_per_gpu: two\n}",
+        '{path}: train_micro_batch_size_per_gpu: expected an integer, got "two"',
+    ),
     (b"\n  \n", "{path}: line 3, column 1: invalid JSON: Expecting value"),
 ]
 
