@@ -126,10 +126,13 @@ class DeepSpeedEngine(torch.nn.Module):
         return self._engine.skipped_steps
 
     def get_lr(self) -> list[float]:
-        return [group["lr"] for group in self._engine.optimizer.param_groups]
+        """Each group's lr; [] without an optimizer, as DeepSpeed's."""
+        return [group["lr"] for group in self.optimizer.param_groups] if self._has_optimizer else []
 
     def get_mom(self) -> list:
-        """Each group's betas (Adam family) or momentum (SGD), as DeepSpeed's."""
+        """Each group's betas (Adam family) or momentum (SGD); [] without an optimizer, as DeepSpeed's."""
+        if not self._has_optimizer:
+            return []
         return [group["betas"] if "betas" in group else group.get("momentum") for group in self.optimizer.param_groups]
 
     def get_loss_scale(self) -> float:

@@ -130,6 +130,7 @@ def test_without_an_optimizer_the_engine_runs_forward_only():
     with pytest.warns(UserWarning, match="^scheduler ignored: no optimizer to schedule"):
         engine, optimizer, _, scheduler = deepspeed.initialize(model=Net(), config={**BASE, "scheduler": schedule})
     assert optimizer is None and scheduler is None and engine.optimizer is None
+    assert engine.get_lr() == [] and engine.get_mom() == []
     loss = engine(torch.ones(1, 3)).sum()
     with pytest.raises(ValueError, match="^backward: this engine has no optimizer"):
         engine.backward(loss)
