@@ -1,7 +1,11 @@
-"""Reading a config file into a dict: UTF-8 JSON with no duplicate keys and bounded nesting. Every
-failure is one ConfigError line naming the file; nothing escapes as a traceback."""
+"""Reading a config file into a dict: UTF-8 JSON or, as DeepSpeed reads its config files, Hjson
+(JSON with comments, unquoted keys and strings, optional commas), with no duplicate keys and
+bounded nesting. Every failure is one ConfigError line naming the file; nothing escapes as a
+traceback."""
 
 import json
+
+import hjson
 
 from memfit.config.errors import ConfigError, join_path
 
@@ -41,11 +45,22 @@ def read_config_file(path: str):
     try:
         return json.loads(text, object_pairs_hook=reject_duplicates)
     except json.JSONDecodeError as error:
-        raise ConfigError([f"line {error.lineno}, column {error.colno}: invalid JSON: {error.msg}"], path) from None
+        if not text.strip():  # Hjson reads a blank file as {}: an empty config is a mistake, not a default
+            raise ConfigError([f"line {error.lineno}, column {error.colno}: invalid JSON: {error.msg}"], path) from None
     except ValueError as error:
         raise ConfigError([f"invalid JSON: {error}"], path) from None
     except RecursionError:
         raise ConfigError([f"invalid JSON: nested more than {MAX_DEPTH} levels deep"], path) from None
+    try:
+        return hjson.loads(text, object_pairs_hook=reject_duplicates)
+    except hjson.HjsonDecodeError as error:
+        raise ConfigError(
+            [f"line {error.lineno}, column {error.colno}: neither JSON nor Hjson: {error.msg}"], path
+        ) from None
+    except ValueError as error:
+        raise ConfigError([f"invalid Hjson: {error}"], path) from None
+    except RecursionError:
+        raise ConfigError([f"invalid Hjson: nested more than {MAX_DEPTH} levels deep"], path) from None
 
 
 def nesting_problem(value) -> str | None:

@@ -8,17 +8,19 @@
     engine.save_checkpoint(dir, tag, client_state); path, client_state = engine.load_checkpoint(dir)
 
 The config is read as DeepSpeed reads it (config=, config_params=, or args.deepspeed_config).
-An optimizer passed in, as an instance (the usual `torch.optim.AdamW(model.parameters(), ...)`)
-or as a callable, is rebuilt over the tensors each rank owns with the same class and
-hyperparameters; model_parameters given as param groups keep their per-group hyperparameters
-(weight-decay groups), matched by tensor. memfit.initialize stays the plain API.
+An optimizer passed in as an instance (the usual `torch.optim.AdamW(model.parameters(), ...)`)
+is re-pointed at the tensors each rank owns, keeping its hyperparameters and param groups, and
+is the optimizer initialize returns and the engine steps; a scheduler built over it stays the
+same object. A callable optimizer is called with those tensors. model_parameters given as param
+groups keep their per-group hyperparameters (weight-decay groups), matched by tensor. With no
+optimizer (none passed, no optimizer section) the engine runs forward only, as DeepSpeed's.
+memfit.initialize stays the plain API.
 """
 
-import copy
-import functools
 import inspect
 import logging
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,7 @@ import torch.distributed as dist
 import memfit
 from memfit.deepspeed import comm, ops  # noqa: F401  (deepspeed.comm, deepspeed.ops.adam)
 from memfit.deepspeed.engine import DeepSpeedEngine
+from memfit.deepspeed.errors import DeepSpeedUsageError
 
 logger = logging.getLogger("memfit")
 
@@ -66,14 +69,14 @@ def initialize(
 ):
     """DeepSpeed's initialize: returns (engine, optimizer, training dataloader or None, scheduler)."""
     if model is None:
-        raise ValueError("model: required")
+        raise DeepSpeedUsageError("model: required")
     if mpu is not None or mesh_param is not None:
         raise ValueError("mpu / mesh_param: model parallelism is supported by DeepSpeed, not by memfit")
     config = _config_source(args, config, config_params)
     factory = _optimizer_factory(model, optimizer, model_parameters)
     if lr_scheduler is not None and hasattr(lr_scheduler, "optimizer") and hasattr(lr_scheduler, "step"):
         if lr_scheduler.optimizer is not optimizer:
-            raise ValueError(
+            raise DeepSpeedUsageError(
                 "lr_scheduler: built over another optimizer than the one passed as optimizer=; build it over "
                 "that optimizer, or pass a callable optimizer -> scheduler"
             )
@@ -83,50 +86,39 @@ def initialize(
             "lr_scheduler: expected a scheduler or a callable optimizer -> scheduler, "
             f"got {type(lr_scheduler).__name__}"
         )
-    engine = DeepSpeedEngine(memfit.initialize(model, config, optimizer=factory, lr_scheduler=lr_scheduler))
+    memfit_engine = memfit.initialize(model, config, optimizer=factory, lr_scheduler=lr_scheduler)
+    has_optimizer = optimizer is not None or memfit_engine.config.optimizer is not None
+    if not has_optimizer and (lr_scheduler is not None or memfit_engine.config.scheduler is not None):
+        warnings.warn("scheduler ignored: no optimizer to schedule (none passed, no optimizer section)", stacklevel=2)
+    engine = DeepSpeedEngine(memfit_engine, has_optimizer=has_optimizer)
     loader = engine.deepspeed_io(training_data, collate_fn=collate_fn) if training_data is not None else None
     return engine, engine.optimizer, loader, engine.lr_scheduler
 
 
+SCHEDULED_GROUP_KEYS = ("lr", "initial_lr", "betas", "momentum")
+
+
 def rebinding(scheduler):
-    """A scheduler built over the user's optimizer, moved onto the one memfit builds over the
-    tensors each rank owns: a copy that keeps its schedule, position and current lrs."""
+    """A scheduler built over the client's optimizer, kept as it is. memfit re-points that
+    optimizer at the tensors each rank owns, which rebuilds its param groups; what the scheduler
+    wrote into the groups (the current lr, initial_lr, betas or momentum) is read now and written
+    back into the new groups."""
+    old_groups = scheduler.optimizer.param_groups
+    scheduled = [{key: group[key] for key in SCHEDULED_GROUP_KEYS if key in group} for group in old_groups]
 
     def build(optimizer):
-        old_groups = scheduler.optimizer.param_groups
-        if len(optimizer.param_groups) != len(old_groups):
+        assert optimizer is scheduler.optimizer, "the client's optimizer is the one memfit steps"
+        if len(optimizer.param_groups) != len(scheduled):
             raise ValueError(
-                f"lr_scheduler: built over {len(old_groups)} param groups, but this rank's optimizer has "
+                f"lr_scheduler: built over {len(scheduled)} param groups, but this rank's optimizer has "
                 f"{len(optimizer.param_groups)} (a group with no tensor on this rank); pass a callable "
                 "optimizer -> scheduler instead"
             )
-        for group, old in zip(optimizer.param_groups, old_groups):
-            for key in ("lr", "initial_lr", "betas", "momentum"):
-                if key in old and (key in group or key == "initial_lr"):
-                    group[key] = old[key]
-        rebound = copy.copy(scheduler)
-        rebound.optimizer = optimizer
-        if isinstance(rebound, torch.optim.lr_scheduler.LRScheduler):
-            _track_step_calls(optimizer)
-        return rebound
+        for group, values in zip(optimizer.param_groups, scheduled):
+            group.update({k: v for k, v in values.items() if k in group or k == "initial_lr"})
+        return scheduler
 
     return build
-
-
-def _track_step_calls(optimizer) -> None:
-    """What torch's LRScheduler does to the optimizer it is built on: step() records that it ran,
-    so the scheduler does not warn that the optimizer's step was replaced or never called."""
-    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
-        return
-    step = optimizer.step
-
-    @functools.wraps(step)
-    def tracked(*args, **kwargs):
-        optimizer._opt_called = True
-        return step(*args, **kwargs)
-
-    tracked._wrapped_by_lr_sched = True
-    optimizer.step = tracked
 
 
 def _config_source(args, config, config_params):
@@ -135,12 +127,12 @@ def _config_source(args, config, config_params):
     from_args = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
     if from_args is not None:
         if config is not None:
-            raise ValueError("config: given both in args.deepspeed_config and to initialize(); give one")
+            raise DeepSpeedUsageError("config: given both in args.deepspeed_config and to initialize(); give one")
         config = from_args
     if config is None:
         config = os.environ.get("MEMFIT_CONFIG")  # `memfit run --config FILE`
     if config is None:
-        raise ValueError(
+        raise DeepSpeedUsageError(
             "config: none given (pass config=, --deepspeed_config through add_config_arguments, or memfit run --config)"
         )
     return config
@@ -159,7 +151,10 @@ def _optimizer_factory(model, optimizer, model_parameters):
             groups = _groups_by_tensor(model, optimizer.param_groups)
 
         def build(named_params, _from_config):
-            return cls(_owned_groups(named_params, groups), **_constructor_keywords(cls, defaults))
+            # the client's own object, re-pointed at the tensors this rank owns (its state starts
+            # anew): what initialize returns is what the engine steps, as in DeepSpeed
+            optimizer.__init__(_owned_groups(named_params, groups), **_constructor_keywords(cls, defaults))
+            return optimizer
 
     elif optimizer is None:
 

@@ -1,6 +1,8 @@
 """DeepSpeed's engine interface over a memfit Engine. As DeepSpeed's engine, it is an nn.Module
 holding the model as `module` (parameters(), named_parameters() with the "module." prefix,
-train(), eval(), state_dict()); anything else it does not define reaches the memfit engine."""
+train(), eval(), state_dict()); anything else it does not define reaches the memfit engine.
+Without an optimizer (none passed to initialize, no optimizer section) it runs forward only, as
+DeepSpeed's: it has no optimizer or scheduler, and backward and step are refused."""
 
 import contextlib
 import copy
@@ -9,16 +11,19 @@ import os
 
 import torch
 
+from memfit.deepspeed.errors import DeepSpeedUsageError
+
 logger = logging.getLogger("memfit")
 
 
 class DeepSpeedEngine(torch.nn.Module):
-    def __init__(self, engine):
+    def __init__(self, engine, has_optimizer: bool = True):
         super().__init__()
         self.module = engine.module  # a submodule, as in DeepSpeed: names gain the "module." prefix
         object.__setattr__(self, "_engine", engine)  # a plain attribute, not a second submodule
         self._step_applied = False
         self._in_no_sync = False
+        self._has_optimizer = has_optimizer
 
     def __getattr__(self, name):
         try:
@@ -31,23 +36,32 @@ class DeepSpeedEngine(torch.nn.Module):
 
     @property
     def optimizer(self):
-        return self._engine.optimizer
+        return self._engine.optimizer if self._has_optimizer else None
 
     @property
     def lr_scheduler(self):
-        return self._engine.lr_scheduler
+        return self._engine.lr_scheduler if self._has_optimizer else None
+
+    def _require_optimizer(self, method: str) -> None:
+        if not self._has_optimizer:
+            raise DeepSpeedUsageError(
+                f"{method}: this engine has no optimizer (none passed to initialize and no optimizer section in "
+                "the config); it runs forward only"
+            )
 
     @property
     def config(self):
         return self._engine.config
 
     def backward(self, loss, retain_graph=False, scale_wrt_gas=True):
+        self._require_optimizer("backward")
         if not scale_wrt_gas:
             raise ValueError("scale_wrt_gas=False: memfit always divides the loss by gradient_accumulation_steps")
         self._engine.backward(loss, retain_graph=retain_graph)
         return loss
 
     def step(self, lr_kwargs=None):
+        self._require_optimizer("step")
         if lr_kwargs:
             raise ValueError("lr_kwargs: not supported by memfit's schedulers")
         if self._in_no_sync and self._engine.world_size > 1 and self._engine.is_boundary():
@@ -112,10 +126,13 @@ class DeepSpeedEngine(torch.nn.Module):
         return self._engine.skipped_steps
 
     def get_lr(self) -> list[float]:
-        return [group["lr"] for group in self._engine.optimizer.param_groups]
+        """Each group's lr; [] without an optimizer, as DeepSpeed's."""
+        return [group["lr"] for group in self.optimizer.param_groups] if self._has_optimizer else []
 
     def get_mom(self) -> list:
-        """Each group's betas (Adam family) or momentum (SGD), as DeepSpeed's."""
+        """Each group's betas (Adam family) or momentum (SGD); [] without an optimizer, as DeepSpeed's."""
+        if not self._has_optimizer:
+            return []
         return [group["betas"] if "betas" in group else group.get("momentum") for group in self.optimizer.param_groups]
 
     def get_loss_scale(self) -> float:

@@ -1,15 +1,15 @@
 """DeepSpeed's tests/unit/runtime/test_ds_config_dict.py re-written against memfit: the same
 configs and expected values. Out of scope, so not ported: test_accelerator (DeepSpeed's
 accelerator), test_temp_config_json (a check of DeepSpeed's test helper), the ZeRO stage-3,
-eigenvalue and compression configs. Deliberate differences are marked where they occur: memfit's
-errors are ValueError / ConfigError with memfit's text (DeepSpeed: AssertionError or its text),
-an hjson file is refused (memfit reads JSON), and a config with no optimizer trains with memfit's
-default AdamW (DeepSpeed has none and refuses backward and step)."""
+eigenvalue and compression configs. Where DeepSpeed asserts, memfit raises an error that is both
+a ValueError and an AssertionError; config errors are ConfigError with memfit's text, matched
+only where DeepSpeed's test names no text."""
 
 import argparse
 import json
 import logging
 
+import hjson
 import pytest
 import torch
 
@@ -119,13 +119,12 @@ def test_config_load_json(base_config, tmp_path):
     deepspeed.initialize(config=str(path), model=model, model_parameters=model.parameters())
 
 
-def test_config_load_hjson_is_refused(tmp_path):
-    # deliberate difference: memfit reads JSON only; an hjson file is one clear error naming it
+def test_config_load_hjson(base_config, tmp_path):
     path = tmp_path / "config.json"
-    path.write_text("{\n  train_batch_size: 1\n}\n")
+    with open(path, "w") as f:
+        hjson.dump(base_config, f)
     model = ClassifierWithLoss(10)
-    with pytest.raises(ConfigError, match=str(path)):
-        deepspeed.initialize(config=str(path), model=model, model_parameters=model.parameters())
+    deepspeed.initialize(config=str(path), model=model, model_parameters=model.parameters())
 
 
 def test_deprecated_deepscale_config(base_config, tmp_path):
@@ -146,16 +145,17 @@ def test_dist_init(base_config):
     train_a_little(engine)
 
 
-def test_init_no_optimizer_trains_with_the_default(base_config):
-    # deliberate difference: DeepSpeed has no optimizer here and refuses backward and step; memfit
-    # builds its default AdamW (the config's optimizer section is optional)
-    del base_config["optimizer"]
+def test_init_no_optimizer(base_config):
+    # as DeepSpeed's test on a CPU: no bf16 or fp16 here
+    del base_config["optimizer"], base_config["bf16"]
     model = ClassifierWithLoss(10)
-    before = model.linear.weight.detach().clone()
-    engine, optimizer, _, _ = deepspeed.initialize(config=base_config, model=model)
-    assert type(optimizer).__name__ == "AdamW"
-    train_a_little(engine)
-    assert not torch.equal(model.linear.weight.detach(), before)
+    engine, _, _, _ = deepspeed.initialize(config=base_config, model=model)
+    for inputs, labels in random_batches(5, 1, 10):
+        loss = engine(inputs, labels)
+        with pytest.raises(AssertionError):
+            engine.backward(loss)
+        with pytest.raises(AssertionError):
+            engine.step()
 
 
 @pytest.mark.parametrize("pass_args", [True, False], ids=["none_args", "no_args"])
@@ -168,9 +168,8 @@ def test_args(base_config, pass_args):
 
 
 def test_no_model(base_config):
-    # memfit raises ValueError where DeepSpeed asserts
     model = ClassifierWithLoss(10)
-    with pytest.raises(ValueError, match="model: required"):
+    with pytest.raises(AssertionError):
         deepspeed.initialize(model=None, config=base_config)
-    with pytest.raises(ValueError, match="model: required"):
+    with pytest.raises(AssertionError):
         deepspeed.initialize(model, config=base_config)

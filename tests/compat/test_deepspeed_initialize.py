@@ -4,11 +4,11 @@ ZeRO stage 3 (TestNoOptim's stage-3 case), TestOptimizerImplementation (DeepSpee
 its own optimizer wrappers, amp and grad_accum_dtype) and TestBf16ZeRO0UnfusedOptimizer
 (DeepSpeed's internal BF16 wrapper).
 
-Deliberate difference, marked where it occurs: memfit rebuilds the optimizer (and moves a built
-scheduler) over the tensors each rank owns, so initialize returns an optimizer of the client's
-class and a scheduler of the client's class, not the client's objects themselves; the config's
-"Adam" is torch's Adam (fused where torch has a kernel) rather than DeepSpeed's FusedAdam; and a
-misuse is a ValueError where DeepSpeed asserts."""
+Deliberate difference, marked where it occurs: the config's "Adam" is torch's Adam/AdamW class
+(fused where torch has a kernel) rather than DeepSpeed's FusedAdam class. The math is the same
+(memfit's FusedAdam equals torch's AdamW bit for bit); the class stays torch's so that an "Adam"
+config runs torch's fused kernel, which updates every tensor in one call, where memfit's
+FusedAdam updates one tensor at a time."""
 
 import pytest
 import torch
@@ -60,7 +60,7 @@ def test_client_optimizer(optimizer_type):
     if client is None:
         assert isinstance(optimizer, torch.optim.Adam)  # memfit: torch's Adam (DeepSpeed: FusedAdam)
     elif isinstance(client, torch.optim.Optimizer):
-        assert type(optimizer) is type(client) and optimizer.defaults == client.defaults  # rebuilt, same settings
+        assert optimizer == client
     else:
         assert isinstance(optimizer, torch.optim.AdamW)
 
@@ -103,13 +103,15 @@ def test_client_lr_scheduler(scheduler_type, optimizer_type):
     arguments = dict(config=config, model=model, model_parameters=list(model.parameters()))
     arguments |= dict(optimizer=client_optimizer, lr_scheduler=client_scheduler)
     if isinstance(client_scheduler, LambdaLR) and not isinstance(client_optimizer, torch.optim.Optimizer):
-        with pytest.raises(ValueError, match="lr_scheduler: built over another optimizer"):  # DeepSpeed asserts
+        with pytest.raises(AssertionError):
             deepspeed.initialize(**arguments)
         return
     _, _, _, scheduler = deepspeed.initialize(**arguments)
     if client_scheduler is None:
         assert isinstance(scheduler, WarmupLR)
-    else:  # memfit: the client's class moved onto the rebuilt optimizer (DeepSpeed: the client's object)
+    elif isinstance(client_scheduler, LambdaLR):
+        assert scheduler == client_scheduler
+    else:
         assert isinstance(scheduler, LambdaLR)
 
 

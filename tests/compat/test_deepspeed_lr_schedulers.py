@@ -285,8 +285,9 @@ def test_warmup_schedulers_reject_invalid_warmup_num_steps(schedule_cls, bad_war
 
 
 def test_warmup_cosine_lr_unknown_warmup_type_is_refused():
-    # Deliberate difference: DeepSpeed falls back to the log warm-up for an unknown warmup_type;
-    # memfit refuses it (a misspelt "linear" would train silently on the log curve).
+    # Deliberate difference, kept for correctness: DeepSpeed logs a warning and falls back to the
+    # log warm-up for an unknown warmup_type; memfit refuses it, since a misspelt "linear" would
+    # train the whole run on another curve with only a log line saying so.
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.001)
     with pytest.raises(ValueError, match="warmup_type must be 'log' or 'linear'"):
         WarmupCosineLR(optimizer=optimizer, total_num_steps=100, warmup_num_steps=10, warmup_type="not_a_warmup_type")

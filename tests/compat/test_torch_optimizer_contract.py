@@ -2,8 +2,8 @@
 torch/testing/_internal/common_optimizers.py), re-written in memfit's own code and run on
 CPUAdamW, GaLoreAdamW and FRUGAL, and on torch's AdamW as the reference the checks must hold for.
 The test names follow PyTorch's. Deliberate differences are marked where they occur: complex
-parameters and sparse gradients are refused rather than handled, maximize/capturable are not
-accepted, and a tensor lr is accepted with foreach=True (memfit has no foreach path to refuse)."""
+parameters are refused rather than handled, maximize/capturable are not accepted, and a tensor lr
+is accepted with foreach=True (memfit has no foreach path to refuse)."""
 
 import copy
 import io
@@ -394,8 +394,9 @@ def test_foreach_matches_forloop(name):
 
 @pytest.mark.parametrize("memfit_name", MEMFIT)
 def test_complex_is_refused(memfit_name):
-    # deliberate difference: torch's AdamW steps complex parameters as their real views; memfit's
-    # optimizers refuse them with one clear error
+    # deliberate difference, kept for correctness: torch's AdamW steps complex parameters as their
+    # real views; CPUAdamW's kernel has no complex path, and GaLore's and FRUGAL's projections of a
+    # real view would mix real and imaginary parts, so memfit's optimizers refuse them
     param = torch.nn.Parameter(torch.randn(5, 5, dtype=torch.complex64))
     with pytest.raises(ValueError, match="complex|torch.complex64"):
         OPTIMIZERS[memfit_name]([param])
@@ -403,7 +404,7 @@ def test_complex_is_refused(memfit_name):
 
 @pytest.mark.parametrize("memfit_name", MEMFIT)
 def test_sparse_gradients_are_refused(memfit_name):
-    # deliberate difference, as torch's AdamW: neither steps a sparse gradient
+    # as torch's AdamW, which refuses a sparse gradient too (not a difference)
     weight, bias = weight_and_bias()
     optimizer = OPTIMIZERS[memfit_name]([weight, bias], lr=0.01)
     weight.grad, bias.grad = torch.eye(6, 4).to_sparse(), torch.ones(6)
@@ -414,7 +415,9 @@ def test_sparse_gradients_are_refused(memfit_name):
 @pytest.mark.parametrize("memfit_name", MEMFIT)
 @pytest.mark.parametrize("option", ["maximize", "capturable"])
 def test_maximize_and_capturable_are_not_accepted(memfit_name, option):
-    # deliberate difference: these torch options are not implemented; passing one is a TypeError
+    # deliberate difference: not implemented, so not accepted (a TypeError). maximize would have to
+    # reach the fused CPU kernel and the engine's kernel update paths; capturable is for CUDA graph
+    # capture, which memfit does not do
     weight, bias = weight_and_bias()
     with pytest.raises(TypeError, match=option):
         OPTIMIZERS[memfit_name]([weight, bias], **{option: True})

@@ -374,9 +374,13 @@ MALFORMED_FILES = [
     (b'{"seed": "\xff\xfe"}', "{path}: line 1: not UTF-8 text (byte 0xff at offset 10)"),
     (b'{\n"seed": 1,\n"x": "caf\xe9"}', "{path}: line 3: not UTF-8 text (byte 0xe9 at offset 22)"),
     (b"[" * 100_000 + b"]" * 100_000, "{path}: invalid JSON: nested more than 32 levels deep"),
-    (VALID_BYTES[:-5], "{path}: line 1, column 39: invalid JSON: Unterminated string starting at"),
-    (VALID_BYTES.replace(b":", b";", 1), "{path}: line 1, column 34: invalid JSON: Expecting ':' delimiter"),
-    (VALID_BYTES.replace(b"{", b"[", 1), "{path}: line 1, column 34: invalid JSON: Expecting ',' delimiter"),
+    (VALID_BYTES[:-5], "{path}: line 1, column 39: neither JSON nor Hjson: Unterminated string starting at"),
+    (VALID_BYTES.replace(b":", b";", 1), "{path}: line 1, column 34: neither JSON nor Hjson: Expecting ':' delimiter"),
+    (
+        VALID_BYTES.replace(b"{", b"[", 1),
+        "{path}: line 1, column 34: neither JSON nor Hjson: Found a punctuator character when expecting a quoteless "
+        "string (check your syntax)",
+    ),
     (b"", "{path}: line 1, column 1: invalid JSON: Expecting value"),
     (b"[]", "{path}: expected a JSON object at the top level, got list"),
     (b'"train_micro_batch_size_per_gpu"', "{path}: expected a JSON object at the top level, got str"),
@@ -391,8 +395,15 @@ MALFORMED_FILES = [
     (b'{"seed": 1, "seed": 2}', "{path}: invalid JSON: duplicate keys ['seed']"),
     (
         b'{\n  "train_micro_batch_size_per_gpu": 4,\n  "seed": 1,,\n}',
-        "{path}: line 3, column 13: invalid JSON: Expecting property name enclosed in double quotes",
+        "{path}: line 3, column 13: neither JSON nor Hjson: Found ',' where a key name was expected (check your "
+        "syntax or use quotes if the key name includes {{}}[],: or whitespace)",
     ),
+    (b"{\n  seed: 1\n  seed: 2\n}", "{path}: invalid Hjson: duplicate keys ['seed']"),
+    (
+        b"{\n  train_micro_batch_size_per_gpu: two\n}",
+        '{path}: train_micro_batch_size_per_gpu: expected an integer, got "two"',
+    ),
+    (b"\n  \n", "{path}: line 3, column 1: invalid JSON: Expecting value"),
 ]
 
 
@@ -403,6 +414,16 @@ def test_malformed_file_is_one_clear_error(tmp_path, data, text):
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert str(info.value) == text.format(path=path)
+
+
+def test_an_hjson_file_reads_as_deepspeed_reads_it(tmp_path):
+    path = tmp_path / "ds_config.json"
+    path.write_text(
+        "{\n  # comments, unquoted keys and strings, no commas\n  train_micro_batch_size_per_gpu: 2\n"
+        "  seed: 7\n  optimizer: {\n    type: AdamW\n    params: {lr: 1e-3,}\n  }\n}\n"
+    )
+    expected = {"train_micro_batch_size_per_gpu": 2, "seed": 7, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    assert load_config(str(path)) == load_config(expected)
 
 
 def test_every_truncation_of_a_valid_file_is_one_clear_error(tmp_path):

@@ -110,18 +110,42 @@ def test_deepspeed_module_names():
     torch.testing.assert_close(params[0], params[2])
 
 
-def test_a_built_scheduler_follows_the_rebuilt_optimizer():
+def test_the_clients_optimizer_and_scheduler_are_the_ones_stepped():
     model = Net()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.8)
-    step_lr = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    client_optimizer = torch.optim.SGD(model.parameters(), lr=0.8)
+    step_lr = torch.optim.lr_scheduler.StepLR(client_optimizer, step_size=1, gamma=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns when the optimizer's step is not tracked
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=step_lr, config=BASE
+            model=model, optimizer=client_optimizer, lr_scheduler=step_lr, config=BASE
         )
         train(engine, 3)
-    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and scheduler.optimizer is engine.optimizer
+    assert optimizer is client_optimizer and engine.optimizer is client_optimizer
+    assert scheduler is step_lr and engine.lr_scheduler is step_lr and step_lr.last_epoch == 3
     assert engine.get_lr() == [0.1]  # 0.8 halved at each of 3 steps
+
+
+def test_without_an_optimizer_the_engine_runs_forward_only():
+    schedule = {"type": "WarmupLR", "params": {}}
+    with pytest.warns(UserWarning, match="^scheduler ignored: no optimizer to schedule"):
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=Net(), config={**BASE, "scheduler": schedule})
+    assert optimizer is None and scheduler is None and engine.optimizer is None
+    assert engine.get_lr() == [] and engine.get_mom() == []
+    loss = engine(torch.ones(1, 3)).sum()
+    with pytest.raises(ValueError, match="^backward: this engine has no optimizer"):
+        engine.backward(loss)
+    with pytest.raises(AssertionError, match="^step: this engine has no optimizer"):
+        engine.step()
+
+
+def test_misuse_is_a_value_error_and_the_assertion_error_deepspeed_raises():
+    with pytest.raises(ValueError, match="^model: required") as info:
+        deepspeed.initialize(model=None, config=BASE)
+    assert isinstance(info.value, AssertionError)
+    model = Net()
+    other = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters(), lr=0.1), step_size=1)
+    with pytest.raises(AssertionError, match="^lr_scheduler: built over another optimizer"):
+        deepspeed.initialize(model=model, lr_scheduler=other, config=BASE)
 
 
 @pytest.mark.parametrize("keep", ["optimizer", "scheduler", "module_only"])
