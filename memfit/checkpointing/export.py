@@ -124,15 +124,31 @@ def write_safetensors_shards(state: ConsolidatedState, out_dir: str, dtype, max_
     return [*written, index_path]
 
 
-def save_module_state(module: torch.nn.Module, path: str) -> None:
+def save_module_state(module: torch.nn.Module, path: str | None, gathered=None) -> None:
     """module.state_dict() as it is (16-bit under bf16/fp16 training): safetensors when path ends
-    in .safetensors, torch.save otherwise. A tied parameter is written under each of its names."""
+    in .safetensors, torch.save otherwise. A tied parameter is written under each of its names.
+
+    gathered(params): at ZeRO stage 3, a context in which params are whole on every rank; each
+    tensor is then gathered in turn (one at a time for safetensors), on every rank in the same
+    order, and only the rank given a path writes."""
     state = module.state_dict()
-    if path.endswith(".safetensors"):
-        entries = [(name, value.shape, value.dtype) for name, value in state.items()]
-        write_safetensors(path, entries, state.__getitem__, {"format": "pt"})
+    params = dict(module.named_parameters(remove_duplicate=False))
+
+    def value(name):
+        param = params.get(name)
+        if gathered is None or param is None:
+            return state[name]
+        with gathered([param]):
+            return param.detach().clone()
+
+    if path is None:  # another rank writes: take part in each gather
+        for name in state:
+            value(name)
+    elif path.endswith(".safetensors"):
+        entries = [(name, tensor.shape, tensor.dtype) for name, tensor in state.items()]
+        write_safetensors(path, entries, value, {"format": "pt"})
     else:
-        torch.save({name: value.detach().cpu() for name, value in state.items()}, path)  # loads without a GPU
+        torch.save({name: value(name).detach().cpu() for name in state}, path)  # loads without a GPU
 
 
 __all__ = ["CheckpointError", "ConsolidatedState", "export_checkpoint", "save_module_state"]

@@ -106,6 +106,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     owned_params = [(n, p) for n, p in named_params if n in owned_names]
     with model_layout(model):  # the low-rank factories decide what to project from the whole model
         masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
+    if stage3 is not None:
+        stage3.update_master = master_updater(masters, opt)
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     engine = Engine(
         model=model,
@@ -135,6 +137,22 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     if stage3 is not None:
         stage3.release_all()  # from here on a rank holds whole only what it owns
     return engine
+
+
+def master_updater(masters, optimizer):
+    """param -> None: the optimizer's copy of an owned tensor takes the tensor's new values (a
+    change made under deepspeed.zero.GatheredParameters with a modifier rank)."""
+    separate = {id(c): m for c, m in zip(masters.compute, masters.masters)} if masters.separate else {}
+    set_master = getattr(optimizer, "set_master", None)  # the fused kernel's fp32 copy of a 16-bit tensor
+
+    def update(param) -> None:
+        with torch.no_grad():
+            if id(param) in separate:
+                separate[id(param)].copy_(param.detach())
+            elif set_master is not None and param.dtype != torch.float32:
+                set_master(param, param.detach().float())
+
+    return update
 
 
 def agree_on_failure(failed: bool, world_size: int, device) -> bool:

@@ -244,7 +244,7 @@ class Engine:
         if self.masters.separate:
             grads += self.masters.grads()
         report = {
-            "params": nbytes(self.module.parameters()),  # frozen ones too; a tied tensor once
+            "params": _resident_bytes(self.module.parameters()),  # frozen ones too; a tied tensor once
             "grads": nbytes(grads) + self._grad_sync.reducer.staging_bytes,
             "optimizer_state": self._update.state_bytes,
             "master_weights": self._update.master_bytes,
@@ -283,12 +283,26 @@ class Engine:
     def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin") -> bool:
         """The module's state dict, as it trains (16-bit under bf16/fp16), as DeepSpeed's
         save_16bit_model: rank 0 writes save_dir/save_filename (safetensors when the name ends in
-        .safetensors, torch.save otherwise); every rank holds the same parameters between steps."""
+        .safetensors, torch.save otherwise); every rank holds the same parameters between steps. At
+        stage 3 every rank takes part, each tensor gathered in turn, when
+        stage3_gather_16bit_weights_on_model_save is true; otherwise nothing is written (False), as in
+        DeepSpeed."""
         from memfit.checkpointing.export import save_module_state
 
+        if self._stage3 is not None and not self.config.zero_optimization.stage3_gather_16bit_weights_on_model_save:
+            logger.warning(
+                "save_16bit_model: nothing written to %s: at ZeRO stage 3 each tensor lives on its owner; set "
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save true to gather them, or export a "
+                "checkpoint with `memfit export`",
+                save_dir,
+            )
+            return False
+        path = None
         if self.rank == 0:
             os.makedirs(save_dir, exist_ok=True)
-            save_module_state(self.module, os.path.join(os.fspath(save_dir), save_filename))
+            path = os.path.join(os.fspath(save_dir), save_filename)
+        if path is not None or self._stage3 is not None:
+            save_module_state(self.module, path, self._stage3.gathered if self._stage3 is not None else None)
         self.barrier()
         return True
 
@@ -312,6 +326,16 @@ class Engine:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+
+def _resident_bytes(tensors) -> int:
+    """Bytes of the storage the tensors hold, each storage once: at stage 3 a released tensor
+    holds none of its values."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _to_half(value):

@@ -74,6 +74,7 @@ class Stage3Params:
         managed_ids = {id(p) for p in self.managed}
         self.persistent = [(name, p) for name, p in named_params if id(p) not in managed_ids]
         self.shape_of = {id(p): p.shape for p in self.managed}
+        self.update_master = None  # param -> None: the owner's optimizer copy follows a change (set by the build)
         self.released: dict[int, torch.nn.Parameter] = {}
         self._by_storage: dict[int, torch.nn.Parameter] = {}  # gathered tensors, by their storage
         self._frames: list[list[torch.nn.Parameter]] = []  # per running module: what it gathered
@@ -86,6 +87,9 @@ class Stage3Params:
         self._sequence = 0  # a digest of this step's gathers, compared across ranks at the step
         self.gathered_bytes = 0  # held now by non-owned gathered copies
         self.peak_gathered_bytes = 0
+        for _, param in named_params:
+            param.memfit_params = self  # for deepspeed.zero.GatheredParameters
+            param.ds_numel, param.ds_shape = param.numel(), param.shape  # what DeepSpeed's users read
         if not self.managed:
             return
         self._own_storage()
@@ -224,17 +228,27 @@ class Stage3Params:
                     tensor.copy_(value)
 
     # ---- whole tensors on request ---------------------------------------------------------------
-    def gathered(self, params):
+    def gathered(self, params, modifier_rank: int | None = None):
         """A context in which the given tensors (all managed ones: None) are whole on every rank,
-        released again at its end. Every rank must enter it with the same tensors."""
-        return _Gathered(self, params)
+        released again at its end. Every rank must enter it with the same tensors. modifier_rank:
+        at the end that rank's values go to every rank, and the owner's optimizer master copy."""
+        return _Gathered(self, params, modifier_rank)
+
+    def keep_modified(self, params, modifier_rank: int) -> None:
+        """Every rank takes modifier_rank's values of params; each owner updates its master copy."""
+        for param in params:
+            if self.world_size > 1:
+                dist.broadcast(param.data, src=modifier_rank)
+            if self.update_master is not None and self.owner_of[id(param)] == self.rank:
+                self.update_master(param)
 
 
 class _Gathered:
-    def __init__(self, owner: Stage3Params, params):
+    def __init__(self, owner: Stage3Params, params, modifier_rank: int | None):
         self.owner = owner
         wanted = owner.managed if params is None else params
-        self.params = [p for p in wanted if id(p) in owner.shape_of]
+        self.params = [p for p in wanted if id(p) in owner.owner_of]  # trainable ones of this engine
+        self.modifier_rank = modifier_rank
 
     def __enter__(self):
         self.owner._frames.append([])
@@ -243,7 +257,9 @@ class _Gathered:
                 self.owner.gather(param)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if self.modifier_rank is not None and exc_type is None:
+            self.owner.keep_modified(self.params, self.modifier_rank)
         for param in self.owner._frames.pop():
             self.owner._release(param)
         return False
