@@ -69,7 +69,8 @@ def params_digest(engine) -> str:
     """XXH3 of every parameter's bytes: equal digests mean bit-identical models."""
     hasher = xxhash.xxh3_64()
     for _, param in sorted(engine.module.named_parameters()):
-        hasher.update(param.detach().float().cpu().contiguous().view(torch.uint8).numpy())
+        with engine.gathered_parameters([param]):  # ZeRO stage 3: whole for the moment it is read
+            hasher.update(param.detach().float().cpu().contiguous().view(torch.uint8).numpy())
     return hasher.hexdigest()
 
 
