@@ -101,8 +101,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     )
     stage3 = None
     if stage == 3:
-        threshold = cfg.zero_optimization.stage3_param_persistence_threshold
-        stage3 = Stage3Params(model, named_params, plan, rank, world_size, threshold)
+        stage3 = Stage3Params(model, named_params, plan, rank, world_size, cfg.zero_optimization)
     owned_params = [(n, p) for n, p in named_params if n in owned_names]
     with model_layout(model):  # the low-rank factories decide what to project from the whole model
         masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)

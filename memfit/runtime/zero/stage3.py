@@ -32,6 +32,9 @@ import torch.distributed as dist
 from torch.autograd.graph import saved_tensors_hooks
 from torch.overrides import TorchFunctionMode
 
+from memfit.runtime.zero.collectives import keep
+from memfit.runtime.zero.gather_schedule import GatherSchedule
+
 logger = logging.getLogger("memfit")
 SEQUENCE_MODULUS = (1 << 61) - 1
 
@@ -52,30 +55,40 @@ class _GatherOnUse(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        released = self.params.released
-        if released:
+        absent = self.params.absent
+        if absent:
             for arg in itertools.chain(args, kwargs.values()):
                 if type(arg) in (list, tuple):
                     for item in arg:
-                        if id(item) in released:
+                        if id(item) in absent:
                             self.params.gather(item)
-                elif id(arg) in released:
+                elif id(arg) in absent:
                     self.params.gather(arg)
         return func(*args, **kwargs)
 
 
 class Stage3Params:
-    def __init__(self, model, named_params, plan, rank: int, world_size: int, persistence_threshold: int):
+    def __init__(self, model, named_params, plan, rank: int, world_size: int, zero_config):
         self.rank, self.world_size = rank, world_size
         self.owner_of = {id(p): plan.owner_of[name] for name, p in named_params}
         self.name_of = {id(p): name for name, p in named_params}
         distributed = world_size > 1
-        self.managed = [p for _, p in named_params if distributed and p.numel() >= persistence_threshold]
+        threshold = zero_config.stage3_param_persistence_threshold
+        self.managed = [p for _, p in named_params if distributed and p.numel() >= threshold]
         managed_ids = {id(p) for p in self.managed}
         self.persistent = [(name, p) for name, p in named_params if id(p) not in managed_ids]
         self.shape_of = {id(p): p.shape for p in self.managed}
         self.update_master = None  # param -> None: the owner's optimizer copy follows a change (set by the build)
-        self.released: dict[int, torch.nn.Parameter] = {}
+        self.released: dict[int, torch.nn.Parameter] = {}  # not held, no gather in flight
+        self.absent: dict[int, torch.nn.Parameter] = {}  # not usable yet: released or in flight
+        self._in_flight: dict[int, tuple] = {}  # id -> (work, buffer) of a prefetch
+        self._prefetched: list[torch.nn.Parameter] = []  # whole, not yet taken by a module
+        self.schedule = GatherSchedule(
+            lambda p: self.shape_of[id(p)].numel(),
+            zero_config.stage3_prefetch_bucket_size,
+            zero_config.stage3_max_live_parameters,
+            self._start,
+        )
         self._by_storage: dict[int, torch.nn.Parameter] = {}  # gathered tensors, by their storage
         self._frames: list[list[torch.nn.Parameter]] = []  # per running module: what it gathered
         self._in_backward: list[torch.nn.Parameter] = []  # gathered while backward unpacked
@@ -111,21 +124,22 @@ class Stage3Params:
 
     # ---- gather and release ---------------------------------------------------------------------
     def release_all(self) -> None:
+        self._drop_prefetches()
         for param in self.managed:
             self._release(param)
         self._in_backward = []
 
     def _release(self, param) -> None:
         key = id(param)
-        if key in self.released:
+        if key in self.absent:
             return
-        # marked released last: the torch-function mode would gather a released tensor these
-        # calls touch
+        # marked absent last: the torch-function mode would gather an absent tensor these calls touch
         self._by_storage.pop(param.untyped_storage().data_ptr(), None)
         if self.owner_of[key] != self.rank:
             self.gathered_bytes -= param.numel() * param.element_size()
             param.data = self._released_value(param)
-        self.released[key] = param
+        self.schedule.live_numel -= self.shape_of[key].numel()
+        self.released[key] = self.absent[key] = param
 
     def _released_value(self, param) -> torch.Tensor:
         """What a released copy holds: one NaN seen in the tensor's full shape. Autograd checks the
@@ -137,22 +151,41 @@ class Stage3Params:
         return self._nan[key].expand(self.shape_of[id(param)])
 
     def gather(self, param) -> None:
-        """The owner broadcasts the tensor; every rank holds it whole until it is released."""
+        """Makes an absent tensor whole on every rank (its owner broadcasts it, or a prefetch
+        already did) for the running module, or for backward."""
+        key = id(param)
+        self._sequence = (self._sequence * 1_000_003 + self.index_of[key] + 1) % SEQUENCE_MODULUS
+        if torch.is_grad_enabled() or not self._frames:
+            self.schedule.before_gather(param, self.released)
+        if key not in self._in_flight:
+            self._start(param)
+        self._finish(param)
+        (self._frames[-1] if self._frames else self._in_backward).append(param)
+
+    def _start(self, param) -> None:
+        """Issues the owner's broadcast of a released tensor."""
         key = id(param)
         del self.released[key]
-        self._sequence = (self._sequence * 1_000_003 + self.index_of[key] + 1) % SEQUENCE_MODULUS
         owner = self.owner_of[key]
+        numel = self.shape_of[key].numel()
         if owner == self.rank:
             buffer = param.data
         else:
             buffer = torch.empty(self.shape_of[key], dtype=param.dtype, device=param.device)
-        dist.broadcast(buffer, src=owner)
-        if owner != self.rank:
+        self._in_flight[key] = (dist.broadcast(buffer, src=owner, async_op=True), buffer)
+        self.schedule.live_numel += numel
+
+    def _finish(self, param) -> None:
+        key = id(param)
+        work, buffer = self._in_flight.pop(key)
+        work.wait()
+        keep(work)
+        if self.owner_of[key] != self.rank:
             param.data = buffer
             self.gathered_bytes += buffer.numel() * buffer.element_size()
             self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
         self._by_storage[param.untyped_storage().data_ptr()] = param
-        (self._frames[-1] if self._frames else self._in_backward).append(param)
+        del self.absent[key]
 
     # ---- module hooks: a frame per running module -----------------------------------------------
     def _enter_module(self, module, args) -> None:
@@ -183,12 +216,12 @@ class Stage3Params:
         if not isinstance(saved, _SavedParam):
             return saved
         param = saved.param
-        if id(param) in self.released:
+        if id(param) in self.absent:
             self.gather(param)
         return param.detach().as_strided(saved.size, saved.stride, saved.offset)
 
     def _after_grad(self, param) -> None:
-        if id(param) not in self.released and not self._frames:
+        if id(param) not in self.absent and not self._frames:
             self._release(param)
 
     def after_backward(self) -> None:
@@ -196,13 +229,26 @@ class Stage3Params:
             self._release(param)
         self._in_backward = []
 
+    def _drop_prefetches(self) -> None:
+        """Completes every prefetch still in flight and releases what no module took (the step
+        left the recorded order, or it ended)."""
+        for key in list(self._in_flight):
+            param = self.absent[key]
+            self._finish(param)
+            self._prefetched.append(param)
+        for param in self._prefetched:
+            self._release(param)
+        self._prefetched = []
+
     # ---- at the optimizer step ------------------------------------------------------------------
     def check_same_use(self) -> None:
         """Raises, before the update, when the ranks gathered different tensors since the last
         step: a module run on some ranks only (data-dependent routing) makes their broadcasts
         pair up wrongly, which may hand a rank another tensor's values."""
+        self._drop_prefetches()
         digest = torch.tensor([self._sequence, -self._sequence], dtype=torch.int64)
         self._sequence = 0
+        self.schedule.next_step()
         if self.world_size == 1:
             return
         dist.all_reduce(digest, op=dist.ReduceOp.MAX)
@@ -253,7 +299,7 @@ class _Gathered:
     def __enter__(self):
         self.owner._frames.append([])
         for param in self.params:
-            if id(param) in self.owner.released:
+            if id(param) in self.owner.absent:
                 self.owner.gather(param)
         return self
 
