@@ -59,6 +59,7 @@ def run(args) -> int:
     print(
         f"setup: {args.world_size} rank(s) on {args.device}, ZeRO stage {zero.stage}, {precision}, {optimizer}, "
         f"offload_optimizer {zero.offload_optimizer.device}"
+        + (f", offload_param {zero.offload_param.device}" if zero.stage == 3 else "")
     )
     shown = _rows_to_show(estimates)
     print(format_table(shown, deepspeed))

@@ -238,13 +238,14 @@ class Engine:
         def nbytes(tensors):
             return sum(t.numel() * t.element_size() for t in tensors)
 
+        held = [p for p in self.module.parameters() if self._stage3 is None or self._stage3.holds(p)]
         buffered = {id(p) for bucket in self._buckets if bucket.grad_buffer is not None for p in bucket.params}
         grads = [bucket.grad_buffer for bucket in self._buckets if bucket.grad_buffer is not None]
         grads += [p.grad for _, p in self._named_params if p.grad is not None and id(p) not in buffered]
         if self.masters.separate:
             grads += self.masters.grads()
         report = {
-            "params": _resident_bytes(self.module.parameters()),  # frozen ones too; a tied tensor once
+            "params": _resident_bytes(held),  # frozen ones too; a tied tensor once
             "grads": nbytes(grads) + self._grad_sync.reducer.staging_bytes,
             "optimizer_state": self._update.state_bytes,
             "master_weights": self._update.master_bytes,

@@ -3,8 +3,9 @@ without allocating anything: the same ownership plan and buckets the engine buil
 optimizer built over meta tensors, whose planned_state_bytes() (GaLore, FRUGAL) or family
 (Adam: two fp32 moments; SGD with momentum: one) gives its state.
 
-Categories: params (compute copies, every rank), grads (stage 0/1: every gradient; stage 2: the
-owned ones plus the staging buffer a non-owned bucket is sent from), master_weights (fp32 copies
+Categories: params (compute copies, every rank; at stage 3 the owned tensors and those under the
+persistence threshold, with the gathered working set as a note), grads (stage 0/1: every
+gradient; stage 2/3: the owned ones plus the staging buffer a non-owned bucket is sent from), master_weights (fp32 copies
 of owned 16-bit tensors), optimizer_state. Tiers: "device" where the model runs, "host" the host
 tier under offload_optimizer "cpu" (under "nvme": the ring buffers of the fused step, or the
 sub-groups resident at once for other optimizers), "nvme" the rank's swap file. DeepSpeed's own estimate for ZeRO-2
@@ -20,6 +21,7 @@ from memfit.io.extents import align_up
 from memfit.runtime.offload import runs_on_kernel, stages_through_host
 from memfit.runtime.zero.buckets import build_buckets, staging_numel
 from memfit.runtime.zero.ownership import plan_ownership
+from memfit.units import format_bytes
 
 CATEGORIES = ("params", "grads", "master_weights", "optimizer_state")
 
@@ -29,6 +31,7 @@ class RankEstimate:
     rank: int
     grad_staging: int = 0  # included in bytes["grads"]
     owned_numel: int = 0  # elements of the trainable tensors the rank owns (what its snapshot keeps)
+    gathered_peak: int = 0  # stage 3: bytes of other ranks' tensors held at once, at most
     bytes: dict[str, int] = field(default_factory=dict)  # per category
     tiers: dict[str, int] = field(default_factory=dict)  # "device", "host"
     notes: list[str] = field(default_factory=list)
@@ -57,20 +60,31 @@ def estimate(
     offload = zero.offload_optimizer
     offloaded = offload.device in ("cpu", "nvme")
     keep_masters = reduced or (offloaded and stages_through_host(torch.device(device_type)))
+    managed = stage3_managed(trainable, zero, world_size)
+    managed_tensors = [t for name, t in trainable if name in managed]
     estimates = []
     for rank in range(world_size):
         owned_names = set(plan.owned(rank)) if zero.stage > 0 else set(plan.names)
         owned = [(name, t) for name, t in trainable if name in owned_names]
         owned_numel = sum(t.numel() for _, t in owned)
         staging = staging_numel(buckets, zero.stage, rank)
-        grads = owned_numel + staging if zero.stage == 2 else all_numel
+        grads = owned_numel + staging if zero.stage >= 2 else all_numel
         result = RankEstimate(rank, grad_staging=compute_bytes * staging, owned_numel=owned_numel)
         state, note = _optimizer_state_bytes(cfg, owned, trainable, offloaded, client_optimizer)
         if note:
             result.notes.append(note)
         masters = 4 * owned_numel if keep_masters else 0
+        # stage 3: between steps a rank holds its own tensors and the small ones every rank keeps
+        not_held = [t for name, t in trainable if name in managed and name not in owned_names]
+        held_numel = all_numel - sum(t.numel() for t in not_held)
+        if not_held:  # the bound over all managed tensors: one figure for every rank
+            result.gathered_peak = compute_bytes * gathered_peak_numel(managed_tensors, zero)
+            result.notes.append(
+                "stage 3: the figures are between steps; while tensors are gathered a rank holds up to "
+                f"{format_bytes(result.gathered_peak)} more (the prefetch window and the running module's tensors)"
+            )
         result.bytes = {
-            "params": compute_bytes * (all_numel + frozen_numel),
+            "params": compute_bytes * (held_numel + frozen_numel),
             "grads": compute_bytes * grads,
             "master_weights": masters,
             "optimizer_state": state,
@@ -87,6 +101,22 @@ def estimate(
             result.tiers = {"device": device + masters + state, "host": 0}
         estimates.append(result)
     return estimates
+
+
+def stage3_managed(trainable, zero, world_size: int) -> set[str]:
+    """The tensors stage 3 gathers where they are used (the others stay whole on every rank)."""
+    if zero.stage != 3 or world_size == 1:
+        return set()
+    return {name for name, t in trainable if t.numel() >= zero.stage3_param_persistence_threshold}
+
+
+def gathered_peak_numel(managed, zero) -> int:
+    """Elements of gathered tensors held at once at most: what is in flight (the prefetch window)
+    and the running module's own (two of the largest, a bound), within stage3_max_live_parameters
+    and the tensors there are."""
+    numels = sorted((t.numel() for t in managed), reverse=True)
+    bound = zero.stage3_prefetch_bucket_size + sum(numels[:2])
+    return min(sum(numels), bound, max(zero.stage3_max_live_parameters, numels[0]))
 
 
 def _nvme_tiers(owned, offload, keep_masters: bool, state: int, kernel: bool) -> dict[str, int]:
@@ -151,7 +181,6 @@ def deepspeed_zero2_estimate(total_params: int, world_size: int, offload: bool) 
 
 
 def format_table(estimates: list[RankEstimate], deepspeed: dict[str, int] | None = None) -> str:
-    from memfit.units import format_bytes
 
     tiers = ["device", "host"] + (["nvme"] if any("nvme" in e.tiers for e in estimates) else [])
     header = ["rank", "params", "grads", "(staging)", "fp32 masters", "optimizer state", *tiers]
@@ -228,11 +257,10 @@ def host_memory_problem(
     for item in local:
         needed += item.tiers["host"]
         if device_type == "cpu":
-            needed += item.tiers["device"] - item.bytes["params"]
+            needed += item.tiers["device"] - item.bytes["params"] + item.gathered_peak
     available = available_host_bytes()
     if needed <= available:
         return None
-    from memfit.units import format_bytes
 
     return (
         f"host memory: the {len(local)} rank(s) on this node need {format_bytes(needed)} more, "

@@ -141,6 +141,11 @@ class Stage3Params:
         self.schedule.live_numel -= self.shape_of[key].numel()
         self.released[key] = self.absent[key] = param
 
+    def holds(self, param) -> bool:
+        """Whether this rank holds the tensor's values now (its own, or gathered)."""
+        key = id(param)
+        return key not in self.absent or self.owner_of[key] == self.rank
+
     def _released_value(self, param) -> torch.Tensor:
         """What a released copy holds: one NaN seen in the tensor's full shape. Autograd checks the
         gradient it accumulates against the parameter's shape, and code that reads a released
