@@ -99,6 +99,9 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     grad_sync = GradientSync(
         named_params, buckets, reducer, stage=stage, world_size=world_size, overlap=cfg.zero_optimization.overlap_comm
     )
+    param_tier = None
+    if stage == 3 and cfg.zero_optimization.offload_param.device == "cpu":
+        param_tier = place_in_host_tier([p for n, p in named_params if n in owned_names], cfg, device)
     stage3 = None
     if stage == 3:
         stage3 = Stage3Params(model, named_params, plan, rank, world_size, cfg.zero_optimization)
@@ -127,6 +130,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         micro_batch_size=micro_batch_size,
         accumulation_steps=accumulation_steps,
         stage3=stage3,
+        param_tier=param_tier,
     )
     engine.job_id, engine.fingerprint = job_id(), fingerprint(model, cfg, optimizer, opt)
     engine.monitor = build_monitor(cfg, rank)
@@ -136,6 +140,24 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     if stage3 is not None:
         stage3.release_all()  # from here on a rank holds whole only what it owns
     return engine
+
+
+def place_in_host_tier(owned: list, cfg, device) -> HostTier:
+    """offload_param "cpu": the tensors this rank owns rest in a host-tier arena (which, when the
+    model runs on the CPU, is where they are used)."""
+    if device.type != "cpu":
+        raise ConfigError(
+            ['zero_optimization.offload_param.device: "cpu" is implemented for models that run on the CPU; on '
+             f"{device.type} use \"none\""],
+            "memfit.initialize",
+        )  # fmt: skip
+    tier = HostTier(sum(p.numel() * p.element_size() for p in owned), pin=cfg.zero_optimization.offload_param.pin_memory)
+    for param in owned:
+        placed = tier.empty(tuple(param.shape), param.dtype)
+        placed.copy_(param.detach())
+        param.data = placed
+        tier.hold(placed)
+    return tier
 
 
 def master_updater(masters, optimizer):

@@ -54,6 +54,7 @@ class Engine:
         micro_batch_size,
         accumulation_steps,
         stage3=None,
+        param_tier=None,
     ):
         self.module = model
         self.config = config
@@ -70,6 +71,7 @@ class Engine:
         self.loss_scaler = loss_scaler
         self.host_tier = host_tier
         self._stage3 = stage3  # stage 3: gathers and releases the tensors a rank does not own
+        self.param_tier = param_tier  # offload_param "cpu": the host arena the owned tensors rest in
         self.micro_batch_size = micro_batch_size
         self.gradient_accumulation_steps = accumulation_steps
         self.global_step = 0
@@ -245,7 +247,7 @@ class Engine:
         if self.masters.separate:
             grads += self.masters.grads()
         report = {
-            "params": _resident_bytes(held),  # frozen ones too; a tied tensor once
+            "params": nbytes(held),  # frozen ones too; a tied tensor once
             "grads": nbytes(grads) + self._grad_sync.reducer.staging_bytes,
             "optimizer_state": self._update.state_bytes,
             "master_weights": self._update.master_bytes,
@@ -253,9 +255,10 @@ class Engine:
         report["grad_staging"] = self._grad_sync.reducer.staging_bytes  # included in grads
         offloaded = report["optimizer_state"] + report["master_weights"]
         host = self.host_tier.bytes_in_use if self.host_tier is not None else 0
+        params_on_host = self.param_tier.bytes_in_use if self.param_tier is not None else 0
         report["by_tier"] = {
-            "device": report["params"] + report["grads"] + (0 if self.host_tier is not None else offloaded),
-            "host": host,
+            "device": report["params"] - params_on_host + report["grads"] + (0 if self.host_tier is not None else offloaded),
+            "host": host + params_on_host,
         }
         if hasattr(self.host_tier, "swap_bytes"):  # offload_optimizer "nvme": the rank's swap file
             report["by_tier"]["nvme"] = self.host_tier.swap_bytes
@@ -327,16 +330,6 @@ class Engine:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
-
-
-def _resident_bytes(tensors) -> int:
-    """Bytes of the storage the tensors hold, each storage once: at stage 3 a released tensor
-    holds none of its values."""
-    storages = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 def _to_half(value):

@@ -99,6 +99,9 @@ def estimate(
             result.tiers = {"device": device, "host": masters + state}
         else:
             result.tiers = {"device": device + masters + state, "host": 0}
+        if zero.stage == 3 and zero.offload_param.device == "cpu":  # the owned tensors rest in the host tier
+            result.tiers["device"] -= compute_bytes * owned_numel
+            result.tiers["host"] += compute_bytes * owned_numel
         estimates.append(result)
     return estimates
 

@@ -24,9 +24,11 @@ def cases(world_size: int):
             if stage == 3 and model == "moe":
                 continue  # rank-routed experts are refused at stage 3
             for dtype in ("float32", "bfloat16"):
-                for offload in ("none", "cpu"):
+                for offload in ("none", "cpu", "cpu+param"):
                     if offload == "cpu" and stage == 0 and world_size > 1:
                         continue  # refused: offload needs owners
+                    if offload == "cpu+param" and stage != 3:
+                        continue  # parameter offload is a stage-3 setting
                     for optimizer in OPTIMIZER_SECTIONS:
                         yield model, stage, dtype, offload, optimizer
 
@@ -40,7 +42,8 @@ def config_of(stage, dtype, offload, optimizer) -> dict:
         "bf16": {"enabled": dtype == "bfloat16"},
         "zero_optimization": {
             "stage": stage,
-            "offload_optimizer": {"device": offload},
+            "offload_optimizer": {"device": offload.removesuffix("+param")},
+            "offload_param": {"device": "cpu" if offload.endswith("+param") else "none"},
             "reduce_bucket_size": 600,
             "stage3_param_persistence_threshold": 50,
         },

@@ -42,7 +42,7 @@ SEQUENCE_MODULUS = (1 << 61) - 1
 class _SavedParam:
     """What autograd keeps instead of a gathered tensor (or a view of one)."""
 
-    __slots__ = ("param", "size", "stride", "offset")
+    __slots__ = ("param", "size", "stride", "offset")  # offset: from the tensor's first element
 
     def __init__(self, param, size, stride, offset):
         self.param, self.size, self.stride, self.offset = param, size, stride, offset
@@ -89,7 +89,7 @@ class Stage3Params:
             zero_config.stage3_max_live_parameters,
             self._start,
         )
-        self._by_storage: dict[int, torch.nn.Parameter] = {}  # gathered tensors, by their storage
+        self._by_storage: dict[int, list] = {}  # gathered tensors, by the storage they are in
         self._frames: list[list[torch.nn.Parameter]] = []  # per running module: what it gathered
         self._in_backward: list[torch.nn.Parameter] = []  # gathered while backward unpacked
         self._nan: dict = {}
@@ -105,22 +105,11 @@ class Stage3Params:
             param.ds_numel, param.ds_shape = param.numel(), param.shape  # what DeepSpeed's users read
         if not self.managed:
             return
-        self._own_storage()
         for module in model.modules():
             module.register_forward_pre_hook(self._enter_module)
             module.register_forward_hook(self._exit_module, always_call=True)
         for param in self.managed:
             param.register_post_accumulate_grad_hook(self._after_grad)
-
-    def _own_storage(self) -> None:
-        """A managed tensor the owner keeps gets storage of its own: autograd's saved views are
-        matched to their tensor by storage."""
-        seen = set()
-        for param in self.managed:
-            pointer = param.untyped_storage().data_ptr()
-            if pointer in seen or param.storage_offset() != 0 or not param.is_contiguous():
-                param.data = param.data.clone(memory_format=torch.contiguous_format)
-            seen.add(param.untyped_storage().data_ptr())
 
     # ---- gather and release ---------------------------------------------------------------------
     def release_all(self) -> None:
@@ -134,7 +123,12 @@ class Stage3Params:
         if key in self.absent:
             return
         # marked absent last: the torch-function mode would gather an absent tensor these calls touch
-        self._by_storage.pop(param.untyped_storage().data_ptr(), None)
+        pointer = param.untyped_storage().data_ptr()
+        remaining = [p for p in self._by_storage.get(pointer, []) if p is not param]
+        if remaining:
+            self._by_storage[pointer] = remaining
+        else:
+            self._by_storage.pop(pointer, None)
         if self.owner_of[key] != self.rank:
             self.gathered_bytes -= param.numel() * param.element_size()
             param.data = self._released_value(param)
@@ -189,7 +183,7 @@ class Stage3Params:
             param.data = buffer
             self.gathered_bytes += buffer.numel() * buffer.element_size()
             self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
-        self._by_storage[param.untyped_storage().data_ptr()] = param
+        self._by_storage.setdefault(param.untyped_storage().data_ptr(), []).append(param)
         del self.absent[key]
 
     # ---- module hooks: a frame per running module -----------------------------------------------
@@ -212,10 +206,16 @@ class Stage3Params:
     def _pack(self, tensor):
         if not self._by_storage or tensor.is_sparse:
             return tensor
-        param = self._by_storage.get(tensor.untyped_storage().data_ptr())
-        if param is None:
+        sharing = self._by_storage.get(tensor.untyped_storage().data_ptr())
+        if not sharing:
             return tensor
-        return _SavedParam(param, tensor.size(), tensor.stride(), tensor.storage_offset())
+        address = tensor.data_ptr()
+        for param in sharing:  # several in one storage where the host tier's arena holds them
+            start = param.data_ptr()
+            if start <= address < start + param.numel() * param.element_size():
+                relative = tensor.storage_offset() - param.storage_offset()
+                return _SavedParam(param, tensor.size(), tensor.stride(), relative)
+        return tensor
 
     def _unpack(self, saved):
         if not isinstance(saved, _SavedParam):
@@ -223,7 +223,8 @@ class Stage3Params:
         param = saved.param
         if id(param) in self.absent:
             self.gather(param)
-        return param.detach().as_strided(saved.size, saved.stride, saved.offset)
+        values = param.detach()
+        return values.as_strided(saved.size, saved.stride, values.storage_offset() + saved.offset)
 
     def _after_grad(self, param) -> None:
         if id(param) not in self.absent and not self._frames:
