@@ -58,6 +58,8 @@ def resolve_config(source, world_size: int | None = None, client: ClientComponen
     batch = _check_batch(data, world_size, frozenset(screened.auto), found)
     if config is not None and config.bf16.enabled and config.fp16.enabled:
         found.problems.append("fp16.enabled: true together with bf16.enabled true; enable one of them")
+    if config is not None and config.gradient_allreduce_op == "sum" and config.zero_optimization.stage == 3:
+        found.problems.append('gradient_allreduce_op: "sum" is refused at ZeRO stage 3, as DeepSpeed refuses it')
     if config is not None:
         written = [  # the keys as the file names them (DeepSpeed's other names included)
             screened.written_as.get(f"zero_optimization.{key}", key).rpartition(".")[2]

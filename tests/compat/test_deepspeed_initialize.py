@@ -29,11 +29,6 @@ def test_start_method_safety(method):
     mp.set_start_method(previous, force=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="not passing on memfit: it refuses offload_param at every stage, where DeepSpeed ignores it below stage 3",
-)
 def test_no_optim_stage0():
     config = {"train_batch_size": 1, "zero_optimization": {"stage": 0, "offload_param": {"device": "cpu"}}}
     config["bf16"] = {"enabled": True}
