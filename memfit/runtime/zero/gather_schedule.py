@@ -24,7 +24,8 @@ class GatherSchedule:
         self.live_numel = 0  # elements gathered or in flight now (whoever owns them)
 
     def before_gather(self, param, released: dict) -> None:
-        """Called as param is about to be gathered for use, with autograd on."""
+        """Called as param is gathered for use (its own broadcast already started), with autograd
+        on or in backward."""
         self.recording.append(param)
         if not self.following:
             return

@@ -154,10 +154,10 @@ class Stage3Params:
         already did) for the running module, or for backward."""
         key = id(param)
         self._sequence = (self._sequence * 1_000_003 + self.index_of[key] + 1) % SEQUENCE_MODULUS
+        if key not in self._in_flight:
+            self._start(param)  # first: what is needed now goes out before any prefetch
         if torch.is_grad_enabled() or not self._frames:
             self.schedule.before_gather(param, self.released)
-        if key not in self._in_flight:
-            self._start(param)
         self._finish(param)
         (self._frames[-1] if self._frames else self._in_backward).append(param)
 
