@@ -102,11 +102,6 @@ def engine_gaps(config: MemfitConfig, world_size: int | None = None) -> list[str
     """Settings the config accepts that the engine refuses at this world size, as problem lines;
     the engine, `memfit config check --world-size` and `memfit run` all refuse them."""
     zero = config.zero_optimization
-    if zero.offload_param.device == "nvme" and zero.stage == 3:
-        return [
-            'zero_optimization.offload_param.device: "nvme" is not implemented yet (parameters rest in memory: '
-            '"none", or in the host tier: "cpu")'
-        ]
     if zero.offload_optimizer.device != "none" and zero.stage == 0 and (world_size or 1) > 1:
         return [
             f'zero_optimization.offload_optimizer.device: "{zero.offload_optimizer.device}" needs ZeRO stage 1 or 2 '

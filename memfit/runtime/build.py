@@ -30,6 +30,7 @@ from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flat
 from memfit.runtime.zero.collectives import GradientReducer
 from memfit.runtime.zero.grad_sync import GradientSync
 from memfit.runtime.zero.ownership import plan_ownership
+from memfit.runtime.zero.param_store import NvmeParamStore
 from memfit.runtime.zero.stage3 import Stage3Params
 
 PLACEHOLDER_NAME = "<no owned tensor>"
@@ -104,7 +105,14 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         param_tier = place_in_host_tier([p for n, p in named_params if n in owned_names], cfg, device)
     stage3 = None
     if stage == 3:
-        stage3 = Stage3Params(model, named_params, plan, rank, world_size, cfg.zero_optimization)
+        offload_param = cfg.zero_optimization.offload_param
+        open_store = None
+        if offload_param.device == "nvme":
+
+            def open_store(named):
+                return NvmeParamStore(named, offload_param.nvme_path, rank, cfg.aio)
+
+        stage3 = Stage3Params(model, named_params, plan, rank, world_size, cfg.zero_optimization, open_store)
     owned_params = [(n, p) for n, p in named_params if n in owned_names]
     with model_layout(model):  # the low-rank factories decide what to project from the whole model
         masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)

@@ -153,22 +153,23 @@ class Engine:
             self._count_grad_bytes()
         grads = self._update.gradients({id(p) for (_, p), got in zip(self._named_params, touched) if got})
         multiplier, overflow = self._gradient_multiplier(grads)
-        if overflow:
-            self._update.skip()
-            self.skipped_steps += 1
-        else:
-            self._update.apply(multiplier)
-        self._grad_sync.reset_buffers()
-        if not overflow:
-            self.sync_params()
-        if self.loss_scaler is not None:
-            self.loss_scaler.update(overflow)
-        if not overflow and self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.global_step += 1
-        self.global_samples += self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
-        if self.snapshotter is not None:
-            self.snapshotter.after_step(self)
+        with self._owned_in_memory():  # offload_param "nvme": for the update and the snapshot
+            if overflow:
+                self._update.skip()
+                self.skipped_steps += 1
+            else:
+                self._update.apply(multiplier)
+            self._grad_sync.reset_buffers()
+            if not overflow:
+                self.sync_params()
+            if self.loss_scaler is not None:
+                self.loss_scaler.update(overflow)
+            if not overflow and self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            self.global_step += 1
+            self.global_samples += self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+            if self.snapshotter is not None:
+                self.snapshotter.after_step(self)
         self.step_stats.end_step(
             self.micro_batch_size * self.gradient_accumulation_steps * self.world_size, self.world_size
         )
@@ -176,6 +177,9 @@ class Engine:
             self.monitor.after_step(self)
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
             logger.info("%s", self.step_stats.line(self))
+
+    def _owned_in_memory(self):
+        return self._stage3.owned_in_memory() if self._stage3 is not None else contextlib.nullcontext()
 
     def sync_params(self) -> None:
         """Owners hand their updated parameters to every rank (stage 1/2: all of them; stage 3: the
@@ -262,6 +266,8 @@ class Engine:
         }
         if hasattr(self.host_tier, "swap_bytes"):  # offload_optimizer "nvme": the rank's swap file
             report["by_tier"]["nvme"] = self.host_tier.swap_bytes
+        if self._stage3 is not None and self._stage3.store is not None:  # offload_param "nvme"
+            report["by_tier"]["nvme"] = report["by_tier"].get("nvme", 0) + self._stage3.store.capacity_bytes
         report["peak_rss_bytes"] = peak_rss_bytes()
         return report
 
@@ -270,7 +276,8 @@ class Engine:
         keep: then delete all but the newest `keep` checkpoints. Returns the tag directory."""
         from memfit.checkpointing import save_checkpoint
 
-        return save_checkpoint(self, save_dir, tag, client_state, keep=keep)
+        with self._owned_in_memory():
+            return save_checkpoint(self, save_dir, tag, client_state, keep=keep)
 
     def load_checkpoint(self, load_dir, tag=None, *, load_optimizer_states: bool = True) -> dict:
         """Restores parameters, optimizer state, scheduler, step counters, RNG and module buffers
@@ -282,7 +289,8 @@ class Engine:
 
         if self.snapshotter is not None:
             self.snapshotter.join_copy()  # the last snapshot's lazy copy reads what loading overwrites
-        return load_checkpoint(self, load_dir, tag, load_optimizer_states=load_optimizer_states)
+        with self._owned_in_memory():
+            return load_checkpoint(self, load_dir, tag, load_optimizer_states=load_optimizer_states)
 
     def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin") -> bool:
         """The module's state dict, as it trains (16-bit under bf16/fp16), as DeepSpeed's

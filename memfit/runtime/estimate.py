@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from memfit.io.extents import align_up
+from memfit.runtime.nvme_tier import slot_bytes, swap_file_bytes
 from memfit.runtime.offload import runs_on_kernel, stages_through_host
 from memfit.runtime.zero.buckets import build_buckets, staging_numel
 from memfit.runtime.zero.ownership import plan_ownership
@@ -32,6 +33,7 @@ class RankEstimate:
     grad_staging: int = 0  # included in bytes["grads"]
     owned_numel: int = 0  # elements of the trainable tensors the rank owns (what its snapshot keeps)
     gathered_peak: int = 0  # stage 3: bytes of other ranks' tensors held at once, at most
+    param_swap: int = 0  # offload_param "nvme": the parameter swap file (included in tiers["nvme"])
     bytes: dict[str, int] = field(default_factory=dict)  # per category
     tiers: dict[str, int] = field(default_factory=dict)  # "device", "host"
     notes: list[str] = field(default_factory=list)
@@ -75,7 +77,8 @@ def estimate(
             result.notes.append(note)
         masters = 4 * owned_numel if keep_masters else 0
         # stage 3: between steps a rank holds its own tensors and the small ones every rank keeps
-        not_held = [t for name, t in trainable if name in managed and name not in owned_names]
+        stored = zero.offload_param.device == "nvme"  # the owned ones rest in the parameter swap file
+        not_held = [t for name, t in trainable if name in managed and (stored or name not in owned_names)]
         held_numel = all_numel - sum(t.numel() for t in not_held)
         if not_held:  # the bound over all managed tensors: one figure for every rank
             result.gathered_peak = compute_bytes * gathered_peak_numel(managed_tensors, zero)
@@ -99,6 +102,11 @@ def estimate(
             result.tiers = {"device": device, "host": masters + state}
         else:
             result.tiers = {"device": device + masters + state, "host": 0}
+        if stored:
+            owned_stored = [t for name, t in owned if name in managed]
+            swap = sum(slot_bytes(t.numel(), compute_bytes) for t in owned_stored)
+            result.param_swap = swap_file_bytes(swap) if owned_stored else 0
+            result.tiers["nvme"] = result.tiers.get("nvme", 0) + result.param_swap
         if zero.stage == 3 and zero.offload_param.device == "cpu":  # the owned tensors rest in the host tier
             result.tiers["device"] -= compute_bytes * owned_numel
             result.tiers["host"] += compute_bytes * owned_numel
@@ -108,7 +116,7 @@ def estimate(
 
 def stage3_managed(trainable, zero, world_size: int) -> set[str]:
     """The tensors stage 3 gathers where they are used (the others stay whole on every rank)."""
-    if zero.stage != 3 or world_size == 1:
+    if zero.stage != 3 or (world_size == 1 and zero.offload_param.device != "nvme"):
         return set()
     return {name for name, t in trainable if t.numel() >= zero.stage3_param_persistence_threshold}
 
@@ -245,17 +253,27 @@ def host_memory_problem(
     available (the host tier, and on a CPU machine also gradients, masters and optimizer state;
     the parameters exist already), with the estimate as a table; None if it fits."""
     offload = cfg.zero_optimization.offload_optimizer
-    if offload.device == "none" and device_type != "cpu":
+    param_nvme = cfg.zero_optimization.stage == 3 and cfg.zero_optimization.offload_param.device == "nvme"
+    if offload.device == "none" and device_type != "cpu" and not param_nvme:
         return None
     estimates = estimate(shapes, cfg, world_size, client_optimizer, device_type)
     first = rank - rank % local_world_size
     local = estimates[first : first + local_world_size]
-    if offload.device == "nvme":
+    if offload.device == "nvme" or param_nvme:
         from memfit.runtime.nvme_tier import nvme_path_problem
 
-        problem = nvme_path_problem(offload.nvme_path, sum(item.tiers["nvme"] for item in local))
-        if problem is not None:
-            return problem
+        needs = {}  # nvme_path -> (the key naming it, bytes); the two swap files may share a directory
+        if offload.device == "nvme":
+            optimizer_swap = sum(item.tiers["nvme"] - item.param_swap for item in local)
+            needs[offload.nvme_path] = ("zero_optimization.offload_optimizer.nvme_path", optimizer_swap)
+        if param_nvme:
+            path = cfg.zero_optimization.offload_param.nvme_path
+            key, needed = needs.get(path, ("zero_optimization.offload_param.nvme_path", 0))
+            needs[path] = (key, needed + sum(item.param_swap for item in local))
+        for path, (key, needed) in needs.items():
+            problem = nvme_path_problem(path, needed, key)
+            if problem is not None:
+                return problem
     needed = 0
     for item in local:
         needed += item.tiers["host"]

@@ -42,24 +42,24 @@ ALIGN_ELEMENTS = ALIGNMENT // 4
 
 
 # ---- nvme_path ----------------------------------------------------------------------------------
-def nvme_path_problem(path: str, needed_bytes: int) -> str | None:
+def nvme_path_problem(path: str, needed_bytes: int, key: str = PATH_KEY) -> str | None:
     """Why nvme_path cannot hold needed_bytes of swap files, as one line naming the path; None if
     it can. Stale swap files of killed runs count as free: they are deleted before allocating."""
     if not os.path.exists(path):
-        return f"{PATH_KEY}: {path} does not exist"
+        return f"{key}: {path} does not exist"
     if not os.path.isdir(path):
-        return f"{PATH_KEY}: {path} is not a directory"
+        return f"{key}: {path} is not a directory"
     try:
         descriptor, probe = tempfile.mkstemp(prefix=".memfit-probe-", dir=path)
         os.close(descriptor)
         os.unlink(probe)
     except OSError as error:
-        return f"{PATH_KEY}: {path} is not writable ({error.strerror})"
+        return f"{key}: {path} is not writable ({error.strerror})"
     stats = os.statvfs(path)
     free = stats.f_bavail * stats.f_frsize + sum(os.path.getsize(stale) for stale in _stale_swap_files(path))
     if needed_bytes > free:
         return (
-            f"{PATH_KEY}: {path} has {format_bytes(free)} free ({free} bytes); the swap files of the ranks on "
+            f"{key}: {path} has {format_bytes(free)} free ({free} bytes); the swap files of the ranks on "
             f"this node need {format_bytes(needed_bytes)} ({needed_bytes} bytes)"
         )
     return None

@@ -140,3 +140,30 @@ def held_between_steps(rank, world_size):
 def test_a_rank_holds_only_what_it_owns_between_steps():
     for held, expected, whole in run_ranks(held_between_steps, 2):
         assert held == expected and held < whole
+
+
+def test_parameters_on_nvme_at_world_size_one(tmp_path):
+    """offload_param "nvme" on one rank: between uses each tensor rests in the swap file only (the
+    model holds just the small ones), training ends bit for bit as at stage 2, and a checkpoint
+    saved with the tensors on NVMe resumes exactly."""
+    swap_dir = tmp_path / "swap"
+    swap_dir.mkdir()
+    nvme = {"offload_param": {"device": "nvme", "nvme_path": str(swap_dir)}}
+    batches = global_batches(STEPS, GLOBAL_BATCH, seed=5)
+    plain = memfit.initialize(tied_model(), config(2, "bfloat16"))
+    train(plain, batches, 0, 1)
+    engine = memfit.initialize(tied_model(), config(3, "bfloat16", **nvme))
+    train(engine, batches[:SAVED_AT], 0, 1)
+    engine.save_checkpoint(str(tmp_path / "ckpt"))
+    train(engine, batches[SAVED_AT:], 0, 1)
+    report = engine.memory_report()
+    small = sum(p.ds_numel * p.element_size() for p in engine.module.parameters() if p.ds_numel < 20)
+    assert report["params"] == small and report["by_tier"]["nvme"] > 0
+    assert [name for name in os.listdir(swap_dir) if name.endswith(".swap")]  # the file exists while training
+    resumed = memfit.initialize(tied_model(seed=9), config(3, "bfloat16", **nvme))
+    resumed.load_checkpoint(str(tmp_path / "ckpt"))
+    train(resumed, batches[SAVED_AT:], 0, 1)
+    expected = whole_params(plain)
+    for run in (engine, resumed):
+        for name, value in whole_params(run).items():
+            assert torch.equal(value, expected[name]), name

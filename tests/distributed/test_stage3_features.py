@@ -1,6 +1,6 @@
 """Everything else keeps working at stage 3: every optimizer (the fused CPUAdamW, GaLoreAdamW,
-FRUGAL, SGD), the host and NVMe tiers of optimizer offload, parameter offload to the host tier,
-fp32 and bf16, accumulation and clipping. Stage 3 gathers the same values stage 2 holds and
+FRUGAL, SGD), the host and NVMe tiers of optimizer offload, parameter offload to the host tier
+and to NVMe, fp32 and bf16, accumulation and clipping. Stage 3 gathers the same values stage 2 holds and
 reduces gradients the same way, so each case ends bit for bit where stage 2 ends.
 
 The fast tier runs an all-pairs covering set of the factors; the slow tier the full product."""
@@ -23,7 +23,7 @@ AXES = dict(
     optimizer=["AdamW", "CPUAdamW", "GaLoreAdamW", "FRUGAL", "SGD"],
     dtype=["float32", "bfloat16"],
     offload=["none", "cpu", "nvme"],
-    offload_param=["none", "cpu"],
+    offload_param=["none", "cpu", "nvme"],
 )
 NVME = {"buffer_size": 3 * 4096, "buffer_count": 3}
 
@@ -44,6 +44,8 @@ def run(setup: Setup, stage: int, rank: int, world_size: int, nvme_path: str) ->
         cfg["zero_optimization"]["offload_optimizer"].update(nvme_path=nvme_path, **NVME)
     if stage == 3:
         cfg["zero_optimization"]["offload_param"] = {"device": setup.offload_param}
+        if setup.offload_param == "nvme":
+            cfg["zero_optimization"]["offload_param"]["nvme_path"] = nvme_path
     engine = memfit.initialize(make_model(setup.model), cfg)
     dtype = getattr(torch, setup.dtype)
     for step, batch in enumerate(batches(case, world_size)):

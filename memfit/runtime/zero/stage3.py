@@ -24,6 +24,7 @@ Design note.
   other ranks.
 """
 
+import contextlib
 import itertools
 import logging
 
@@ -68,16 +69,22 @@ class _GatherOnUse(TorchFunctionMode):
 
 
 class Stage3Params:
-    def __init__(self, model, named_params, plan, rank: int, world_size: int, zero_config):
+    def __init__(self, model, named_params, plan, rank: int, world_size: int, zero_config, open_store=None):
+        """open_store(named owned tensors) -> where this rank's managed tensors rest between uses
+        (offload_param "nvme"); None: the owner keeps them in memory."""
         self.rank, self.world_size = rank, world_size
         self.owner_of = {id(p): plan.owner_of[name] for name, p in named_params}
         self.name_of = {id(p): name for name, p in named_params}
-        distributed = world_size > 1
+        moving = world_size > 1 or open_store is not None
         threshold = zero_config.stage3_param_persistence_threshold
-        self.managed = [p for _, p in named_params if distributed and p.numel() >= threshold]
+        self.managed = [p for _, p in named_params if moving and p.numel() >= threshold]
         managed_ids = {id(p) for p in self.managed}
         self.persistent = [(name, p) for name, p in named_params if id(p) not in managed_ids]
         self.shape_of = {id(p): p.shape for p in self.managed}
+        self.owned_managed = [p for p in self.managed if self.owner_of[id(p)] == rank]
+        self.store = None
+        if open_store is not None:
+            self.store = open_store([(self.name_of[id(p)], p) for p in self.owned_managed])
         self.update_master = None  # param -> None: the owner's optimizer copy follows a change (set by the build)
         self.released: dict[int, torch.nn.Parameter] = {}  # not held, no gather in flight
         self.absent: dict[int, torch.nn.Parameter] = {}  # not usable yet: released or in flight
@@ -114,9 +121,17 @@ class Stage3Params:
     # ---- gather and release ---------------------------------------------------------------------
     def release_all(self) -> None:
         self._drop_prefetches()
+        if self.store is not None:
+            for param in self.owned_managed:
+                if id(param) not in self.absent:
+                    self.store.write(param, param.data)
         for param in self.managed:
             self._release(param)
         self._in_backward = []
+
+    def _moves(self, key: int) -> bool:
+        """Whether this rank's copy comes and goes (not the owner's kept in memory)."""
+        return self.owner_of[key] != self.rank or self.store is not None
 
     def _release(self, param) -> None:
         key = id(param)
@@ -129,7 +144,7 @@ class Stage3Params:
             self._by_storage[pointer] = remaining
         else:
             self._by_storage.pop(pointer, None)
-        if self.owner_of[key] != self.rank:
+        if self._moves(key):
             self.gathered_bytes -= param.numel() * param.element_size()
             param.data = self._released_value(param)
         self.schedule.live_numel -= self.shape_of[key].numel()
@@ -138,7 +153,7 @@ class Stage3Params:
     def holds(self, param) -> bool:
         """Whether this rank holds the tensor's values now (its own, or gathered)."""
         key = id(param)
-        return key not in self.absent or self.owner_of[key] == self.rank
+        return key not in self.absent or not self._moves(key)
 
     def _released_value(self, param) -> torch.Tensor:
         """What a released copy holds: one NaN seen in the tensor's full shape. Autograd checks the
@@ -167,19 +182,23 @@ class Stage3Params:
         del self.released[key]
         owner = self.owner_of[key]
         numel = self.shape_of[key].numel()
-        if owner == self.rank:
-            buffer = param.data
-        else:
+        if owner != self.rank:
             buffer = torch.empty(self.shape_of[key], dtype=param.dtype, device=param.device)
-        self._in_flight[key] = (dist.broadcast(buffer, src=owner, async_op=True), buffer)
+        elif self.store is not None:
+            buffer = self.store.read(param, self.shape_of[key])
+        else:
+            buffer = param.data
+        work = dist.broadcast(buffer, src=owner, async_op=True) if self.world_size > 1 else None
+        self._in_flight[key] = (work, buffer)
         self.schedule.live_numel += numel
 
     def _finish(self, param) -> None:
         key = id(param)
         work, buffer = self._in_flight.pop(key)
-        work.wait()
-        keep(work)
-        if self.owner_of[key] != self.rank:
+        if work is not None:
+            work.wait()
+            keep(work)
+        if self._moves(key):
             param.data = buffer
             self.gathered_bytes += buffer.numel() * buffer.element_size()
             self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
@@ -287,12 +306,39 @@ class Stage3Params:
         return _Gathered(self, params, modifier_rank)
 
     def keep_modified(self, params, modifier_rank: int) -> None:
-        """Every rank takes modifier_rank's values of params; each owner updates its master copy."""
+        """Every rank takes modifier_rank's values of params; each owner updates its master copy
+        (and the store)."""
         for param in params:
             if self.world_size > 1:
                 dist.broadcast(param.data, src=modifier_rank)
-            if self.update_master is not None and self.owner_of[id(param)] == self.rank:
-                self.update_master(param)
+            if self.owner_of[id(param)] == self.rank:
+                if self.update_master is not None:
+                    self.update_master(param)
+                if self.store is not None and id(param) in self.shape_of:
+                    self.store.write(param, param.data)
+
+    @contextlib.contextmanager
+    def owned_in_memory(self):
+        """With offload_param "nvme": the tensors this rank owns read into memory on this rank
+        alone (no collective), for the optimizer step or a checkpoint, then written back and
+        released. Elsewhere nothing moves."""
+        if self.store is None:
+            yield
+            return
+        placed = [p for p in self.owned_managed if id(p) in self.absent]
+        for param in placed:
+            param.data = self.store.read(param, self.shape_of[id(param)])
+        written = False
+        try:
+            yield
+            for param in placed:
+                self.store.write(param, param.data)
+            written = True
+        finally:
+            for param in placed:
+                param.data = self._released_value(param)
+            if not written and placed:
+                logger.warning("stage 3: the step failed; the stored parameters keep their values from before it")
 
 
 class _Gathered:

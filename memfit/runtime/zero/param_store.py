@@ -1,0 +1,34 @@
+"""offload_param "nvme": the 16-bit values of the tensors a rank owns rest in a swap file of its
+own under offload_param.nvme_path (the swap files of memfit's I/O engine: preallocated, O_DIRECT,
+locked while in use, removed at exit, never read back by a later run).
+
+A tensor's slot is written when the engine releases it after a change (at the start, after each
+optimizer step, after a change kept from GatheredParameters) and read when it is gathered."""
+
+import torch
+
+from memfit.runtime.nvme_tier import open_swap, slot_bytes
+
+
+class NvmeParamStore:
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], directory: str, rank: int, aio):
+        self.name_of = {id(param): name for name, param in named}
+        capacity = sum(slot_bytes(p.numel(), p.element_size()) for _, p in named)
+        self.swap = open_swap(
+            directory, rank, max(capacity, 1), block_size=aio.block_size, queue_depth=aio.queue_depth
+        )
+
+    def write(self, param, values: torch.Tensor) -> None:
+        self.swap.put(self.name_of[id(param)], values.detach().contiguous()).wait()
+
+    def read(self, param, shape: torch.Size) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=param.dtype, device=param.device)
+        self.swap.get(self.name_of[id(param)], buffer).wait()
+        return buffer
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.swap.capacity_bytes
+
+    def close(self) -> None:
+        self.swap.close()
