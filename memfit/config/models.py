@@ -115,13 +115,17 @@ class OffloadParamConfig(Section):
     )
     pin_memory: Boolean = Field(False, description="Register the host buffers with CUDA when a GPU is present.")
     buffer_count: Integer(minimum=1, limit=1024) = Field(
-        5, description="Host buffers parameters are read into from NVMe (DeepSpeed's key and default)."
+        5,
+        description="DeepSpeed's count of NVMe read buffers; accepted and ignored (with a warning when set): "
+        "memfit reads each tensor into a buffer of its own size, freed when the tensor is released.",
     )
     buffer_size: Integer(minimum=1, limit=MAX_BYTES) = Field(
-        100_000_000, description="Elements per NVMe read buffer (DeepSpeed's key and default)."
+        100_000_000, description="DeepSpeed's NVMe read buffer size; accepted and ignored, as buffer_count."
     )
     max_in_cpu: Integer(minimum=0, limit=MAX_BYTES) = Field(
-        1_000_000_000, description="Parameter elements kept in host memory under NVMe offload (DeepSpeed's key)."
+        1_000_000_000,
+        description="DeepSpeed's count of parameter elements kept in host memory under NVMe offload; accepted "
+        "and ignored, as buffer_count (stage3_max_live_parameters bounds what is gathered).",
     )
 
     @model_validator(mode="after")
