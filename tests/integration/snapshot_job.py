@@ -27,9 +27,10 @@ def write_corpus(directory) -> str:
 
 
 def write_config(
-    directory, persist_path=None, every_snapshots=2, keep_shm=False, offload=False, **snapshot_keys
+    directory, persist_path=None, every_snapshots=2, keep_shm=False, offload=False, zero=None, **snapshot_keys
 ) -> str:
-    """The crash tests' config; snapshot_keys are further keys of the snapshot section."""
+    """The crash tests' config; zero: keys to change in zero_optimization; snapshot_keys are
+    further keys of the snapshot section."""
     snapshot = {"interval_steps": INTERVAL, "keep_shm": keep_shm, **snapshot_keys}
     if persist_path:
         snapshot["persist"] = {"path": persist_path, "every_snapshots": every_snapshots, "keep": 2}
@@ -48,6 +49,7 @@ def write_config(
         },
         "snapshot": snapshot,
     }
+    config["zero_optimization"].update(zero or {})
     path = os.path.join(directory, f"config-{uuid.uuid4().hex[:6]}.json")
     with open(path, "w") as file:
         json.dump(config, file)

@@ -35,11 +35,11 @@ def reference(tmp_path_factory):
     return records
 
 
-def run_with_fault(tmp_path, fault, persist=False, launcher="memfit run"):
+def run_with_fault(tmp_path, fault, persist=False, launcher="memfit run", zero=None):
     shm_dir = new_shm_dir()
     persist_path = str(tmp_path / "persist") if persist else None
     metrics = str(tmp_path / "metrics.jsonl")
-    config = write_config(str(tmp_path), persist_path)
+    config = write_config(str(tmp_path), persist_path, zero=zero)
     job = Job(str(tmp_path), config, shm_dir, metrics, fault=fault, launcher=launcher)
     status = job.wait()
     assert status == 0, job.output()[-3000:]
@@ -71,6 +71,22 @@ def test_worker_killed_at_a_phase_resumes_bit_identical(tmp_path, reference, pha
         for name in os.listdir(persist_path):
             if name.startswith("global_step"):
                 assert verify_checkpoint(os.path.join(persist_path, name)) == []
+
+
+def test_stage3_with_parameters_on_nvme_resumes_bit_identical(tmp_path, reference):
+    """ZeRO stage 3, every tensor gathered and resting in each rank's parameter swap file: rank 1
+    is killed entering its 6th step; the job resumes from the snapshot and ends as the stage-2 run
+    that was never interrupted (stage 3 computes the same bits)."""
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    zero = {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "offload_param": {"device": "nvme", "nvme_path": str(swap)},
+    }
+    records, output, _ = run_with_fault(tmp_path, PHASES["mid-step"], zero=zero)
+    assert check_against(records, reference), "the job was not restored from a snapshot"
+    assert not [name for name in os.listdir(swap) if name.endswith(".swap")]  # removed at exit
 
 
 @pytest.mark.slow
