@@ -136,33 +136,6 @@ def disabled_section(value) -> Verdict:
     return ACCEPTED
 
 
-CHECKPOINTING_FLAGS = (
-    "partition_activations",
-    "contiguous_memory_optimization",
-    "cpu_checkpointing",
-    "synchronize_checkpoint_boundary",
-    "profile",
-)
-
-
-def activation_checkpointing(value) -> Verdict:
-    """DeepSpeed's activation checkpointing only configures its own checkpoint() API; with every
-    flag off it changes nothing."""
-    if not isinstance(value, dict):
-        return Verdict(problem=f"expected an object, got {show(value)}")
-    for key, flag in value.items():
-        if key == "number_checkpoints":
-            if flag is not None:
-                return Verdict(problem=f"{NOT_MEMFIT} (memfit accepts it only with number_checkpoints null)")
-        elif key not in CHECKPOINTING_FLAGS:
-            return Verdict(problem=f"{NOT_MEMFIT} (unknown flag {key!r})")
-        elif (verdict := _typed(check_bool, flag)) is not None:
-            return Verdict(problem=f"{key}: {verdict.problem}")
-        elif flag:
-            return Verdict(problem=f"{NOT_MEMFIT} (memfit accepts it only with every flag false)")
-    return ACCEPTED
-
-
 def communication_data_type(value) -> Verdict:
     """memfit reduces gradients in their compute dtype; fp32 communication is what it does in
     fp32 training (under bf16 or fp16 it reduces in 16 bits, with a warning). 16-bit
@@ -231,7 +204,6 @@ DEEPSPEED_KEYS: dict[str, dict[str, Handler]] = {
         "comet": logging_section,
         "flops_profiler": logging_section,
         "timers": logging_section,
-        "activation_checkpointing": activation_checkpointing,
         "hybrid_engine": disabled_section,
         "amp": disabled_section,
         "torch_autocast": disabled_section,

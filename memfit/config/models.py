@@ -2,11 +2,11 @@
 where the concept is the same. Each field's description feeds `memfit config schema`; where a
 field accepts DeepSpeed's "auto", the description says what "auto" becomes."""
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from memfit.config.values import MAX_COUNT, Boolean, Integer, OneOf, Path, Real, Text
+from memfit.config.values import MAX_COUNT, Boolean, Integer, OneOf, Path, Real, Text, show
 
 MAX_SEED = 2**63 - 1  # seed + rank must stay within torch's 64-bit seed range
 MAX_BYTES = 1 << 40  # sizes of one buffer or bucket: a TiB is past any machine memfit runs on
@@ -198,7 +198,41 @@ class AioConfig(Section):
     )
 
 
+def check_blocks(value):
+    """memfit.checkpoint_blocks: null, "auto", or a non-empty list of class names."""
+    if value is None or value == "auto":
+        return value
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f'expected null, "auto" or a list of block class names, got {show(value)}')
+    return value
+
+
+class ActivationCheckpointingConfig(Section):
+    partition_activations: Boolean = Field(
+        False, description="DeepSpeed's split of activations over model-parallel ranks; memfit has none: ignored, with a warning."
+    )
+    cpu_checkpointing: Boolean = Field(
+        False, description="Keep the checkpointed blocks' saved inputs in host memory (a model on a GPU)."
+    )
+    contiguous_memory_optimization: Boolean = Field(
+        False, description="DeepSpeed's contiguous buffer for checkpoints; ignored, with a warning."
+    )
+    number_checkpoints: Integer(minimum=1, optional=True, limit=MAX_COUNT) = Field(
+        None, description="Sizes DeepSpeed's contiguous buffer; ignored, with a warning."
+    )
+    synchronize_checkpoint_boundary: Boolean = Field(
+        False, description="DeepSpeed's CUDA synchronize at each checkpoint; ignored, with a warning."
+    )
+    profile: Boolean = Field(False, description="DeepSpeed's per-checkpoint timing log; ignored, with a warning.")
+
+
 class MemfitOwnConfig(Section):
+    checkpoint_blocks: Annotated[str | list[str] | None, BeforeValidator(check_blocks)] = Field(
+        None,
+        description='Activation checkpointing of the model\'s blocks by memfit: "auto" (the children of the largest '
+        "ModuleList), a list of block class names, or null (none; a script may still call "
+        "memfit.deepspeed.checkpointing.checkpoint).",
+    )
     log_level: OneOf("debug", "info", "warning", "error") = Field(
         "info",
         description="What memfit's logger prints on rank 0 (the resolved config and step lines are info; other "
@@ -270,6 +304,10 @@ class MemfitConfig(Section):
     )
     checkpoint: "CheckpointConfig" = Field(
         default_factory=lambda: CheckpointConfig(), description="Checkpoints and persisted snapshots on disk."
+    )
+    activation_checkpointing: ActivationCheckpointingConfig = Field(
+        default_factory=ActivationCheckpointingConfig,
+        description="DeepSpeed's settings of its checkpoint() API, and of the blocks memfit.checkpoint_blocks names.",
     )
 
     @field_validator("gradient_allreduce_op", mode="before")

@@ -18,7 +18,7 @@ from memfit.config.errors import ConfigError, describe_pydantic_error
 from memfit.config.models import MemfitConfig
 from memfit.config.read import nesting_problem, read_config_file
 from memfit.config.screen import screen
-from memfit.config.values import check_int
+from memfit.config.values import check_int, show
 
 # "auto" that is not the key's default: the Hugging Face Trainer fills gradient_clipping with its
 # max_grad_norm (1.0), while a missing key means DeepSpeed's default, 0 (off).
@@ -61,6 +61,7 @@ def resolve_config(source, world_size: int | None = None, client: ClientComponen
     if config is not None and config.gradient_allreduce_op == "sum" and config.zero_optimization.stage == 3:
         found.problems.append('gradient_allreduce_op: "sum" is refused at ZeRO stage 3, as DeepSpeed refuses it')
     if config is not None:
+        found.warnings += checkpointing_settings_ignored(config.activation_checkpointing)
         written = [  # the keys as the file names them (DeepSpeed's other names included)
             screened.written_as.get(f"zero_optimization.{key}", key).rpartition(".")[2]
             for key in data.get("zero_optimization", {})
@@ -75,6 +76,24 @@ def resolve_config(source, world_size: int | None = None, client: ClientComponen
     if batch is not None:
         config = config.model_copy(update=dict(zip((TRAIN, MICRO, ACCUMULATION), batch)))
     return ResolvedConfig(config, found.resolved)
+
+
+CHECKPOINTING_IGNORED = {
+    "partition_activations": "memfit has no model-parallel ranks to split activations over",
+    "contiguous_memory_optimization": "torch's checkpoint keeps each block's inputs as they are",
+    "number_checkpoints": "it sizes DeepSpeed's contiguous buffer",
+    "synchronize_checkpoint_boundary": "memfit does not synchronize CUDA at checkpoints",
+    "profile": "memfit does not time checkpoints",
+}
+
+
+def checkpointing_settings_ignored(section) -> list[str]:
+    """The activation_checkpointing keys that ask for something memfit does not do, one warning each."""
+    return [
+        f"activation_checkpointing.{key}: {show(getattr(section, key))} is ignored by memfit: {why}"
+        for key, why in CHECKPOINTING_IGNORED.items()
+        if getattr(section, key) not in (False, None)
+    ]
 
 
 def stage3_settings_ignored(zero, written: list[str], ignored: dict) -> None:

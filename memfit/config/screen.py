@@ -34,6 +34,10 @@ AUTO_FIELDS = {
 }
 
 
+# Fields where "auto" is one of the values, not a request for a default.
+AUTO_IS_A_VALUE = {"memfit.checkpoint_blocks"}
+
+
 @dataclass
 class Screened:
     data: dict  # what the models validate
@@ -90,7 +94,7 @@ def _section(raw: dict, model: type[BaseModel], path: str, screened: Screened, f
 
 def _field(kept: dict, key: str, value, annotation, where: str, screened: Screened, found: Findings) -> None:
     nested = _section_model(annotation)
-    if isinstance(value, str) and value == "auto" and nested is None:
+    if isinstance(value, str) and value == "auto" and nested is None and where not in AUTO_IS_A_VALUE:
         if where in AUTO_FIELDS:
             screened.auto.add(where)
         else:

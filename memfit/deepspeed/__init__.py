@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import memfit
-from memfit.deepspeed import comm, ops, zero  # noqa: F401  (deepspeed.comm, deepspeed.ops.adam, deepspeed.zero)
+from memfit.deepspeed import checkpointing, comm, ops, zero  # noqa: F401  (deepspeed.checkpointing, .comm, .ops.adam, .zero)
 from memfit.deepspeed.engine import DeepSpeedEngine
 from memfit.deepspeed.errors import DeepSpeedUsageError
 

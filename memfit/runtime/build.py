@@ -16,6 +16,7 @@ from memfit.io.engine import set_default_geometry
 from memfit.monitor import build_monitor
 from memfit.optim.groups import model_layout
 from memfit.optim.registry import build_optimizer
+from memfit.runtime.activation_checkpointing import wrap_blocks
 from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
 from memfit.runtime.estimate import host_memory_problem
@@ -71,6 +72,11 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
 
     compute_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
     model = prepare_model(model, device, compute_dtype, world_size)
+    if cfg.memfit.checkpoint_blocks is not None:
+        try:
+            wrap_blocks(model, cfg.memfit.checkpoint_blocks, cfg.activation_checkpointing.cpu_checkpointing)
+        except ValueError as error:
+            raise ConfigError([str(error)], "memfit.initialize") from None
     named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named_params:
         raise ValueError("model: no trainable parameters (every parameter has requires_grad=False)")

@@ -27,6 +27,7 @@ Design note.
 import contextlib
 import itertools
 import logging
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,16 @@ from memfit.runtime.zero.gather_schedule import GatherSchedule
 
 logger = logging.getLogger("memfit")
 SEQUENCE_MODULUS = (1 << 61) - 1
+_LIVE: "weakref.WeakSet[Stage3Params]" = weakref.WeakSet()  # engines whose tensors come and go
+
+
+@contextlib.contextmanager
+def gathering_on_use():
+    """Code run in it gathers the stage-3 tensors it uses, as a module's forward does."""
+    with contextlib.ExitStack() as stack:
+        for params in list(_LIVE):
+            stack.enter_context(params.running())
+        yield
 
 
 class _SavedParam:
@@ -103,6 +114,7 @@ class Stage3Params:
         self._mode = _GatherOnUse(self)
         self._saved = saved_tensors_hooks(self._pack, self._unpack)
         self._depth = 0
+        self._saving = False  # our saved-tensor hooks are on (outside backward)
         self.index_of = {id(p): index for index, p in enumerate(self.managed)}
         self._sequence = 0  # a digest of this step's gathers, compared across ranks at the step
         self.gathered_bytes = 0  # held now by non-owned gathered copies
@@ -112,6 +124,7 @@ class Stage3Params:
             param.ds_numel, param.ds_shape = param.numel(), param.shape  # what DeepSpeed's users read
         if not self.managed:
             return
+        _LIVE.add(self)
         for module in model.modules():
             module.register_forward_pre_hook(self._enter_module)
             module.register_forward_hook(self._exit_module, always_call=True)
@@ -206,20 +219,42 @@ class Stage3Params:
         del self.absent[key]
 
     # ---- module hooks: a frame per running module -----------------------------------------------
-    def _enter_module(self, module, args) -> None:
+    def _enter_module(self, module, args, own_saving: bool = True) -> None:
         if self._depth == 0:
             self._mode.__enter__()
-            self._saved.__enter__()
+            # A forward run again inside backward (activation checkpointing) saves its tensors
+            # through the checkpoint's own hooks, which keep what they save until the block's
+            # backward: ours stay out of the way there, and inside a checkpointed function.
+            self._saving = own_saving and torch._C._current_graph_task_id() == -1
+            if self._saving:
+                self._saved.__enter__()
         self._depth += 1
         self._frames.append([])
 
     def _exit_module(self, module, args, output) -> None:
-        for param in self._frames.pop():
-            self._release(param)
+        frame = self._frames.pop()
+        if torch._C._current_graph_task_id() != -1:
+            # run again in backward: autograd holds the parameters themselves until the block's
+            # backward is done; each is released once its gradient is accumulated
+            self._in_backward.extend(frame)
+        else:
+            for param in frame:
+                self._release(param)
         self._depth -= 1
         if self._depth == 0:
-            self._saved.__exit__(None, None, None)
+            if self._saving:
+                self._saved.__exit__(None, None, None)
             self._mode.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def running(self):
+        """As a module's forward: gathers on use inside (activation checkpointing runs a block's
+        forward again in backward, outside any module)."""
+        self._enter_module(None, (), own_saving=False)
+        try:
+            yield
+        finally:
+            self._exit_module(None, (), None)
 
     # ---- backward -------------------------------------------------------------------------------
     def _pack(self, tensor):
