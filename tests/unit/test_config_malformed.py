@@ -274,14 +274,20 @@ MALFORMED_DICTS = [
         'config: gradient_allreduce_op: expected one of "mean", "sum", got "max"',
     ),
     (
-        {"activation_checkpointing": {"partition_activations": True}},
-        "config: activation_checkpointing: supported by DeepSpeed, not by memfit (memfit accepts it only with every "
-        "flag false)",
+        {"activation_checkpointing": {"partition_activations": "yes"}},
+        'config: activation_checkpointing.partition_activations: expected true or false, got "yes"',
     ),
     (
-        {"activation_checkpointing": {"number_checkpoints": 4}},
-        "config: activation_checkpointing: supported by DeepSpeed, not by memfit (memfit accepts it only with "
-        "number_checkpoints null)",
+        {"activation_checkpointing": {"number_checkpoints": 0}},
+        "config: activation_checkpointing.number_checkpoints: expected an integer >= 1, got 0",
+    ),
+    (
+        {"activation_checkpointing": {"checkpoint_in_cpu": True}},
+        "config: activation_checkpointing.checkpoint_in_cpu: unknown key (did you mean 'cpu_checkpointing'?)",
+    ),
+    (
+        {"memfit": {"checkpoint_blocks": "all"}},
+        'config: memfit.checkpoint_blocks: expected null, "auto" or a list of block class names, got "all"',
     ),
     (
         {"hybrid_engine": {"enabled": True}},
