@@ -214,22 +214,33 @@ def rebuild_member(groups: ParityGroups, lost: dict[int, int], reports: list[dic
     num_members = len(members)
     lost_member = members.index(lost_rank)
     me = groups.member
-    rebuilt = torch.zeros((num_members - 1) * part_bytes, dtype=torch.uint8) if me == lost_member else None
-    for holder in range(num_members):
-        if holder == lost_member:
-            continue
-        if me == lost_member:
-            buffer = torch.zeros(part_bytes, dtype=torch.uint8)
-        elif me == holder:
-            buffer = local["parity"].clone()
-        else:
-            buffer = data_part(local["data"], part_index(me, holder, num_members), part_bytes).clone()
-        dist.reduce(_int64(buffer), dst=lost_rank, op=dist.ReduceOp.BXOR, group=groups.group)
-        if me == lost_member:
-            part = part_index(lost_member, holder, num_members)
-            rebuilt[part * part_bytes : (part + 1) * part_bytes] = buffer
-    if rebuilt is None:
+    holders = [holder for holder in range(num_members) if holder != lost_member]
+    if me != lost_member:  # for each part: the holder sends its parity, the others their data part
+        works = []
+        for holder in holders:
+            if holder == me:
+                contribution = local["parity"]
+            else:
+                contribution = data_part(local["data"], part_index(me, holder, num_members), part_bytes)
+            works.append(dist.isend(contribution, lost_rank, group=groups.group, tag=holder))
+        for work in works:
+            work.wait()
         return None
+    # part covered by holder h = h's parity XOR the other survivors' data parts covered by h
+    rebuilt = torch.empty((num_members - 1) * part_bytes, dtype=torch.uint8)
+    received, works = [], []
+    for holder in holders:
+        part = part_index(lost_member, holder, num_members)
+        into = rebuilt[part * part_bytes : (part + 1) * part_bytes]
+        for number, sender in enumerate(holders):
+            buffer = into if number == 0 else torch.empty(part_bytes, dtype=torch.uint8)
+            works.append(dist.irecv(buffer, members[sender], group=groups.group, tag=holder))
+            received.append((into, buffer))
+    for work in works:
+        work.wait()
+    for into, buffer in received:
+        if buffer is not into:
+            _int64(into).bitwise_xor_(_int64(buffer))
     rebuilt = rebuilt[: data_bytes[lost_member]]
     if xxhash.xxh3_64_hexdigest(rebuilt.numpy()) != data_digests[lost_member]:
         raise CheckpointError(f"rank {lost_rank}: the slot rebuilt from parity of step {step} fails its checksum")
