@@ -41,6 +41,7 @@ PARITY_MODES = {
     "every 50 + parity": (50, True),
 }
 PARITY_STEPS = 100  # two snapshots at the longest interval
+PER_STEP = ("step_s", "cpu_s", "wait_s")
 
 
 def parse_args(argv=None):
@@ -206,7 +207,7 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
         round_s.append(timed(lambda: rounds.run(data, newest.step)))
 
     num_steps = max(args.steps, PARITY_STEPS)
-    step_times = {mode: [] for mode in PARITY_MODES}
+    step_times, cpu_times, waits = ({mode: [] for mode in PARITY_MODES} for _ in range(3))
     for _ in range(args.reps):
         for mode, (interval, with_parity) in PARITY_MODES.items():
             snapshotter.wait_for_copy()
@@ -214,7 +215,10 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
             snapshotter.interval_steps = interval
             snapshotter.parity = rounds if with_parity else None
             dist.barrier()
+            cpu_before, waited_before = time.process_time(), snapshotter.stall_s
             step_times[mode].append(timed(lambda: [train_step(engine, width) for _ in range(num_steps)]) / num_steps)
+            cpu_times[mode].append((time.process_time() - cpu_before) / num_steps)
+            waits[mode].append((snapshotter.stall_s - waited_before) / num_steps)
     snapshotter.interval_steps = 0
     snapshotter.wait_for_copy()
     snapshotter.close()
@@ -243,6 +247,8 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
         "sent_bytes": rounds.last_sent_bytes,
         "round_s": statistics.median(round_s),
         "step_s": {key: statistics.median(values) for key, values in step_times.items()},
+        "cpu_s": {key: statistics.median(values) for key, values in cpu_times.items()},
+        "wait_s": {key: statistics.median(values) for key, values in waits.items()},
         "restore_s": {key: statistics.median(values) for key, values in restores.items()},
     }
     gathered = [None] * engine.world_size
@@ -285,7 +291,7 @@ def report(args, results: list[dict]) -> str:
 
 
 def parity_report(args, results: list[dict]) -> str:
-    step = {key: max(result["step_s"][key] for result in results) for key in results[0]["step_s"]}
+    step, cpu, wait = ({key: max(r[group][key] for r in results) for key in PARITY_MODES} for group in PER_STEP)
     restore = {key: max(result["restore_s"][key] for result in results) for key in results[0]["restore_s"]}
     lines = [
         "XOR parity across 2 simulated nodes (1 gloo rank each, on one machine); medians of "
@@ -299,9 +305,20 @@ def parity_report(args, results: list[dict]) -> str:
             f"| {rank} | {result['snapshot_bytes'] / 1e6:.1f} | {result['round_s']:.4f} | "
             f"{result['sent_bytes'] / 1e6:.1f} | {result['sent_bytes'] / result['snapshot_bytes']:.2f} |"
         )
-    lines += ["", "| snapshots | step time (s) | overhead |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "Per step: wall time; CPU time of the rank's process (all its threads: what the snapshot copy and "
+        "the parity round take from training on a machine without spare cores); time the training "
+        "thread waited for a snapshot copy (and through it for a parity round).",
+        "",
+        "| snapshots | step time (s) | overhead | CPU time (s) | CPU overhead | waited (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for key in PARITY_MODES:
-        lines.append(f"| {key} | {step[key]:.4f} | {step[key] / step['none'] - 1:+.1%} |")
+        lines.append(
+            f"| {key} | {step[key]:.4f} | {step[key] / step['none'] - 1:+.1%} | {cpu[key]:.4f} | "
+            f"{cpu[key] / cpu['none'] - 1:+.1%} | {wait[key]:.4f} |"
+        )
     lines += ["", "| after losing a node | seconds | / disk |", "| --- | --- | --- |"]
     for key, name in (
         ("rebuild", "rebuild the lost slot from parity"),
