@@ -175,7 +175,7 @@ def _restore_with_parity(engine, shm_dir: str, groups: ParityGroups, needed: lis
         return None
     readers = {}
     for rank in needed:
-        held = own.get(step) if rank == engine.rank else None  # a rebuilt slot is read anew
+        held = own.get(step) if rank == engine.rank else None  # a rebuilt slot is in own too
         readers[rank] = held if held is not None else _slot_of_step(engine, shm_dir, rank, step)
     missing = [rank for rank, reader in readers.items() if reader is None]
     problem = f"no verified slot of step {step} for rank(s) {missing} in {shm_dir}" if missing else None
@@ -192,14 +192,15 @@ def _slot_of_step(engine, shm_dir: str, rank: int, step: int) -> SlotReader | No
 
 
 def _rebuild(engine, shm_dir, groups, lost, reports, step, own, parity) -> bool:
-    """Rebuilds the lost ranks' slots of `step`; False (logged) when a rebuild failed anywhere."""
+    """Rebuilds the lost ranks' slots of `step` (a rebuilt slot joins own, verified); False
+    (logged) when a rebuild failed anywhere."""
     started = time.perf_counter()
     error = None
     try:
         local = {} if engine.rank in lost else {"data": own[step].data(), "parity": parity[step][1].parity}
         rebuilt = rebuild_member(groups, lost, reports, step, local)
         if rebuilt is not None:
-            write_rebuilt_slot(shm_dir, engine.rank, rebuilt)
+            own[step] = write_rebuilt_slot(shm_dir, engine.rank, rebuilt)
     except (CheckpointError, OSError) as failure:
         error = f"rank {engine.rank}: {failure}"
     failures = [message for message in _gather(engine, error) if message]
@@ -212,9 +213,9 @@ def _rebuild(engine, shm_dir, groups, lost, reports, step, own, parity) -> bool:
     return True
 
 
-def write_rebuilt_slot(shm_dir: str, rank: int, data) -> str:
+def write_rebuilt_slot(shm_dir: str, rank: int, data) -> SlotReader:
     """Writes a rebuilt slot into the rank's slot without a committed snapshot (else its older
-    one); returns its path."""
+    one); returns it, verified."""
     agent.request(shm_dir, {"op": "allocate", "rank": rank, "bytes": align_to(data.numel(), 1 << 20)})
     held = {int(reader.path[-1]): reader.sequence for reader in newest_committed(shm_dir, rank)}
     slot = min(range(SLOTS_PER_RANK), key=lambda candidate: held.get(candidate, 0))
@@ -223,8 +224,9 @@ def write_rebuilt_slot(shm_dir: str, rank: int, data) -> str:
         slot_file.write_committed(data)
     finally:
         slot_file.close()
-    SlotReader(slot_file.path).verify()
-    return slot_file.path
+    reader = SlotReader(slot_file.path)
+    reader.verify()
+    return reader
 
 
 def persisted_tags(persist_path: str) -> list[str]:
