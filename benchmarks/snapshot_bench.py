@@ -12,8 +12,8 @@ Measured in one job, interleaved (A B A B ...), medians over --reps:
 With --parity xor the two ranks play two nodes (one rank each, a shared-memory directory each),
 and the script measures instead, interleaved the same way:
   - the parity round: its time and the bytes each rank sends, against the snapshot's size;
-  - step time with snapshots every step, with parity every snapshot (the default parity_every)
-    and without parity, against none;
+  - step time with snapshots every 10 steps without parity, and every 10 and every 50 steps with
+    parity every snapshot (parity_every 1), against none, over PARITY_STEPS steps or --steps;
   - rebuilding a lost node's slot from the other node's data and parity (then restoring from
     memory) against engine.load_checkpoint of the same state from disk.
 
@@ -34,6 +34,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTES_PER_OWNED_PARAM = 12  # fp32 master + AdamW's two fp32 moments
+PARITY_MODES = {
+    "none": (0, False),
+    "every 10": (10, False),
+    "every 10 + parity": (10, True),
+    "every 50 + parity": (50, True),
+}
+PARITY_STEPS = 100  # two snapshots at the longest interval
+PER_STEP = ("step_s", "cpu_s", "wait_s")
 
 
 def parse_args(argv=None):
@@ -198,15 +206,19 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
         dist.barrier()
         round_s.append(timed(lambda: rounds.run(data, newest.step)))
 
-    step_times = {"none": [], "snapshots": [], "snapshots+parity": []}
+    num_steps = max(args.steps, PARITY_STEPS)
+    step_times, cpu_times, waits = ({mode: [] for mode in PARITY_MODES} for _ in range(3))
     for _ in range(args.reps):
-        for mode in step_times:
+        for mode, (interval, with_parity) in PARITY_MODES.items():
             snapshotter.wait_for_copy()
             snapshotter.close()
-            snapshotter.interval_steps = 0 if mode == "none" else 1
-            snapshotter.parity = rounds if mode == "snapshots+parity" else None
+            snapshotter.interval_steps = interval
+            snapshotter.parity = rounds if with_parity else None
             dist.barrier()
-            step_times[mode].append(timed(lambda: [train_step(engine, width) for _ in range(args.steps)]))
+            cpu_before, waited_before = time.process_time(), snapshotter.stall_s
+            step_times[mode].append(timed(lambda: [train_step(engine, width) for _ in range(num_steps)]) / num_steps)
+            cpu_times[mode].append((time.process_time() - cpu_before) / num_steps)
+            waits[mode].append((snapshotter.stall_s - waited_before) / num_steps)
     snapshotter.interval_steps = 0
     snapshotter.wait_for_copy()
     snapshotter.close()
@@ -234,7 +246,9 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
         "snapshot_bytes": data.numel(),
         "sent_bytes": rounds.last_sent_bytes,
         "round_s": statistics.median(round_s),
-        "step_s": {key: statistics.median(values) / args.steps for key, values in step_times.items()},
+        "step_s": {key: statistics.median(values) for key, values in step_times.items()},
+        "cpu_s": {key: statistics.median(values) for key, values in cpu_times.items()},
+        "wait_s": {key: statistics.median(values) for key, values in waits.items()},
         "restore_s": {key: statistics.median(values) for key, values in restores.items()},
     }
     gathered = [None] * engine.world_size
@@ -268,16 +282,16 @@ def report(args, results: list[dict]) -> str:
     for interval in ("0", "1", "10"):
         name = "none" if interval == "0" else f"every {interval} steps"
         lines.append(f"| {name} | {step[interval]:.4f} | {step[interval] / step['0'] - 1:+.1%} |")
-    lines += ["", "| restore | seconds |", "| --- | --- |"]
+    lines += ["", "| restore | seconds | disk / this |", "| --- | --- | --- |"]
     lines += [
-        f"| from shared memory | {restore['shm']:.4f} |",
-        f"| from disk (load_checkpoint) | {restore['disk']:.4f} |",
+        f"| from shared memory | {restore['shm']:.4f} | {restore['disk'] / restore['shm']:.2f} |",
+        f"| from disk, page-cached (load_checkpoint) | {restore['disk']:.4f} | 1.00 |",
     ]
     return "\n".join(lines)
 
 
 def parity_report(args, results: list[dict]) -> str:
-    step = {key: max(result["step_s"][key] for result in results) for key in results[0]["step_s"]}
+    step, cpu, wait = ({key: max(r[group][key] for r in results) for key in PARITY_MODES} for group in PER_STEP)
     restore = {key: max(result["restore_s"][key] for result in results) for key in results[0]["restore_s"]}
     lines = [
         "XOR parity across 2 simulated nodes (1 gloo rank each, on one machine); medians of "
@@ -291,9 +305,20 @@ def parity_report(args, results: list[dict]) -> str:
             f"| {rank} | {result['snapshot_bytes'] / 1e6:.1f} | {result['round_s']:.4f} | "
             f"{result['sent_bytes'] / 1e6:.1f} | {result['sent_bytes'] / result['snapshot_bytes']:.2f} |"
         )
-    lines += ["", "| every step | step time (s) | overhead |", "| --- | --- | --- |"]
-    for key in ("none", "snapshots", "snapshots+parity"):
-        lines.append(f"| {key} | {step[key]:.4f} | {step[key] / step['none'] - 1:+.1%} |")
+    lines += [
+        "",
+        "Per step: wall time; CPU time of the rank's process (all its threads: what the snapshot copy and "
+        "the parity round take from training on a machine without spare cores); time the training "
+        "thread waited for a snapshot copy (and through it for a parity round).",
+        "",
+        "| snapshots | step time (s) | overhead | CPU time (s) | CPU overhead | waited (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key in PARITY_MODES:
+        lines.append(
+            f"| {key} | {step[key]:.4f} | {step[key] / step['none'] - 1:+.1%} | {cpu[key]:.4f} | "
+            f"{cpu[key] / cpu['none'] - 1:+.1%} | {wait[key]:.4f} |"
+        )
     lines += ["", "| after losing a node | seconds | / disk |", "| --- | --- | --- |"]
     for key, name in (
         ("rebuild", "rebuild the lost slot from parity"),

@@ -1,7 +1,8 @@
 """Parity rounds and rebuilds over gloo: the workers of a parity group (the ranks with the same
-local rank on every node) exchange parts of their committed slots and XOR them (gloo's BXOR on
-int64 words; NCCL has no bitwise reduction), and after the loss of a node rebuild the lost
-member's slot from the survivors' data and parity. See parity.py for the layout.
+local rank on every node) exchange parts of their committed slots and XOR them (point to point in
+a round, each byte sent once; gloo's BXOR on int64 words in a rebuild; NCCL has no bitwise
+reduction), and after the loss of a node rebuild the lost member's slot from the survivors' data
+and parity. See parity.py for the layout.
 
 A parity round runs on a worker's background thread, from the host copy in the slot (no GPU
 work), on a gloo group of its own that training never uses. It writes into the parity slot that
@@ -108,15 +109,7 @@ class ParityRounds:
         slot = self.next_slot
         parity_file = self._file(slot, slot_file_bytes(part_bytes))
         parity_file.invalidate()
-        zeros = torch.zeros(part_bytes, dtype=torch.uint8)
-        # input d goes to member d; our own slot gets zeros, the XOR identity
-        inputs = [
-            _int64(zeros)
-            if holder == groups.member
-            else _int64(data_part(data, part_index(groups.member, holder, num_members), part_bytes))
-            for holder in range(num_members)
-        ]
-        dist.reduce_scatter(_int64(parity_file.parity(part_bytes)), inputs, op=dist.ReduceOp.BXOR, group=group)
+        self._exchange(data, part_bytes, parity_file.parity(part_bytes))
         fault_point("parity-exchanged", groups.rank)
         self.sequence += 1
         metadata = {
@@ -134,6 +127,24 @@ class ParityRounds:
         self.next_slot = (slot + 1) % PARITY_SLOTS_PER_RANK
         self.newest_step = step
         self.last_sent_bytes = (num_members - 1) * part_bytes
+
+    def _exchange(self, data: torch.Tensor, part_bytes: int, parity: torch.Tensor) -> None:
+        """Sends each other member the part of data its parity covers, and XORs the parts the
+        others send into parity: a reduce-scatter with BXOR, each byte sent once (gloo's
+        reduce-scatter passes every input through an all-reduce, three times the bytes and time)."""
+        groups = self.groups
+        num_members = len(groups.members)
+        others = [holder for holder in range(num_members) if holder != groups.member]
+        received = [parity] + [torch.empty_like(parity) for _ in others[1:]]
+        works = []
+        for holder, into in zip(others, received):
+            part = data_part(data, part_index(groups.member, holder, num_members), part_bytes)
+            works.append(dist.isend(part, groups.members[holder], group=groups.group))
+            works.append(dist.irecv(into, groups.members[holder], group=groups.group))
+        for work in works:
+            work.wait()
+        for extra in received[1:]:
+            _int64(parity).bitwise_xor_(_int64(extra))
 
     def close(self) -> None:
         for parity_file in self._files:
@@ -203,22 +214,33 @@ def rebuild_member(groups: ParityGroups, lost: dict[int, int], reports: list[dic
     num_members = len(members)
     lost_member = members.index(lost_rank)
     me = groups.member
-    rebuilt = torch.zeros((num_members - 1) * part_bytes, dtype=torch.uint8) if me == lost_member else None
-    for holder in range(num_members):
-        if holder == lost_member:
-            continue
-        if me == lost_member:
-            buffer = torch.zeros(part_bytes, dtype=torch.uint8)
-        elif me == holder:
-            buffer = local["parity"].clone()
-        else:
-            buffer = data_part(local["data"], part_index(me, holder, num_members), part_bytes).clone()
-        dist.reduce(_int64(buffer), dst=lost_rank, op=dist.ReduceOp.BXOR, group=groups.group)
-        if me == lost_member:
-            part = part_index(lost_member, holder, num_members)
-            rebuilt[part * part_bytes : (part + 1) * part_bytes] = buffer
-    if rebuilt is None:
+    holders = [holder for holder in range(num_members) if holder != lost_member]
+    if me != lost_member:  # for each part: the holder sends its parity, the others their data part
+        works = []
+        for holder in holders:
+            if holder == me:
+                contribution = local["parity"]
+            else:
+                contribution = data_part(local["data"], part_index(me, holder, num_members), part_bytes)
+            works.append(dist.isend(contribution, lost_rank, group=groups.group, tag=holder))
+        for work in works:
+            work.wait()
         return None
+    # part covered by holder h = h's parity XOR the other survivors' data parts covered by h
+    rebuilt = torch.empty((num_members - 1) * part_bytes, dtype=torch.uint8)
+    received, works = [], []
+    for holder in holders:
+        part = part_index(lost_member, holder, num_members)
+        into = rebuilt[part * part_bytes : (part + 1) * part_bytes]
+        for number, sender in enumerate(holders):
+            buffer = into if number == 0 else torch.empty(part_bytes, dtype=torch.uint8)
+            works.append(dist.irecv(buffer, members[sender], group=groups.group, tag=holder))
+            received.append((into, buffer))
+    for work in works:
+        work.wait()
+    for into, buffer in received:
+        if buffer is not into:
+            _int64(into).bitwise_xor_(_int64(buffer))
     rebuilt = rebuilt[: data_bytes[lost_member]]
     if xxhash.xxh3_64_hexdigest(rebuilt.numpy()) != data_digests[lost_member]:
         raise CheckpointError(f"rank {lost_rank}: the slot rebuilt from parity of step {step} fails its checksum")

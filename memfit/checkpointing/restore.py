@@ -3,13 +3,16 @@ restore, from the node's shared-memory slots (with snapshot parity, after rebuil
 a lost node from the other nodes' data and parity: parity_exchange.py), else the newest good
 persisted snapshot.
 
-The ranks agree on the step with one exchange: each rank lists the steps of the slots it can read
-and verify (its own, and rank 0's when it needs them: stage 0 keeps every parameter on rank 0, and
-frozen parameters are saved by rank 0), and the newest step in every list wins. A torn slot (a
-writer killed mid-copy) or a corrupted one (a checksum mismatch) is not listed, so the previous
-snapshot is taken. Without a common step in memory (the whole node was restarted, or the world
-size changed), the persisted checkpoints are tried newest first; one that fails its checksums is
-skipped with a warning.
+The ranks agree on the step in two exchanges: each rank lists the steps of the slots it can read
+(its own, and rank 0's when it needs them: stage 0 keeps every parameter on rank 0, and frozen
+parameters are saved by rank 0), up to their index: a torn slot (a writer killed mid-copy) is not
+listed. Then, newest common step first, each rank checks the tensor checksums of that step's
+slots only, before any state changes; a step that fails anywhere (a corrupted slot) is dropped
+and the next older common step is tried. A restore thus reads the bytes it restores twice (the
+checksum pass, then the copy into the parameters and optimizer state), and no other slot.
+Without a common step in memory (the whole node was restarted, or the world size changed), the
+persisted checkpoints are tried newest first; one that fails its checksums is skipped with a
+warning.
 """
 
 import logging
@@ -37,11 +40,12 @@ from memfit.checkpointing.state import restore_rank_state
 logger = logging.getLogger("memfit")
 
 
-def _readable_steps(
+def _listed_slots(
     engine, shm_dir: str, rank: int, mismatches: list | None = None, log: bool = True
 ) -> dict[int, SlotReader]:
-    """The verified slots of rank that this job may restore, by step; every slot left out is
-    logged with the reason, and those of another configuration are also added to mismatches."""
+    """The committed slots of rank that this job may restore, by step, checked up to their index
+    (their tensors are not); every slot left out is logged with the reason, and those of another
+    configuration are also added to mismatches."""
     steps, problems = {}, []
     for reader in newest_committed(shm_dir, rank, problems):
         if reader.index["world_size"] != engine.world_size:
@@ -53,15 +57,27 @@ def _readable_steps(
             if mismatches is not None:
                 mismatches.append(mismatch)
             continue
-        try:
-            reader.verify()
-        except CheckpointError as error:
-            problems.append(str(error))
-            continue
         steps.setdefault(reader.step, reader)
     for problem in problems if log else ():
         logger.warning("snapshot slot skipped: %s", problem)
     return steps
+
+
+def _verified(readers: list[SlotReader]) -> str | None:
+    """Checks the tensors of readers; the first problem (logged), or None."""
+    for reader in readers:
+        try:
+            reader.verify()
+        except CheckpointError as error:
+            logger.warning("snapshot slot skipped: %s", error)
+            return str(error)
+    return None
+
+
+def _readable_steps(engine, shm_dir: str, rank: int) -> dict[int, SlotReader]:
+    """The listed slots of rank whose tensors all match their checksums, by step."""
+    listed = _listed_slots(engine, shm_dir, rank)
+    return {step: reader for step, reader in listed.items() if _verified([reader]) is None}
 
 
 def _mismatch(engine, reader: SlotReader, shm_dir: str) -> str | None:
@@ -96,8 +112,8 @@ def restore_from_memory(engine, shm_dir: str, groups: ParityGroups | None = None
     if groups is not None:
         return _restore_with_parity(engine, shm_dir, groups, needed)
     mismatches = []
-    readable = {rank: _readable_steps(engine, shm_dir, rank, mismatches) for rank in needed}
-    local_steps = set.intersection(*(set(steps) for steps in readable.values()))
+    listed = {rank: _listed_slots(engine, shm_dir, rank, mismatches) for rank in needed}
+    local_steps = set.intersection(*(set(steps) for steps in listed.values()))
     reports = _gather(engine, (sorted(local_steps), mismatches[:1]))
     common = set.intersection(*(set(steps) for steps, _ in reports))
     if not common:
@@ -105,26 +121,24 @@ def restore_from_memory(engine, shm_dir: str, groups: ParityGroups | None = None
         if refused:  # the snapshot there is another configuration's: starting fresh would hide it
             raise CheckpointError(refused[0])
         return None
-    return _restore_step(engine, shm_dir, max(common), needed)
+    for step in sorted(common, reverse=True):
+        readers = {rank: listed[rank][step] for rank in needed}
+        if not any(_gather(engine, _verified(list(readers.values())))):
+            return _restore_step(engine, step, readers)
+    return None
 
 
-def _restore_step(engine, shm_dir: str, step: int, needed: list[int]) -> tuple[int, int]:
-    """Restores `step` from this node's slots of the needed ranks, on every rank at once."""
-    readable = {rank: _readable_steps(engine, shm_dir, rank, log=False) for rank in needed}
+def _restore_step(engine, step: int, readers: dict[int, SlotReader]) -> tuple[int, int]:
+    """Restores `step` from the verified slots of the needed ranks, on every rank at once."""
     error = None
-    missing = [rank for rank in needed if step not in readable[rank]]
-    if missing:
-        error = f"no verified slot of step {step} for rank(s) {missing} in {shm_dir}"
-    else:
-        source = SlotSource({rank: readable[rank][step] for rank in needed})
-        try:
-            engine.client_state = restore_rank_state(engine, source)
-        except CheckpointError as failure:
-            error = str(failure)
+    try:
+        engine.client_state = restore_rank_state(engine, SlotSource(readers))
+    except CheckpointError as failure:
+        error = str(failure)
     failures = [message for message in _gather(engine, error) if message]
     if failures:
         raise CheckpointError(f"restoring the snapshot of step {step} failed: {failures[0]}")
-    return step, int(readable[engine.rank][step].path[-1])
+    return step, int(readers[engine.rank].path[-1])
 
 
 def _restore_with_parity(engine, shm_dir: str, groups: ParityGroups, needed: list[int]) -> tuple[int, int] | None:
@@ -159,18 +173,34 @@ def _restore_with_parity(engine, shm_dir: str, groups: ParityGroups, needed: lis
         if engine.rank == 0:
             logger.warning("snapshot parity: not restoring from memory: %s", problems[0])
         return None
-    return _restore_step(engine, shm_dir, step, needed)
+    readers = {}
+    for rank in needed:
+        held = own.get(step) if rank == engine.rank else None  # a rebuilt slot is in own too
+        readers[rank] = held if held is not None else _slot_of_step(engine, shm_dir, rank, step)
+    missing = [rank for rank, reader in readers.items() if reader is None]
+    problem = f"no verified slot of step {step} for rank(s) {missing} in {shm_dir}" if missing else None
+    failures = [message for message in _gather(engine, problem) if message]
+    if failures:
+        raise CheckpointError(f"restoring the snapshot of step {step} failed: {failures[0]}")
+    return _restore_step(engine, step, readers)
+
+
+def _slot_of_step(engine, shm_dir: str, rank: int, step: int) -> SlotReader | None:
+    """The verified slot of rank holding step, or None."""
+    reader = _listed_slots(engine, shm_dir, rank, log=False).get(step)
+    return reader if reader is not None and _verified([reader]) is None else None
 
 
 def _rebuild(engine, shm_dir, groups, lost, reports, step, own, parity) -> bool:
-    """Rebuilds the lost ranks' slots of `step`; False (logged) when a rebuild failed anywhere."""
+    """Rebuilds the lost ranks' slots of `step` (a rebuilt slot joins own, verified); False
+    (logged) when a rebuild failed anywhere."""
     started = time.perf_counter()
     error = None
     try:
         local = {} if engine.rank in lost else {"data": own[step].data(), "parity": parity[step][1].parity}
         rebuilt = rebuild_member(groups, lost, reports, step, local)
         if rebuilt is not None:
-            write_rebuilt_slot(shm_dir, engine.rank, rebuilt)
+            own[step] = write_rebuilt_slot(shm_dir, engine.rank, rebuilt)
     except (CheckpointError, OSError) as failure:
         error = f"rank {engine.rank}: {failure}"
     failures = [message for message in _gather(engine, error) if message]
@@ -183,9 +213,9 @@ def _rebuild(engine, shm_dir, groups, lost, reports, step, own, parity) -> bool:
     return True
 
 
-def write_rebuilt_slot(shm_dir: str, rank: int, data) -> str:
+def write_rebuilt_slot(shm_dir: str, rank: int, data) -> SlotReader:
     """Writes a rebuilt slot into the rank's slot without a committed snapshot (else its older
-    one); returns its path."""
+    one); returns it, verified."""
     agent.request(shm_dir, {"op": "allocate", "rank": rank, "bytes": align_to(data.numel(), 1 << 20)})
     held = {int(reader.path[-1]): reader.sequence for reader in newest_committed(shm_dir, rank)}
     slot = min(range(SLOTS_PER_RANK), key=lambda candidate: held.get(candidate, 0))
@@ -194,8 +224,9 @@ def write_rebuilt_slot(shm_dir: str, rank: int, data) -> str:
         slot_file.write_committed(data)
     finally:
         slot_file.close()
-    SlotReader(slot_file.path).verify()
-    return slot_file.path
+    reader = SlotReader(slot_file.path)
+    reader.verify()
+    return reader
 
 
 def persisted_tags(persist_path: str) -> list[str]:

@@ -21,6 +21,7 @@ import mmap
 import os
 import pickle
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import xxhash
@@ -208,22 +209,34 @@ class SlotReader:
         entry = self._entries.get(path)
         if entry is None:
             raise CheckpointError(f"{self.path}: no tensor {path!r}")
-        _, dtype_name, shape, offset, num_bytes, digest = entry
-        data = self._bytes[offset : offset + num_bytes]
         if verify and path not in self._verified:
-            if xxhash.xxh3_64_hexdigest(data.numpy()) != digest:
-                raise CheckpointError(f"{self.path}: checksum mismatch in tensor {path!r} (corrupted data)")
-            self._verified.add(path)
-        return data.view(_dtype(dtype_name)).reshape(shape)
+            self._check(path)
+        _, dtype_name, shape, offset, num_bytes, _ = entry
+        return self._bytes[offset : offset + num_bytes].view(_dtype(dtype_name)).reshape(shape)
+
+    def _check(self, path: str) -> None:
+        _, _, _, offset, num_bytes, digest = self._entries[path]
+        if xxhash.xxh3_64_hexdigest(self._bytes[offset : offset + num_bytes].numpy()) != digest:
+            raise CheckpointError(f"{self.path}: checksum mismatch in tensor {path!r} (corrupted data)")
+        self._verified.add(path)
 
     def data(self) -> torch.Tensor:
         """The slot's committed bytes (header, tensors, index), as parity covers them."""
         return self._bytes[: self.used_bytes]
 
     def verify(self) -> None:
-        """Checks every tensor; raises CheckpointError naming the first bad one."""
-        for path in self._entries:
-            self.tensor(path)
+        """Checks every tensor, on as many threads as torch's intra-op pool (XXH3 releases the
+        GIL); raises CheckpointError naming the first bad one in the slot's order."""
+        pending = [path for path in self._entries if path not in self._verified]
+        num_threads = min(torch.get_num_threads(), len(pending))
+        if num_threads <= 1:
+            for path in pending:
+                self._check(path)
+            return
+        with ThreadPoolExecutor(num_threads, thread_name_prefix="memfit-verify") as pool:
+            checks = [pool.submit(self._check, path) for path in pending]
+        for check in checks:
+            check.result()
 
     def payload(self, verify: bool = True) -> dict:
         """The payload with its tensors as views of the slot."""
@@ -274,6 +287,7 @@ class SlotSource:
         self.step = any_reader.step
         self.description = f"snapshot of step {self.step} in {os.path.dirname(any_reader.path)}"
         self._readers = readers
+        self._payloads: dict[int, dict] = {}
 
     def _reader(self, rank: int) -> SlotReader:
         if rank not in self._readers:
@@ -284,7 +298,10 @@ class SlotSource:
         return self._reader(rank).path
 
     def payload(self, rank: int) -> dict:
-        return self._reader(rank).payload(verify=False)
+        """The rank's payload, built once: a restore asks for it once per tensor it owns."""
+        if rank not in self._payloads:
+            self._payloads[rank] = self._reader(rank).payload(verify=False)
+        return self._payloads[rank]
 
     def tensor(self, rank: int, path: str) -> torch.Tensor:
         return self._reader(rank).tensor(path)

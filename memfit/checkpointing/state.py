@@ -199,13 +199,21 @@ def _check_shape(name: str, value: torch.Tensor, target: torch.Tensor, source: S
         )
 
 
-def _verified_tree(source: StateSource, rank: int, tree, prefix: str):
+def _verified_tree(source: StateSource, rank: int, tree, prefix: str, into=None):
     """tree with each tensor replaced by a verified copy from the source (a copy: the source may
-    be a memory-mapped file or a shared-memory slot that must not stay aliased)."""
+    be a memory-mapped file or a shared-memory slot that must not stay aliased). The copy goes
+    into the tensor at the same place in `into` (the optimizer's current state) where that one
+    has the same shape, dtype and device: memory already touched, not allocated anew."""
     if torch.is_tensor(tree):
-        return source.tensor(rank, prefix).clone()
+        value = source.tensor(rank, prefix)
+        if torch.is_tensor(into) and (into.shape, into.dtype, into.device) == (value.shape, value.dtype, value.device):
+            return into.copy_(value)
+        return value.clone()
     if isinstance(tree, dict):
-        return {key: _verified_tree(source, rank, value, f"{prefix}/{key}") for key, value in tree.items()}
+        into = into if isinstance(into, dict) else {}
+        return {
+            key: _verified_tree(source, rank, value, f"{prefix}/{key}", into.get(key)) for key, value in tree.items()
+        }
     if isinstance(tree, list):
         return [_verified_tree(source, rank, value, f"{prefix}/{index}") for index, value in enumerate(tree)]
     return tree
@@ -247,7 +255,9 @@ def _restore_optimizer(engine, source: StateSource, same_world: bool) -> None:
                         name, {key: source.tensor(owner_rank, f"optimizer_state/{name}/{key}") for key in tensors}
                     )
                     saved_state = {key: value for key, value in saved_state.items() if key not in tensors}
-                state[index] = _verified_tree(source, owner_rank, saved_state, f"optimizer_state/{name}")
+                state[index] = _verified_tree(
+                    source, owner_rank, saved_state, f"optimizer_state/{name}", current["state"].get(index)
+                )
                 if tensor_steps and isinstance(state[index].get("step"), int):
                     state[index]["step"] = torch.tensor(float(state[index]["step"]))
             indices.append(index)
