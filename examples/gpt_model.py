@@ -27,6 +27,7 @@ PRESETS = {
     "base": GPTConfig(dim=768, n_layers=16, n_heads=12, seq_len=256),  # ~114M
     # For offload_optimizer "nvme": with bf16 compute, 2 bytes per parameter each for weights and
     # gradients stay in RAM, and 12 (fp32 master, exp_avg, exp_avg_sq) go to the swap file.
+    "400m": GPTConfig(dim=1536, n_layers=14, n_heads=12, seq_len=256),  # ~0.40B
     "1b": GPTConfig(dim=2048, n_layers=20, n_heads=16, seq_len=256),  # ~1.01B
     "3b": GPTConfig(dim=3072, n_layers=24, n_heads=24, seq_len=256),  # ~2.72B: 43 GB of training state
 }

@@ -1,0 +1,138 @@
+"""How peak RSS grows with the model on one rank, everything on NVMe: the example decoder at
+three sizes (base 0.11B, 400m 0.40B, 1b 1.01B), bf16, AdamW, micro batch 1 x 256 tokens, two
+optimizer steps, with
+
+  stage3-nvme   ZeRO stage 3, offload_param and offload_optimizer both "nvme"
+  stage1-nvme   ZeRO stage 1 with offload_optimizer "nvme" (weights and gradients in RAM)
+
+The slope of peak RSS against the parameter count (least squares over the sizes) is the bytes
+per parameter that stay in memory; the intercept is the fixed part (interpreter, torch, buffers).
+
+    python benchmarks/stage3_memory.py --path /nvme/dir        # ~20 min, ~17 GB of swap at 1b
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from common import command_line, machine_description, write_section
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bigger_than_ram import num_params, tree_rss_bytes  # noqa: E402
+
+SIZES = ["base", "400m", "1b"]
+
+
+def config(setup: str, path: str) -> dict:
+    nvme = {"device": "nvme", "nvme_path": path}
+    zero = {"stage": 1, "offload_optimizer": {**nvme, "buffer_count": 4, "buffer_size": 64 << 20}}
+    if setup == "stage3-nvme":
+        zero.update(stage=3, offload_param=nvme, stage3_prefetch_bucket_size=0)
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-5, "weight_decay": 0.1}},
+        "bf16": {"enabled": True},
+        "zero_optimization": zero,
+    }
+
+
+def run(setup: str, preset: str, path: str, steps: int, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        config_path = os.path.join(directory, "config.json")
+        with open(config_path, "w") as file:
+            json.dump(config(setup, path), file)
+        metrics = os.path.join(directory, "metrics.jsonl")
+        command = [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "1",
+                   os.path.join(ROOT, "examples", "train_gpt.py"), "--config", config_path, "--preset", preset,
+                   "--max-steps", str(steps), "--eval-every", "1000000", "--metrics", metrics,
+                   "--model-out", os.path.join(directory, "model.safetensors")]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": ROOT}
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        peak = [0]
+
+        def sample():
+            while process.poll() is None:
+                peak[0] = max(peak[0], tree_rss_bytes(process.pid))
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return {"error": f"timeout after {timeout:.0f} s"}
+        sampler.join()
+        if process.returncode != 0:
+            return {"error": output[-1500:]}
+        records = [json.loads(line) for line in open(metrics)]
+        return {
+            "peak_rss_bytes": peak[0],
+            "seconds": time.perf_counter() - started,
+            "step_time_s": [round(r.get("step_time_s", 0), 1) for r in records],
+            "losses": [r["loss"] for r in records],
+        }
+
+
+def slope(points: list[tuple[int, int]]) -> tuple[float, float]:
+    """Least-squares (bytes per parameter, fixed bytes) of peak RSS against parameters."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    per_param = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return per_param, mean_y - per_param * mean_x
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", required=True, help="nvme_path for both swap files")
+    parser.add_argument("--sizes", nargs="+", default=SIZES)
+    parser.add_argument("--setups", nargs="+", default=["stage3-nvme", "stage1-nvme"])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    lines = ["| setup | model | parameters | peak RSS | bytes/param | step times (s) | losses |", "|---|---|---|---|---|---|---|"]
+    fits = []
+    for setup in args.setups:
+        points = []
+        for preset in args.sizes:
+            count = num_params(preset)
+            result = run(setup, preset, args.path, args.steps, args.timeout)
+            print(setup, preset, result, flush=True)
+            if "error" in result:
+                lines.append(f"| {setup} | {preset} | {count / 1e9:.2f}B | failed: {result['error'][-200:]!r} | | | |")
+                continue
+            points.append((count, result["peak_rss_bytes"]))
+            lines.append(
+                f"| {setup} | {preset} | {count / 1e9:.2f}B | {result['peak_rss_bytes'] / 2**30:.2f} GiB | "
+                f"{result['peak_rss_bytes'] / count:.2f} | {result['step_time_s']} | {result['losses']} |"
+            )
+        if len(points) >= 2:
+            per_param, fixed = slope(points)
+            fits.append(f"- {setup}: peak RSS grows by **{per_param:.2f} bytes per parameter**, fixed part {fixed / 2**30:.2f} GiB")
+    header = [
+        f"- machine: {machine_description(args.path)}",
+        f"- command: `{command_line()}`",
+        f"- load average before: {', '.join(f'{x:.1f}' for x in load_before)}",
+        "",
+    ]
+    text = "\n".join(header + lines + [""] + fits)
+    print(text)
+    if not args.no_write:
+        print("written to", write_section("Stage 3 with everything on NVMe: peak RSS against model size", text))
+
+
+if __name__ == "__main__":
+    main()
