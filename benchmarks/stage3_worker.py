@@ -67,7 +67,7 @@ def loss_of(logits, targets):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def memfit_setup(stage):
+def memfit_setup(stage, overlap):
     import memfit
 
     engine = memfit.initialize(
@@ -79,6 +79,7 @@ def memfit_setup(stage):
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
             "zero_optimization": {
                 "stage": stage,
+                "overlap_comm": overlap,
                 "reduce_bucket_size": 5_000_000,
                 "stage3_param_persistence_threshold": 100_000,
                 "stage3_prefetch_bucket_size": 50_000_000,
@@ -92,12 +93,12 @@ def memfit_setup(stage):
     return forward, engine.backward, engine.step, engine
 
 
-def fsdp2_setup():
+def fsdp2_setup(reduce_dtype):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
     model = make_model()
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
@@ -191,7 +192,18 @@ class Stage3Probe:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--setup", required=True, choices=["memfit-stage3", "memfit-stage2", "fsdp2", "deepspeed-3"])
+    parser.add_argument(
+        "--setup",
+        required=True,
+        choices=[
+            "memfit-stage3",
+            "memfit-stage3-overlap",
+            "memfit-stage2",
+            "fsdp2",
+            "fsdp2-bf16-reduce",
+            "deepspeed-3",
+        ],
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
@@ -202,10 +214,12 @@ def main():
         forward, backward, step, _ = deepspeed_setup()
     else:
         dist.init_process_group("gloo")
-        if args.setup == "fsdp2":
-            forward, backward, step, _ = fsdp2_setup()
+        if args.setup.startswith("fsdp2"):
+            forward, backward, step, _ = fsdp2_setup(
+                torch.bfloat16 if args.setup == "fsdp2-bf16-reduce" else torch.float32
+            )
         else:
-            forward, backward, step, engine = memfit_setup(int(args.setup[-1]))
+            forward, backward, step, engine = memfit_setup(int(args.setup[12]), args.setup.endswith("-overlap"))
     rank, world = dist.get_rank(), dist.get_world_size()
     probe = Stage3Probe(engine) if args.profile and engine is not None and engine._stage3 is not None else None
     generator = torch.Generator().manual_seed(rank)
