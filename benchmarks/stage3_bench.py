@@ -106,6 +106,9 @@ def main() -> None:
             f"{median([run[p] for run in runs]) * 1000:.0f}" for p in ("forward_s", "backward_s", "update_s")
         )
         losses = ", ".join(f"{loss:.4f}" for loss in runs[0]["losses"][0][:3])
+        if "peak_gathered_bytes" in runs[0]["ranks"][0]:  # memfit stage 3: non-owned copies held at once
+            losses += "; peak gathered " + "/".join(f"{r['peak_gathered_bytes'] / 2**20:.0f}" for r in runs[0]["ranks"])
+            losses += " MiB"
         rows.append(
             f"| {setup} | {step[setup] * 1000:.0f} | {phases} | {'/'.join(f'{r / 2**20:.0f}' for r in rss[setup])} "
             f"| {losses} |"
