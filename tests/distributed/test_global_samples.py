@@ -9,7 +9,11 @@ from tests.distributed.harness import run_ranks
 from tests.distributed.models import make_mlp
 
 MICRO_BATCH = 4
-CONFIG = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "zero_optimization": {"stage": 2}}
+CONFIG = {
+    "train_micro_batch_size_per_gpu": MICRO_BATCH,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},  # deepspeed.initialize trains only with one
+    "zero_optimization": {"stage": 2},
+}
 
 
 def train(engine, num_steps):
