@@ -2,8 +2,8 @@
 holds a copy of it just while it is in use.
 
 Design note.
-- Which tensors move. A trainable tensor of at least stage3_param_persistence_threshold elements
-  is *managed*; a smaller one stays resident on every rank and its owner broadcasts it after each
+- Which tensors move. On several ranks (or with a store) a trainable tensor of at least
+  stage3_param_persistence_threshold elements is *managed*; a smaller one stays resident on every rank and its owner broadcasts it after each
   step, as at stage 1/2. Frozen tensors stay resident (they have no owner in the plan).
 - Gathered on use, not on a module's hooks alone. While the model's forward runs, a torch-function
   mode looks at the arguments of every torch call; a managed tensor that is released is gathered
@@ -22,6 +22,12 @@ Design note.
   steps.
 - Gradients take stage 2's path: reduced to the owner as backward produces them, dropped by the
   other ranks.
+- With a store (offload_param "nvme", param_store.py) the owner releases its copy too: its
+  gather reads the tensor back, and it holds its tensors only around the optimizer step and
+  checkpoints (owned_in_memory), on its own. Prefetching follows gather_schedule.py.
+- Activation checkpointing runs a block's forward again inside backward: there gathers go to
+  backward's list (autograd keeps the parameters until the block's backward is done) and the
+  checkpoint's own saved-tensor hooks, not ours, keep what the block saves.
 """
 
 import contextlib
