@@ -8,13 +8,21 @@ import memfit.deepspeed as deepspeed
 
 
 class ClassifierWithLoss(torch.nn.Module):
-    def __init__(self, hidden_dim: int):
+    """num_layers square linears. With more than one, layer k adds its output to that of layer
+    k // 2 on the same input, so most layers run twice per forward, as in DeepSpeed's test model
+    (at ZeRO stage 3 a module gathered again while its tensors may still be in use)."""
+
+    def __init__(self, hidden_dim: int, num_layers: int = 1):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_dim, hidden_dim)
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(hidden_dim, hidden_dim) for _ in range(num_layers))
         self.loss = torch.nn.CrossEntropyLoss()
 
     def forward(self, x, y):
-        return self.loss(self.linear(x), y)
+        if len(self.linears) == 1:
+            return self.loss(self.linears[0](x), y)
+        for index, layer in enumerate(self.linears):
+            x = self.linears[index // 2](x) + layer(x)  # x: (batch, hidden_dim)
+        return self.loss(x, y)
 
 
 def random_batches(num_samples: int, micro_batch: int, hidden_dim: int, seed: int = 0, dtype=torch.float32):

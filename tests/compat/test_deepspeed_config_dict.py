@@ -1,7 +1,7 @@
 """DeepSpeed's tests/unit/runtime/test_ds_config_dict.py re-written against memfit: the same
 configs and expected values. Out of scope, so not ported: test_accelerator (DeepSpeed's
-accelerator), test_temp_config_json (a check of DeepSpeed's test helper), the ZeRO stage-3,
-eigenvalue and compression configs. Where DeepSpeed asserts, memfit raises an error that is both
+accelerator), test_temp_config_json (a check of DeepSpeed's test helper), the eigenvalue and
+compression configs (features memfit does not have). Where DeepSpeed asserts, memfit raises an error that is both
 a ValueError and an AssertionError; config errors are ConfigError with memfit's text, matched
 only where DeepSpeed's test names no text."""
 
@@ -100,6 +100,15 @@ def test_sum_gradient_allreduce_rejects(extra, message):
     # refused as in DeepSpeed (stage 3 for the "sum"; memfit refuses the others whatever the op)
     with pytest.raises(ConfigError, match=message):
         load_config({"train_batch_size": 1, "gradient_allreduce_op": "sum", **extra})
+
+
+@pytest.mark.parametrize(
+    "gather_weights_key", ["stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save"]
+)
+def test_gather_16bit_params_on_model_save(gather_weights_key):
+    # DeepSpeed's field drops the stage3_ prefix; memfit keeps the config key's name
+    zero = load_config({"train_batch_size": 1, "zero_optimization": {gather_weights_key: True}}).zero_optimization
+    assert zero.stage3_gather_16bit_weights_on_model_save is True
 
 
 @pytest.mark.parametrize("bf16_key", ["bf16", "bfloat16"])
