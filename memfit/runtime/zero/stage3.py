@@ -123,8 +123,8 @@ class Stage3Params:
         self._saving = False  # our saved-tensor hooks are on (outside backward)
         self.index_of = {id(p): index for index, p in enumerate(self.managed)}
         self._sequence = 0  # a digest of this step's gathers, compared across ranks at the step
-        # held now by non-owned gathered copies: every managed tensor is whole until release_all
-        self.gathered_bytes = sum(p.numel() * p.element_size() for p in self.managed if self.owner_of[id(p)] != rank)
+        # held now by copies that come and go: every managed tensor is whole until release_all
+        self.gathered_bytes = sum(p.numel() * p.element_size() for p in self.managed if self._moves(id(p)))
         self.peak_gathered_bytes = 0
         for _, param in named_params:
             param.memfit_params = self  # for deepspeed.zero.GatheredParameters
