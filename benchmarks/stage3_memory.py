@@ -103,7 +103,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    lines = ["| setup | model | parameters | peak RSS | bytes/param | step times (s) | losses |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setup | model | parameters | peak RSS | bytes/param | step times (s) | losses |",
+        "|---|---|---|---|---|---|---|",
+    ]
     fits = []
     for setup in args.setups:
         points = []
@@ -121,7 +124,9 @@ def main() -> None:
             )
         if len(points) >= 2:
             per_param, fixed = slope(points)
-            fits.append(f"- {setup}: peak RSS grows by **{per_param:.2f} bytes per parameter**, fixed part {fixed / 2**30:.2f} GiB")
+            fits.append(
+                f"- {setup}: peak RSS grows by **{per_param:.2f} bytes per parameter**, fixed part {fixed / 2**30:.2f} GiB"
+            )
     header = [
         f"- machine: {machine_description(args.path)}",
         f"- command: `{command_line()}`",

@@ -111,7 +111,8 @@ class OffloadParamConfig(Section):
         'arena, "nvme" a swap file per rank under nvme_path, read ahead in the order the model uses them.',
     )
     nvme_path: Path(optional=True) = Field(
-        None, description='Existing writable directory for the per-rank parameter files; required when device is "nvme".'
+        None,
+        description='Existing writable directory for the per-rank parameter files; required when device is "nvme".',
     )
     pin_memory: Boolean = Field(False, description="Register the host buffers with CUDA when a GPU is present.")
     buffer_count: Integer(minimum=1, limit=1024) = Field(
@@ -209,7 +210,9 @@ def check_blocks(value):
 
 class ActivationCheckpointingConfig(Section):
     partition_activations: Boolean = Field(
-        False, description="DeepSpeed's split of activations over model-parallel ranks; memfit has none: ignored, with a warning."
+        False,
+        description="DeepSpeed's split of activations over model-parallel ranks; memfit has none: ignored, with a "
+        "warning.",
     )
     cpu_checkpointing: Boolean = Field(
         False, description="Keep the checkpointed blocks' saved inputs in host memory (a model on a GPU)."

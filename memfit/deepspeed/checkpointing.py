@@ -40,7 +40,9 @@ def configure(
     }
     for name in _IGNORED:
         if given[name]:
-            warnings.warn(f"deepspeed.checkpointing.configure: {name}={given[name]!r} is ignored by memfit", stacklevel=2)
+            warnings.warn(
+                f"deepspeed.checkpointing.configure: {name}={given[name]!r} is ignored by memfit", stacklevel=2
+            )
     _settings["configured"] = True
 
 

@@ -165,7 +165,9 @@ def place_in_host_tier(owned: list, cfg, device) -> HostTier:
              f"{device.type} use \"none\""],
             "memfit.initialize",
         )  # fmt: skip
-    tier = HostTier(sum(p.numel() * p.element_size() for p in owned), pin=cfg.zero_optimization.offload_param.pin_memory)
+    tier = HostTier(
+        sum(p.numel() * p.element_size() for p in owned), pin=cfg.zero_optimization.offload_param.pin_memory
+    )
     for param in owned:
         placed = tier.empty(tuple(param.shape), param.dtype)
         placed.copy_(param.detach())

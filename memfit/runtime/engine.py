@@ -261,7 +261,10 @@ class Engine:
         host = self.host_tier.bytes_in_use if self.host_tier is not None else 0
         params_on_host = self.param_tier.bytes_in_use if self.param_tier is not None else 0
         report["by_tier"] = {
-            "device": report["params"] - params_on_host + report["grads"] + (0 if self.host_tier is not None else offloaded),
+            "device": report["params"]
+            - params_on_host
+            + report["grads"]
+            + (0 if self.host_tier is not None else offloaded),
             "host": host + params_on_host,
         }
         if hasattr(self.host_tier, "swap_bytes"):  # offload_optimizer "nvme": the rank's swap file

@@ -120,7 +120,9 @@ def test_save_16bit_model_and_gathered_parameters(tmp_path):
     for _, _, seen_after, owner_master in per_rank:
         assert torch.equal(seen_after, torch.full_like(seen_after, 0.25))  # rank 1's change, on every rank
         if owner_master is not None:  # and in the owner's fp32 master, which the next step updates
-            assert owner_master.dtype == torch.float32 and torch.equal(owner_master, torch.full_like(owner_master, 0.25))
+            assert owner_master.dtype == torch.float32 and torch.equal(
+                owner_master, torch.full_like(owner_master, 0.25)
+            )
     assert sum(result[3] is not None for result in per_rank) == 1
 
 

@@ -59,7 +59,9 @@ def run(setup: Setup, stage: int, rank: int, world_size: int, nvme_path: str) ->
 
 
 def run_setups(rank, world_size, setups, nvme_path):
-    return [(run(setup, 2, rank, world_size, nvme_path), run(setup, 3, rank, world_size, nvme_path)) for setup in setups]
+    return [
+        (run(setup, 2, rank, world_size, nvme_path), run(setup, 3, rank, world_size, nvme_path)) for setup in setups
+    ]
 
 
 def check(setups, tmp_path) -> None:

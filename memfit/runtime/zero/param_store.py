@@ -14,9 +14,7 @@ class NvmeParamStore:
     def __init__(self, named: list[tuple[str, torch.nn.Parameter]], directory: str, rank: int, aio):
         self.name_of = {id(param): name for name, param in named}
         capacity = sum(slot_bytes(p.numel(), p.element_size()) for _, p in named)
-        self.swap = open_swap(
-            directory, rank, max(capacity, 1), block_size=aio.block_size, queue_depth=aio.queue_depth
-        )
+        self.swap = open_swap(directory, rank, max(capacity, 1), block_size=aio.block_size, queue_depth=aio.queue_depth)
 
     def write(self, param, values: torch.Tensor) -> None:
         self.swap.put(self.name_of[id(param)], values.detach().contiguous()).wait()
