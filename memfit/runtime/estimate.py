@@ -6,10 +6,11 @@ optimizer built over meta tensors, whose planned_state_bytes() (GaLore, FRUGAL) 
 Categories: params (compute copies, every rank; at stage 3 the owned tensors and those under the
 persistence threshold, with the gathered working set as a note), grads (stage 0/1: every
 gradient; stage 2/3: the owned ones plus the staging buffer a non-owned bucket is sent from),
-master_weights (fp32 copies of owned 16-bit tensors), optimizer_state. Tiers: "device" where the model runs, "host" the host
-tier under offload_optimizer "cpu" (under "nvme": the ring buffers of the fused step, or the
-sub-groups resident at once for other optimizers), "nvme" the rank's swap file. DeepSpeed's own estimate for ZeRO-2
-(estimate_zero2_model_states_mem_needs) is given beside it where it has one.
+master_weights (fp32 copies of owned 16-bit tensors), optimizer_state. Tiers: "device" where the
+model runs, "host" the host tier under offload_optimizer "cpu" (under "nvme": the ring buffers of
+the fused step, or the sub-groups resident at once for other optimizers), "nvme" the rank's swap
+file(s). DeepSpeed's own estimate for ZeRO-2 (estimate_zero2_model_states_mem_needs) is given
+beside it where it has one.
 """
 
 from dataclasses import dataclass, field

@@ -4,7 +4,8 @@ holds a copy of it just while it is in use.
 Design note.
 - Which tensors move. On several ranks (or with a store) a trainable tensor of at least
   stage3_param_persistence_threshold elements is *managed*; a smaller one stays resident on every
-  rank and its owner broadcasts it after each step, as at stage 1/2. Frozen tensors stay resident (they have no owner in the plan).
+  rank and its owner broadcasts it after each step, as at stage 1/2. Frozen tensors stay resident
+  (they have no owner in the plan).
 - Gathered on use, not on a module's hooks alone. While the model's forward runs, a torch-function
   mode looks at the arguments of every torch call; a managed tensor that is released is gathered
   there (its owner broadcasts it) before the call runs. So a tensor read by any module (a tied
