@@ -26,7 +26,7 @@ from memfit.checkpointing.parity import committed_parity
 from tests.integration import snapshot_job
 from tests.integration.snapshot_job import EXAMPLE, ROOT, agents_of, write_corpus
 
-MAX_STEPS = 16  # room for a random loss to land while training, however fast the steps run
+MAX_STEPS = 12
 
 
 def free_port() -> int:
@@ -44,7 +44,9 @@ def write_config(directory, parity="xor", parity_every=1, persist_path=None) -> 
 class Cluster:
     """num_nodes `memfit run` launchers of the example, one rank each."""
 
-    def __init__(self, directory, num_nodes: int, config: str, metrics: str, faults: dict | None = None):
+    def __init__(
+        self, directory, num_nodes: int, config: str, metrics: str, faults: dict | None = None, max_steps=MAX_STEPS
+    ):
         self.directory = str(directory)
         self.num_nodes = num_nodes
         self.config = config
@@ -62,6 +64,7 @@ class Cluster:
         self.shm_dirs = [f"/dev/shm/memfit-test-{self.run_id}-node{node}" for node in range(num_nodes)]
         self.logs: list[str] = []
         self.faults = faults or {}
+        self.max_steps = max_steps
         self.launchers = [self.launch(node) for node in range(num_nodes)]
 
     def launch(self, node: int) -> subprocess.Popen:
@@ -74,7 +77,7 @@ class Cluster:
         command += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.port}"]
         command += ["--rdzv-id", self.run_id, "--rdzv-conf", "is_host=0", "--local-addr", f"127.0.0.{node + 1}"]
         command += ["--max-restarts", "3", "--monitor-interval", "0.1", EXAMPLE, "--config", self.config]
-        command += ["--data", write_corpus(self.directory), "--max-steps", str(MAX_STEPS), "--eval-every", "1000"]
+        command += ["--data", write_corpus(self.directory), "--max-steps", str(self.max_steps), "--eval-every", "1000"]
         command += ["--metrics", self.metrics]
         log_path = os.path.join(self.directory, f"node{node}-{len(self.logs)}.log")
         self.logs.append(log_path)
