@@ -29,7 +29,6 @@ SLOW_TIER_VARIANTS = {
     "distributed/test_estimate.py::test_estimate_equals_memory_report_of_the_staged_host_tier",
     "distributed/test_fp16.py::test_resume_keeps_the_loss_scale_and_skipped_steps",
     "distributed/test_stage3.py::test_checkpoints_move_between_stages_and_world_sizes[bfloat16]",
-    "distributed/test_stage3_features.py::test_stage3_equals_stage2_all_pairs",
     "distributed/test_nvme_offload.py::test_checkpoints_move_between_nvme_and_host_tiers[GaLoreAdamW]",
     "distributed/test_nvme_offload.py::test_staged_nvme_tier_equals_staged_host_tier",
     "distributed/test_snapshot_parity.py::test_round_and_rebuild[3-1-1]",

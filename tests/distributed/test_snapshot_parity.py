@@ -63,7 +63,7 @@ def _group_reports(groups, rank, lost, newest):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
     "world_size, local_world_size, lost_node",
-    [(3, 1, 1), pytest.param(2, 1, 0, marks=pytest.mark.slow), pytest.param(4, 2, 1, marks=pytest.mark.slow)],
+    [(3, 1, 1), (2, 1, 0), pytest.param(4, 2, 1, marks=pytest.mark.slow)],
 )
 def test_round_and_rebuild(world_size, local_world_size, lost_node):
     with tempfile.TemporaryDirectory() as directory:

@@ -3,8 +3,7 @@ FRUGAL, SGD), the host and NVMe tiers of optimizer offload, parameter offload to
 and to NVMe, fp32 and bf16, accumulation and clipping. Stage 3 gathers the same values stage 2 holds and
 reduces gradients the same way, so each case ends bit for bit where stage 2 ends.
 
-Both run in the slow tier (an all-pairs covering set, and the full product); the fast tier covers
-stage 3 through test_equivalence.py, test_stage3.py and the kill test with parameters on NVMe."""
+The fast tier runs an all-pairs covering set of the factors; the slow tier the full product."""
 
 import itertools
 import os

@@ -121,8 +121,10 @@ def check_and_load(save_dir):
     assert load_latest(save_dir, "rolling") >= 1
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize(
+    "phase",
+    [pytest.param(phase, marks=[] if phase == "checkpoint-in-place" else pytest.mark.slow) for phase in PHASES],
+)
 def test_kill_at_each_phase_of_a_save(tmp_path, phase):
     world_size = 2 if phase in ("checkpoint-writing", "checkpoint-file-written") else 1
     save_dir = str(tmp_path / "ckpt")

@@ -17,8 +17,10 @@ LAUNCHERS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+@pytest.mark.parametrize(
+    "launcher",
+    [pytest.param(name, marks=[] if name == "memfit run" else pytest.mark.slow) for name in sorted(LAUNCHERS)],
+)
 def test_restarted_workers_finish_after_a_sigkill(launcher):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = LAUNCHERS[launcher] + ["--nproc-per-node", "2", "--max-restarts", "1", WORKER]

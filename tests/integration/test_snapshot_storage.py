@@ -119,7 +119,6 @@ def test_flipped_byte_in_a_persisted_file_restores_the_previous_one(tmp_path):
     check_against(read_metrics(metrics), read_metrics(reference_metrics))
 
 
-@pytest.mark.slow
 def test_tmpfs_too_small_fails_at_start_naming_the_bytes(tmp_path, tmpfs):
     small = tmpfs("small", "1m")
     script = (
