@@ -67,6 +67,13 @@ class SchedulerConfig(Section):
     )
 
 
+def require_nvme_path(section):
+    """An offload section on "nvme" names its directory."""
+    if section.device == "nvme" and not section.nvme_path:
+        raise ValueError('nvme_path: required when device is "nvme" (an existing writable directory)')
+    return section
+
+
 class OffloadOptimizerConfig(Section):
     device: OneOf("none", "cpu", "nvme") = Field(
         "none",
@@ -99,9 +106,7 @@ class OffloadOptimizerConfig(Section):
 
     @model_validator(mode="after")
     def nvme_needs_path(self) -> "OffloadOptimizerConfig":
-        if self.device == "nvme" and not self.nvme_path:
-            raise ValueError('nvme_path: required when device is "nvme" (an existing writable directory)')
-        return self
+        return require_nvme_path(self)
 
 
 class OffloadParamConfig(Section):
@@ -131,9 +136,7 @@ class OffloadParamConfig(Section):
 
     @model_validator(mode="after")
     def nvme_needs_path(self) -> "OffloadParamConfig":
-        if self.device == "nvme" and not self.nvme_path:
-            raise ValueError('nvme_path: required when device is "nvme" (an existing writable directory)')
-        return self
+        return require_nvme_path(self)
 
 
 class ZeroConfig(Section):

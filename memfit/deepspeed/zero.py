@@ -18,11 +18,10 @@ class GatheredParameters:
         self.params = [p for p in params if p is not None] if params is not None else []
         self.modifier_rank = modifier_rank
         self.enabled = enabled
-        owners = {id(getattr(p, "memfit_params", None)) for p in self.params}
-        holders = [getattr(p, "memfit_params", None) for p in self.params]
-        self.holder = next((h for h in holders if h is not None), None)
-        if len(owners) > 1 and self.holder is not None and None not in holders:
+        holders = {id(h): h for h in (getattr(p, "memfit_params", None) for p in self.params) if h is not None}
+        if len(holders) > 1:
             raise ValueError("GatheredParameters: the parameters belong to more than one memfit engine")
+        self.holder = next(iter(holders.values()), None)
         self._context = contextlib.nullcontext()
 
     def __enter__(self):
