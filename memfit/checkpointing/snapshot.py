@@ -10,7 +10,9 @@ optimizer step:
      and backward of the next step do not write these tensors; only the optimizer step does.
   3. wait_for_copy(), called by the engine at the start of the next optimizer step, blocks until
      the copy is done (the training stall, usually zero). The copy commits the slot (index, then
-     the sequence number last) and tells the agent.
+     the sequence number last) and tells the agent; on the rank with monitors, only once the
+     step's records are complete (memfit/monitor/master.py), so every step a restore resumes
+     past has its metrics written.
   4. with snapshot.parity "xor", every `parity_every`-th snapshot is followed by a parity round
      (parity_exchange.py) on a thread of its own, from the committed slot; the next snapshot's
      copy waits for it (not the training thread, unless a round outlasts a snapshot interval).
@@ -82,6 +84,8 @@ class Snapshotter:
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", engine.world_size))
         self.node_rank = int(os.environ.get("GROUP_RANK", "0"))
         self.stage = engine.stage
+        monitor = engine.monitor
+        self.step_records = monitor if monitor is not None and monitor.enabled else None
         owner_of = engine.ownership()["owner_of"]
         self.owner_of = {name: owner if engine.stage > 0 else 0 for name, owner in owner_of.items()}
         # Without a launcher there is no restart to survive: the agent lives as long as this process.
@@ -135,6 +139,8 @@ class Snapshotter:
     def join_copy(self) -> None:
         """Blocks until the last snapshot's copy is done; raises if it failed."""
         if self._thread is not None:
+            if self.step_records is not None:
+                self.step_records.finish_step()  # the copy may be waiting for them to commit
             started = time.perf_counter()
             self._thread.join()
             self.stall_s += time.perf_counter() - started
@@ -198,6 +204,8 @@ class Snapshotter:
                 if number == 0:
                     fault_point("snapshot-copying", self.rank)
             index["tensors"] = entries
+            if self.step_records is not None and not self.step_records.wait_for_records(index["step"]):
+                return  # a crash lost the step's records: the previous snapshot stays the one to restore
             self.sequence += 1
             slot_file.commit(index["step"], self.sequence, index)
             fault_point("snapshot-committed", self.rank)
@@ -237,6 +245,8 @@ class Snapshotter:
 
     def close(self) -> None:
         if self._thread is not None:
+            if self.step_records is not None:
+                self.step_records.close_at_exit()  # its records complete (or lost) the waiting copy
             self._thread.join()
             self._thread = None
         if self._parity_thread is not None:

@@ -54,21 +54,16 @@ class JsonlMonitor:
         self.path = config.path
         self._file = None
         self._pending: dict | None = None
-        self._pending_added_to = False  # the script's values for the pending step arrived
-        self._script_adds = False  # the script has added values to some step (engine.log_metrics)
 
     def start_record(self, step: int, samples: int, resumed: bool) -> None:
         self.write_pending()
         if self._file is None:
             self._file = open_for_run(self.path, resumed)
         self._pending = {"step": step, "samples": samples}
-        self._pending_added_to = False
 
-    def add(self, values: dict, from_script: bool = True) -> None:
+    def add(self, values: dict) -> None:
         if self._pending is not None:
             self._pending.update(values)
-            if from_script:
-                self._pending_added_to = self._script_adds = True
 
     def write_pending(self) -> None:
         if self._pending is not None and self._file is not None:
@@ -80,12 +75,9 @@ class JsonlMonitor:
         if self._file is not None:
             self._file.flush()
 
-    def close(self, crashed: bool = False) -> None:
-        """A process ending on an uncaught exception (a collective whose peer died, say) may have
-        left its last step before the script added to it: that line would lack the script's values
-        (the loss) and is dropped, as the step is redone after a restart. A step the script did add
-        to is complete and written, crash or not: its snapshot may be the one a restart resumes from."""
-        if not crashed or self._pending_added_to or not self._script_adds:
+    def close(self, keep_pending: bool = True) -> None:
+        """keep_pending False drops the last step's line (the monitor master's close says when)."""
+        if keep_pending:
             self.write_pending()
         self._pending = None
         if self._file is not None:

@@ -1,10 +1,16 @@
 """The engine's monitor: builds the enabled backends on rank 0, turns each optimizer step into
 events, and hands what the script adds (write_events as in DeepSpeed, or log_metrics) to every
-backend. On other ranks every call is a no-op, so a script calls it on all ranks alike."""
+backend. On other ranks every call is a no-op, so a script calls it on all ranks alike.
+
+A step's records are complete when the next step's first forward starts (the script's work on the
+step is over) or the monitor closes. A snapshot of the step waits for that before it commits
+(wait_for_records): a worker killed in between loses the snapshot with the records, so the restart
+redoes the step and writes them, instead of resuming past a step that has no line."""
 
 import atexit
 import numbers
 import sys
+import threading
 
 import torch
 
@@ -34,8 +40,13 @@ class MonitorMaster:
         self._flush_every = flush_every_steps
         self._step, self._samples, self._resumed = 0, 0, False
         self.enabled = bool(event_backends) or jsonl is not None
+        self._gates_snapshots = self.enabled
+        self._records = threading.Condition()
+        self._complete_step, self._closed = 0, False  # the newest step whose records are complete
+        self._script_added_to_step = False  # the script's values for the current step arrived
+        self._script_adds = False  # the script has added values to some step (write_events, log_metrics)
         if self.enabled:
-            atexit.register(self._close_at_exit)
+            atexit.register(self.close_at_exit)
 
     # ---- what the script calls ------------------------------------------------------------------
     def write_events(self, events) -> None:
@@ -45,17 +56,20 @@ class MonitorMaster:
     def _write_events(self, events, from_script: bool) -> None:
         if not self.enabled:
             return
+        if from_script:
+            self._script_added_to_step = self._script_adds = True
         events = [(name, _number(value), step) for name, value, step in events]
         for backend in self._backends:
             backend.write_events(events, self._resumed)
         if self._jsonl is not None:
-            self._jsonl.add({name.split("/")[-1]: value for name, value, _ in events}, from_script)
+            self._jsonl.add({name.split("/")[-1]: value for name, value, _ in events})
 
     def log_metrics(self, values: dict) -> None:
         """Adds the script's metrics to the last step: to its JSONL line as they are, and as
         Train/Samples/<key> events where the value is a number."""
         if not self.enabled:
             return
+        self._script_added_to_step = self._script_adds = True
         if self._jsonl is not None:
             self._jsonl.add(values)
         events = [(f"Train/Samples/{key}", _number(v), self._samples) for key, v in values.items() if _is_scalar(v)]
@@ -65,8 +79,30 @@ class MonitorMaster:
     # ---- what the engine calls ------------------------------------------------------------------
     def before_forward(self) -> None:
         """The previous step is over, with what the script added to it: its JSONL line is written."""
+        self.finish_step()
+
+    def finish_step(self) -> None:
+        """The current step's records are complete: its JSONL line is written, and a snapshot of
+        the step waiting for them may commit. Also called before the training thread waits for
+        that snapshot, so a script that runs its model outside the engine cannot stall it."""
         if self._jsonl is not None:
             self._jsonl.write_pending()
+        self._mark_complete(self._step)
+
+    def wait_for_records(self, step: int) -> bool:
+        """On a snapshot's copy thread: blocks until the records of `step` are complete. False if
+        the monitor closed without them (a crash before the script added its values): a restore
+        must not resume from that step's snapshot, since nothing would write its line again."""
+        if not self._gates_snapshots:
+            return True
+        with self._records:
+            self._records.wait_for(lambda: self._complete_step >= step or self._closed)
+            return self._complete_step >= step
+
+    def _mark_complete(self, step: int) -> None:
+        with self._records:
+            self._complete_step = max(self._complete_step, step)
+            self._records.notify_all()
 
     def after_step(self, engine) -> None:
         if not self.enabled:
@@ -75,6 +111,7 @@ class MonitorMaster:
         self._step, self._samples = engine.global_step, engine.global_samples
         if first:
             self._resumed = self._step > 1  # a resumed run appends to what the earlier one wrote
+        self._script_added_to_step = False
         if self._jsonl is not None:
             self._jsonl.start_record(self._step, self._samples, self._resumed)
         events = engine_events(engine)
@@ -91,16 +128,26 @@ class MonitorMaster:
             self._jsonl.flush()
 
     def close(self, crashed: bool = False) -> None:
+        """A process ending on an uncaught exception (a collective whose peer died, say) may have
+        left its last step before the script added to it: those records would lack the script's
+        values (the loss), so the step's JSONL line is dropped and the step stays incomplete; a
+        restart redoes it. A step the script did add to is complete, crash or not."""
         if not self.enabled:
             return
+        complete = not crashed or self._script_added_to_step or not self._script_adds
         if self._jsonl is not None:
-            self._jsonl.close(crashed)
+            self._jsonl.close(keep_pending=complete)
         for backend in self._backends:
             backend.close()
         self.enabled = False
-        atexit.unregister(self._close_at_exit)
+        atexit.unregister(self.close_at_exit)
+        if complete:
+            self._mark_complete(self._step)
+        with self._records:
+            self._closed = True
+            self._records.notify_all()
 
-    def _close_at_exit(self) -> None:
+    def close_at_exit(self) -> None:
         self.close(crashed=getattr(sys, "last_value", None) is not None)
 
 

@@ -25,6 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from memfit.checkpointing.faults import fault_point
 from memfit.runtime.memory_stats import peak_rss_bytes
 from memfit.runtime.step_stats import StepStats
 from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params
@@ -324,6 +325,7 @@ class Engine:
     def log_metrics(self, values: dict) -> None:
         """Adds the script's metrics (validation loss, ...) to the last step's monitor records;
         a no-op without monitors and on ranks other than 0."""
+        fault_point("script-metrics", self.rank)  # crash tests: after the step's snapshot, before its line
         if self.monitor is not None:
             self.monitor.log_metrics(values)
 

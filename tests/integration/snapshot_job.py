@@ -140,11 +140,13 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def check_against(records: list[dict], reference: list[dict]) -> list[int]:
-    """Every step's loss equals the reference's, the final parameters are bit-identical and at most
-    one snapshot interval of steps was redone per restore; returns the steps restored from."""
+    """Every step has its line, with the reference's loss; the final parameters are bit-identical and
+    at most one snapshot interval of steps was redone per restore; returns the steps restored from."""
     expected = {record["step"]: record["loss"] for record in reference}
     for record in records:
         assert record["loss"] == expected[record["step"]], (record, expected[record["step"]])
+    missing = sorted(set(range(1, MAX_STEPS + 1)) - {record["step"] for record in records})
+    assert not missing, f"steps without a metrics line: {missing}"
     assert records[-1]["step"] == MAX_STEPS
     assert records[-1]["params_xxh3"] == reference[-1]["params_xxh3"]
     restored = []

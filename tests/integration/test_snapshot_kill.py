@@ -52,6 +52,8 @@ PHASES = {
     "after-commit": "snapshot-committed:2:0:0",  # rank 0 dies right after committing its 2nd
     "mid-step": "snapshot-barrier:6:1:0",  # rank 1 dies entering its 6th optimizer step
     "mid-persist": "snapshot-persist-requested:1:0:0",  # rank 0 dies while the agent persists
+    # rank 0 dies as the script logs the last step: after its snapshot, before its metrics line
+    "before-last-line": f"script-metrics:{MAX_STEPS}:0:0",
 }
 
 
