@@ -18,7 +18,7 @@ from memfit.optim.groups import model_layout
 from memfit.optim.registry import build_optimizer
 from memfit.runtime.activation_checkpointing import wrap_blocks
 from memfit.runtime.distributed import init_distributed, seed_everything
-from memfit.runtime.engine import Engine
+from memfit.runtime.engine import Engine, fp32_norm
 from memfit.runtime.estimate import host_memory_problem
 from memfit.runtime.logs import setup_logging
 from memfit.runtime.loss_scale import build_loss_scaler
@@ -33,6 +33,7 @@ from memfit.runtime.zero.grad_sync import GradientSync
 from memfit.runtime.zero.ownership import plan_ownership
 from memfit.runtime.zero.param_store import NvmeParamStore
 from memfit.runtime.zero.stage3 import Stage3Params
+from memfit.runtime.zero.streamed_step import StreamedStep
 
 PLACEHOLDER_NAME = "<no owned tensor>"
 
@@ -101,7 +102,9 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")
     if world_size > 1 and stage in (1, 2):
         flatten_params(buckets)  # owners broadcast each bucket in place
-    attach_grad_buffers([b for b in buckets if stage < 2 or b.owner_rank == rank])
+    streams = streams_the_step(cfg, world_size, device, optimizer)
+    # a streamed step keeps no gradient buffers: each gradient goes to the swap file as produced
+    attach_grad_buffers([] if streams else [b for b in buckets if stage < 2 or b.owner_rank == rank])
     reducer = GradientReducer(stage, rank, staging_numel(buckets, stage, rank))
     grad_sync = GradientSync(
         named_params, buckets, reducer, stage=stage, world_size=world_size, overlap=cfg.zero_optimization.overlap_comm
@@ -116,7 +119,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         if offload_param.device == "nvme":
 
             def open_store(named):
-                return NvmeParamStore(named, offload_param.nvme_path, rank, cfg.aio)
+                return NvmeParamStore(named, offload_param.nvme_path, rank, cfg.aio, with_grads=streams)
 
         stage3 = Stage3Params(model, named_params, plan, rank, world_size, cfg.zero_optimization, open_store)
     owned_params = [(n, p) for n, p in named_params if n in owned_names]
@@ -124,6 +127,10 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
     if stage3 is not None:
         stage3.update_master = master_updater(masters, opt)
+    if streams and stage3.store is not None:
+        stage3.streamed = update.streamed = StreamedStep(
+            stage3, fp32_norm, needs_norm=cfg.gradient_clipping > 0, needs_finite=cfg.fp16.enabled
+        )
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     engine = Engine(
         model=model,
@@ -174,6 +181,23 @@ def place_in_host_tier(owned: list, cfg, device) -> HostTier:
         param.data = placed
         tier.hold(placed)
     return tier
+
+
+def streams_the_step(cfg, world_size: int, device, client_optimizer) -> bool:
+    """Stage 3 on one rank with offload_param and offload_optimizer both "nvme" and an Adam-family
+    optimizer on the fused kernel, on the CPU: gradients and the update stream through the swap
+    files (zero/streamed_step.py) instead of all being in memory for the step."""
+    zero = cfg.zero_optimization
+    name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
+    return (
+        zero.stage == 3
+        and world_size == 1
+        and zero.offload_param.device == "nvme"
+        and zero.offload_optimizer.device == "nvme"
+        and client_optimizer is None
+        and runs_on_kernel(name)
+        and device.type == "cpu"
+    )
 
 
 def master_updater(masters, optimizer):

@@ -29,6 +29,7 @@ from memfit.checkpointing.faults import fault_point
 from memfit.runtime.memory_stats import peak_rss_bytes
 from memfit.runtime.step_stats import StepStats
 from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params
+from memfit.runtime.zero.streamed_step import StoredGradient
 
 logger = logging.getLogger("memfit")
 
@@ -117,6 +118,9 @@ class Engine:
         boundary micro-step (in step() unless overlapped); stage 2 reduces to owners here, every
         micro-step."""
         self._grad_sync.before_backward(reducing=self.is_boundary() or self._grad_sync.reduces_every_backward)
+        streamed = self._stage3.streamed if self._stage3 is not None else None
+        if streamed is not None:
+            streamed.before_backward(final=self.is_boundary())
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         self.step_stats.add_loss(loss)
         try:
@@ -127,11 +131,13 @@ class Engine:
             self._grad_sync.after_backward()
             if self._stage3 is not None:
                 self._stage3.after_backward()
+            if streamed is not None:
+                streamed.after_backward()
         self._count_grad_bytes()
 
     def _count_grad_bytes(self) -> None:
-        self.grad_bytes_after_reduce = sum(
-            p.grad.numel() * p.grad.element_size() for _, p in self._named_params if p.grad is not None
+        self.grad_bytes_after_reduce = sum(  # what is held: a streamed gradient's marker is a few bytes
+            p.grad.untyped_storage().nbytes() for _, p in self._named_params if p.grad is not None
         )
 
     # ---- phases 2 to 4: reduce, clip, step, synchronise -----------------------------------------
@@ -180,7 +186,11 @@ class Engine:
             logger.info("%s", self.step_stats.line(self))
 
     def _owned_in_memory(self):
-        return self._stage3.owned_in_memory() if self._stage3 is not None else contextlib.nullcontext()
+        if self._stage3 is None:
+            return contextlib.nullcontext()
+        # a streamed update reads each tensor itself; a snapshot of the step reads them all
+        streamed = self._stage3.streamed is not None and self.snapshotter is None
+        return self._stage3.owned_in_memory(streamed_update=streamed)
 
     def sync_params(self) -> None:
         """Owners hand their updated parameters to every rank (stage 1/2: all of them; stage 3: the
@@ -211,7 +221,7 @@ class Engine:
         if max_norm <= 0:  # fp16 without clipping: only the overflow check
             overflow = self._agree_on_overflow(self._update.nonfinite(grads))
             return (None if overflow else torch.tensor(1.0 / scaler.scale)), overflow
-        norms = [_fp32_norm(grad) for grad in grads]
+        norms = [grad.fp32_norm() if isinstance(grad, StoredGradient) else fp32_norm(grad) for grad in grads]
         squares = torch.linalg.vector_norm(torch.stack(norms)) ** 2 if norms else torch.zeros((), device=self.device)
         if self.stage > 0:
             all_reduce_scalar(squares, self.world_size)
@@ -248,7 +258,9 @@ class Engine:
         held = [p for p in self.module.parameters() if self._stage3 is None or self._stage3.holds(p)]
         buffered = {id(p) for bucket in self._buckets if bucket.grad_buffer is not None for p in bucket.params}
         grads = [bucket.grad_buffer for bucket in self._buckets if bucket.grad_buffer is not None]
-        grads += [p.grad for _, p in self._named_params if p.grad is not None and id(p) not in buffered]
+        streamed = self._stage3.streamed if self._stage3 is not None else None
+        on_nvme = {id(p) for p in streamed.params if streamed.has_grad(p)} if streamed is not None else set()
+        grads += [p.grad for _, p in self._named_params if p.grad is not None and id(p) not in buffered | on_nvme]
         if self.masters.separate:
             grads += self.masters.grads()
         report = {
@@ -354,7 +366,7 @@ def _to_half(value):
 NORM_CHUNK_NUMEL = 1 << 18
 
 
-def _fp32_norm(grad: torch.Tensor) -> torch.Tensor:
+def fp32_norm(grad: torch.Tensor) -> torch.Tensor:
     """The L2 norm of a gradient, accumulated in fp32. A 16-bit gradient is widened a chunk of
     1 MiB at a time: torch's vector_norm(dtype=float32) returns a result that keeps the whole
     widened copy alive, so the norms of all gradients held an fp32 copy of every one at once

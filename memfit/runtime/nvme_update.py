@@ -37,6 +37,7 @@ from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, SwapSpace, check_pipeline, 
 from memfit.runtime.nvme_torch_update import NvmeOptimizerUpdate, swapped_master_weights
 from memfit.runtime.offload import kernel_optimizer, runs_on_kernel, stages_through_host
 from memfit.runtime.precision import MasterWeights
+from memfit.runtime.zero.streamed_step import StoredGradient
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -64,6 +65,11 @@ class StreamedAdamW(CPUAdamW):
     only, and step() runs the streamed step of the NvmeKernelUpdate that owns it."""
 
     stream = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.stream is not None and self.stream.streamed is not None:
+            self.stream.streamed.discard()  # gradients resting in the swap file are dropped too
+        super().zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
         """CPUAdamW's checks, less its device check: the streamed step copies gradients of a model
@@ -124,19 +130,32 @@ class NvmeKernelUpdate:
         self.ring = [self.arena.alloc((buffer_elements,), torch.float32) for _ in range(num_buffers)]
         self.pipeline_read = check_pipeline(offload.buffer_count, offload.pipeline_read) and num_buffers >= 2
         self.pipeline_write = offload.pipeline_write
+        # stage 3 on one rank: 16-bit weights and gradients rest in the parameter swap file, and the
+        # update reads them per sub-group (zero/streamed_step.py; set by the build)
+        self.streamed = None
 
     # ---- the update interface (see update.py) ---------------------------------------------------
-    def gradients(self, touched_ids: set[int]) -> list[torch.Tensor]:
+    def gradients(self, touched_ids: set[int]) -> list:
+        """The step's gradients, in parameter order: tensors, and StoredGradient for the ones in
+        the swap file. There, a .grad without backward (assigned by hand) counts, as torch's."""
+        streamed = self.streamed
+        if streamed is not None:
+            streamed.reconcile()
         grads = []
         for param in self.params:
-            if param.grad is not None and id(param) in touched_ids:
+            if streamed is not None and streamed.has_grad(param):
+                grads.append(streamed.stored[id(param)])
+            elif param.grad is not None and (id(param) in touched_ids or streamed is not None):
                 grads.append(param.grad)
             else:
                 param.grad = None
         return grads
 
-    def nonfinite(self, grads: list[torch.Tensor]) -> bool:
-        return any(not bool(torch.isfinite(grad).all()) for grad in grads)
+    def nonfinite(self, grads: list) -> bool:
+        return any(
+            not grad.is_finite() if isinstance(grad, StoredGradient) else not bool(torch.isfinite(grad).all())
+            for grad in grads
+        )
 
     def apply(self, multiplier: torch.Tensor | None) -> None:
         self.optimizer.step(grad_scale=1.0 if multiplier is None else float(multiplier))
@@ -173,7 +192,7 @@ class NvmeKernelUpdate:
         for group_index, group in enumerate(self.optimizer.param_groups):
             for param in group["params"]:
                 index = self.index_of.get(id(param))
-                if index is None or param.grad is None:
+                if index is None or (param.grad is None and not self._in_stream(param)):
                     continue
                 state = self.optimizer.state[param]
                 state["step"] = state.get("step", 0) + 1
@@ -183,13 +202,30 @@ class NvmeKernelUpdate:
                     constants[key] = group_constants(group, state["step"], grad_scale)
         run = [[piece for piece in group if piece.index in row_key] for group in self.groups]
         run = [pieces for pieces in run if pieces]
-        grads = {index: _dense_cpu(self.params[index].grad) for index in row_key}
+        grads = {index: _dense_cpu(self.params[index].grad) for index in row_key if not self._in_stream(index)}
         self._stream(run, grads, row_key, constants)
         for index in row_key:
             self.stored[index].update(self.kinds[index])
         touched = [self.params[index] for index in row_key]
         if touched:
             torch.autograd.graph.increment_version(touched)  # written through raw pointers
+
+    def _in_stream(self, param_or_index) -> bool:
+        """Whether the tensor's weights and gradient are read from the parameter swap file."""
+        param = self.params[param_or_index] if isinstance(param_or_index, int) else param_or_index
+        return self.streamed is not None and self.streamed.has_grad(param)
+
+    def _bring(self, pieces, grads) -> None:
+        for piece in pieces:
+            if self._in_stream(piece.index):
+                grads[piece.index] = self.streamed.bring(self.params[piece.index])
+
+    def _put_back(self, pieces, grads) -> None:
+        for piece in pieces:
+            param = self.params[piece.index]
+            if piece.stop == param.numel() and self._in_stream(piece.index):
+                self.streamed.put_back(param)
+                del grads[piece.index]
 
     def _views(self, buffer, piece):
         count = piece.stop - piece.start
@@ -225,7 +261,9 @@ class NvmeKernelUpdate:
                     writes[following % num_buffers] = []
                     reads[following] = self._start_reads(run[following], self.ring[following % num_buffers])
                 self.space.wait(reads.pop(position), "reading")
+                self._bring(pieces, grads)
                 writes[position % num_buffers] = self._update(pieces, buffer, grads, row_key, constants)
+                self._put_back(pieces, grads)
                 if not self.pipeline_write:
                     self.space.wait(writes[position % num_buffers], "writing")
                     writes[position % num_buffers] = []
@@ -233,6 +271,8 @@ class NvmeKernelUpdate:
             try:
                 self.space.wait([request for requests in reads.values() for request in requests], "reading")
             finally:
+                if self.streamed is not None:
+                    self.streamed.drop_brought()  # left only by a failed step
                 self.space.wait([request for requests in writes for request in requests], "writing")
 
     def _update(self, pieces, buffer, grads, row_key, constants) -> list:

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from memfit.runtime.engine import _fp32_norm
+from memfit.runtime.engine import fp32_norm
 
 RSS_GROWTH_SCRIPT = """
 import torch
-from memfit.runtime.engine import _fp32_norm
+from memfit.runtime.engine import fp32_norm
 
 def rss_mib():
     with open("/proc/self/status") as status:
@@ -21,7 +21,7 @@ def rss_mib():
 grads = [torch.randn(2048, 2048).bfloat16() for _ in range(16)]  # 64M elements, 128 MiB
 before = rss_mib()
 for _ in range(3):
-    norms = [_fp32_norm(g) for g in grads]
+    norms = [fp32_norm(g) for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms))
 print(rss_mib() - before)
 """
@@ -31,7 +31,7 @@ print(rss_mib() - before)
 @pytest.mark.parametrize("numel", [0, 1, 4097, (1 << 18) + 5, 3 << 20])
 def test_norm_matches_float64(dtype, numel):
     grad = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).to(dtype)
-    got = _fp32_norm(grad)
+    got = fp32_norm(grad)
     assert got.dtype == torch.float32
     if dtype == torch.float32:  # what torch's clip_grad_norm_ computes, bit for bit
         assert torch.equal(got, torch.linalg.vector_norm(grad))

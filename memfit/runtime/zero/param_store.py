@@ -3,7 +3,8 @@ own under offload_param.nvme_path (the swap files of memfit's I/O engine: preall
 locked while in use, removed at exit, never read back by a later run).
 
 A tensor's slot is written when the engine releases it after a change (at the start, after each
-optimizer step, after a change kept from GatheredParameters) and read when it is gathered."""
+optimizer step, after a change kept from GatheredParameters) and read when it is gathered. With
+with_grads (the streamed step, streamed_step.py) each tensor also has a gradient slot."""
 
 import torch
 
@@ -11,9 +12,9 @@ from memfit.runtime.nvme_tier import open_swap, slot_bytes
 
 
 class NvmeParamStore:
-    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], directory: str, rank: int, aio):
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], directory: str, rank: int, aio, with_grads=False):
         self.name_of = {id(param): name for name, param in named}
-        capacity = sum(slot_bytes(p.numel(), p.element_size()) for _, p in named)
+        capacity = sum(slot_bytes(p.numel(), p.element_size()) for _, p in named) * (2 if with_grads else 1)
         self.swap = open_swap(directory, rank, max(capacity, 1), block_size=aio.block_size, queue_depth=aio.queue_depth)
 
     def write(self, param, values: torch.Tensor) -> None:
@@ -22,6 +23,14 @@ class NvmeParamStore:
     def read(self, param, shape: torch.Size) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=param.dtype, device=param.device)
         self.swap.get(self.name_of[id(param)], buffer).wait()
+        return buffer
+
+    def write_grad(self, param, grad: torch.Tensor) -> None:
+        self.swap.put(self.name_of[id(param)] + "/grad", grad.detach().contiguous()).wait()
+
+    def read_grad(self, param, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype, device=param.device)
+        self.swap.get(self.name_of[id(param)] + "/grad", buffer).wait()
         return buffer
 
     @property

@@ -25,7 +25,8 @@ Design note.
   other ranks.
 - With a store (offload_param "nvme", param_store.py) the owner releases its copy too: its
   gather reads the tensor back, and it holds its tensors only around the optimizer step and
-  checkpoints (owned_in_memory), on its own. Prefetching follows gather_schedule.py.
+  checkpoints (owned_in_memory), on its own. Prefetching follows gather_schedule.py. On one rank
+  with the optimizer on NVMe too, gradients and the step stream as well (streamed_step.py).
 - Activation checkpointing runs a block's forward again inside backward: there gathers go to
   backward's list (autograd keeps the parameters until the block's backward is done) and the
   checkpoint's own saved-tensor hooks, not ours, keep what the block saves.
@@ -104,6 +105,7 @@ class Stage3Params:
         if open_store is not None:
             self.store = open_store([(self.name_of[id(p)], p) for p in self.owned_managed])
         self.update_master = None  # param -> None: the owner's optimizer copy follows a change (set by the build)
+        self.streamed = None  # the StreamedStep, where gradients and the update stream (set by the build)
         self.released: dict[int, torch.nn.Parameter] = {}  # not held, no gather in flight
         self.absent: dict[int, torch.nn.Parameter] = {}  # not usable yet: released or in flight
         self._in_flight: dict[int, tuple] = {}  # id -> (work, buffer) of a prefetch
@@ -167,7 +169,7 @@ class Stage3Params:
             self._by_storage.pop(pointer, None)
         if self._moves(key):
             self.gathered_bytes -= param.numel() * param.element_size()
-            param.data = self._released_value(param)
+            param.data = self.released_value(param)
         self.schedule.live_numel -= self.shape_of[key].numel()
         self.released[key] = self.absent[key] = param
 
@@ -176,7 +178,7 @@ class Stage3Params:
         key = id(param)
         return key not in self.absent or not self._moves(key)
 
-    def _released_value(self, param) -> torch.Tensor:
+    def released_value(self, param) -> torch.Tensor:
         """What a released copy holds: one NaN seen in the tensor's full shape. Autograd checks the
         gradient it accumulates against the parameter's shape, and code that reads a released
         tensor outside the model's forward gets NaN rather than plausible numbers."""
@@ -289,6 +291,8 @@ class Stage3Params:
         return values.as_strided(saved.size, saved.stride, values.storage_offset() + saved.offset)
 
     def _after_grad(self, param) -> None:
+        if self.streamed is not None and id(param) in self.streamed.streamed_ids:
+            self.streamed.take(param)
         if id(param) not in self.absent and not self._frames:
             self._release(param)
 
@@ -361,11 +365,12 @@ class Stage3Params:
                     self.store.write(param, param.data)
 
     @contextlib.contextmanager
-    def owned_in_memory(self):
+    def owned_in_memory(self, streamed_update: bool = False):
         """With offload_param "nvme": the tensors this rank owns read into memory on this rank
         alone (no collective), for the optimizer step or a checkpoint, then written back and
-        released. Elsewhere nothing moves."""
-        if self.store is None:
+        released. Elsewhere nothing moves, nor where streamed_update (the update reads and writes
+        each tensor itself: streamed_step.py)."""
+        if self.store is None or streamed_update:
             yield
             return
         placed = [p for p in self.owned_managed if id(p) in self.absent]
@@ -379,7 +384,7 @@ class Stage3Params:
             written = True
         finally:
             for param in placed:
-                param.data = self._released_value(param)
+                param.data = self.released_value(param)
             if not written and placed:
                 logger.warning("stage 3: the step failed; the stored parameters keep their values from before it")
 

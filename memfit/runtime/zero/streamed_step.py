@@ -1,0 +1,140 @@
+"""ZeRO stage 3 on one rank with parameters and optimizer state on NVMe (offload_param and
+offload_optimizer "nvme", an Adam-family optimizer on the fused kernel): gradients and weights
+stream through the step instead of all being in memory at once.
+
+- A gradient leaves memory as backward produces it: the post-accumulate-grad hook writes it to the
+  parameter swap file (added to what an earlier micro-step stored there, as autograd would have
+  added it to .grad) and drops .grad. On the boundary micro-step its fp32 norm and whether it is
+  finite are kept (a few bytes each), so clipping and the fp16 overflow check need no second pass.
+- The update (nvme_update.NvmeKernelUpdate) reads each sub-group's 16-bit weights and gradients
+  with its masters and moments, and writes the weights back once their last piece is updated.
+So from backward to the end of the step a rank holds one sub-group of weights and gradients, not
+all of them. The arithmetic is the resident path's: the same additions, norms and kernel, so the
+result is the same bit for bit.
+
+Only on one rank: on several, gradients are reduced to their owner in buckets (grad_sync.py)."""
+
+import torch
+
+
+class StoredGradient:
+    """A gradient resting in the swap file, as the step's clipping and overflow check see it."""
+
+    __slots__ = ("steps", "param", "norm", "finite")
+
+    def __init__(self, steps: "StreamedStep", param, norm, finite):
+        self.steps, self.param, self.norm, self.finite = steps, param, norm, finite
+
+    def fp32_norm(self) -> torch.Tensor:
+        if self.norm is None:  # last produced before the boundary micro-step
+            self.norm = self.steps.norm_of(self.steps.read_grad(self.param))
+        return self.norm
+
+    def is_finite(self) -> bool:
+        if self.finite is None:
+            self.finite = bool(torch.isfinite(self.steps.read_grad(self.param)).all())
+        return self.finite
+
+
+class StreamedStep:
+    def __init__(self, stage3, norm_of, *, needs_norm: bool, needs_finite: bool):
+        """stage3: the Stage3Params whose store holds the tensors; norm_of(grad) -> fp32 norm, the
+        engine's; needs_norm / needs_finite: the step clips / checks fp16 overflow."""
+        self.stage3, self.store, self.norm_of = stage3, stage3.store, norm_of
+        self.needs_norm, self.needs_finite = needs_norm, needs_finite
+        self.params = list(stage3.owned_managed)
+        self.streamed_ids = {id(p) for p in self.params}
+        self.stored: dict[int, StoredGradient] = {}  # since the last step
+        # A tensor whose gradient is stored has .grad = a marker (one NaN seen in its shape), so
+        # that what the script does to .grad is seen: zero_grad (set to None, or the marker
+        # zeroed) discards the stored gradient, a tensor assigned by hand replaces it. Off during
+        # backward, which would add into it.
+        self._markers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (marker, its one element)
+        self._final_backward = True  # the backward running is the step's last micro-step
+        self._brought: dict[int, tuple] = {}  # id -> (tensor, its gradient) read for the update
+
+    # ---- around backward ------------------------------------------------------------------------
+    def before_backward(self, final: bool) -> None:
+        self.reconcile()
+        self._final_backward = final
+        for stored in self.stored.values():
+            stored.param.grad = None
+
+    def take(self, param) -> None:
+        """The post-accumulate-grad hook of a streamed tensor: .grad goes to the swap file."""
+        grad = param.grad
+        if grad is None:
+            return
+        key = id(param)
+        if key in self.stored:
+            grad = self.read_grad(param).add_(grad)
+        self.store.write_grad(param, grad)
+        norm = finite = None
+        if self._final_backward:
+            norm = self.norm_of(grad) if self.needs_norm else None
+            finite = bool(torch.isfinite(grad).all()) if self.needs_finite else None
+        self.stored[key] = StoredGradient(self, param, norm, finite)
+        self._mark(param)
+
+    def after_backward(self) -> None:
+        for key, stored in self.stored.items():
+            if stored.param.grad is None:
+                stored.param.grad = self._markers[key][0]
+
+    def _mark(self, param) -> None:
+        element = torch.full((1,), float("nan"), dtype=param.dtype, device=param.device)
+        marker = element.expand(self.stage3.shape_of[id(param)])
+        self._markers[id(param)] = (marker, element)
+        param.grad = marker
+
+    def read_grad(self, param) -> torch.Tensor:
+        return self.store.read_grad(param, self.stage3.shape_of[id(param)], param.dtype)
+
+    # ---- at the step ----------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Applies what the script did to .grad since the last backward (see _markers)."""
+        for param in self.params:
+            key, grad = id(param), param.grad
+            marker, element = self._markers.get(key, (None, None))
+            if grad is None or grad is not marker or not bool(element.isnan().all()):
+                if grad is marker:
+                    param.grad = None  # zeroed in place: discarded
+                    grad = None
+                self.stored.pop(key, None)
+                self._markers.pop(key, None)
+                if grad is not None:  # assigned by hand: it is the gradient now
+                    self.take(param)
+
+    def has_grad(self, param) -> bool:
+        return id(param) in self.stored
+
+    def discard(self) -> None:
+        """After the step (the optimizer's zero_grad): the stored gradients are spent."""
+        for key, stored in self.stored.items():
+            if stored.param.grad is self._markers[key][0]:
+                stored.param.grad = None
+        self.stored.clear()
+        self._markers.clear()
+
+    def bring(self, param) -> torch.Tensor:
+        """Reads a streamed tensor's weights into it and returns its gradient, for the update."""
+        key = id(param)
+        if key not in self._brought:
+            param.data = self.store.read(param, self.stage3.shape_of[key])
+            self._brought[key] = (param, self.read_grad(param))
+        return self._brought[key][1]
+
+    def put_back(self, param) -> None:
+        """After the tensor's last piece is updated: its weights go back to the swap file."""
+        self.store.write(param, param.data)
+        self._forget(param)
+
+    def drop_brought(self) -> None:
+        """A failed update: the tensors read for it are released unwritten (the store keeps their
+        values from before the step)."""
+        for param, _ in list(self._brought.values()):
+            self._forget(param)
+
+    def _forget(self, param) -> None:
+        param.data = self.stage3.released_value(param)
+        del self._brought[id(param)]

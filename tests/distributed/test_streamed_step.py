@@ -1,0 +1,110 @@
+"""Stage 3 on one rank with parameters and optimizer state on NVMe: gradients leave memory as
+backward produces them and the update reads each sub-group's weights and gradients from the swap
+file. Every case ends bit for bit where stage 2 with the optimizer on NVMe ends: models with tied,
+frozen and sometimes-unused tensors, fp32/bf16/fp16 (skipped overflow steps), accumulation,
+clipping, and what scripts do to .grad (zero_grad mid-accumulation, two backwards per micro-step,
+a step with no backward, a gradient assigned by hand)."""
+
+import itertools
+
+import pytest
+import torch
+
+import memfit
+from tests.distributed.equivalence import Case, batches, config, micro_batches, pieces
+from tests.distributed.models import make_model
+
+NVME = {"buffer_size": 3 * 4096, "buffer_count": 3}  # small sub-groups: tensors split across them
+
+
+def nvme_config(case: Case, stage: int, path: str, fp16: bool = False) -> dict:
+    cfg = config(case, 1)
+    cfg["zero_optimization"]["stage"] = stage
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": path, **NVME}
+    if stage == 3:
+        cfg["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": path}
+    if fp16:  # a first scale of 2^18 overflows: the first steps are skipped, then the scale fits
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 18, "loss_scale_window": 2}
+    return cfg
+
+
+def train(case: Case, stage: int, path: str, fp16: bool = False, assign_at: int | None = None) -> dict:
+    engine = memfit.initialize(make_model(case.model), nvme_config(case, stage, path, fp16))
+    if stage == 3:
+        assert engine._stage3.streamed is not None, "the streamed step is not in use"
+    dtype = torch.float16 if fp16 else getattr(torch, case.dtype)
+    if case.habit == "no_backward":
+        for _ in range(case.accumulation):
+            engine.step()
+    for step, batch in enumerate(batches(case, 1)):
+        for micro_index, (inputs, targets) in enumerate(micro_batches(batch, 0, 1, case.accumulation)):
+            if case.habit == "zero_start" and micro_index == 0:
+                engine.module.zero_grad()
+                engine.optimizer.zero_grad()
+            if case.habit == "zero_mid" and micro_index == 1:
+                engine.module.zero_grad(set_to_none=step % 2 == 0)  # both ways of discarding
+            for piece_inputs, piece_targets in pieces(case, inputs, targets):
+                output = engine(piece_inputs.to(dtype), route=0, step=step).float()
+                engine.backward(torch.nn.functional.mse_loss(output, piece_targets))
+            if assign_at == step and micro_index == case.accumulation - 1:
+                for param in engine.module.parameters():
+                    if param.requires_grad:
+                        param.grad = torch.full(param.shape, 0.01, dtype=param.dtype)
+            engine.step()
+    if fp16:
+        assert 0 < engine.skipped_steps < case.steps, engine.skipped_steps
+    with engine.gathered_parameters():
+        return {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
+
+
+def assert_same(case: Case, tmp_path, **options) -> None:
+    expected = train(case, 2, str(tmp_path), **options)
+    got = train(case, 3, str(tmp_path), **options)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), f"{case} {options}: {name} differs by {(got[name] - value).abs().max()}"
+
+
+FAST = [
+    Case("tied", 3, True, 3, 0.5, "AdamW", "bfloat16"),
+    Case("sometimes", 3, True, 2, 0.5, "CPUAdamW", "float32", habit="zero_mid"),
+]
+
+
+@pytest.mark.parametrize("case", FAST, ids=str)
+def test_streamed_step_equals_stage2(tmp_path, case):
+    assert_same(case, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model,dtype,habit",
+    list(itertools.product(["tied", "frozen", "sometimes", "single"], ["float32", "bfloat16"], ["none", "twice"]))
+    + [("tied", "bfloat16", habit) for habit in ("zero_start", "zero_mid", "no_backward")],
+)
+def test_streamed_step_equals_stage2_every_case(tmp_path, model, dtype, habit):
+    assert_same(Case(model, 3, True, 3, 0.5, "AdamW", dtype, habit=habit), tmp_path)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])  # overflow seen by the gradients, or by their norm
+def test_streamed_step_skips_fp16_overflow_as_stage2(tmp_path, clip):
+    assert_same(Case("tied", 3, True, 2, clip, "AdamW", steps=6), tmp_path, fp16=True)
+
+
+@pytest.mark.slow
+def test_streamed_step_takes_a_gradient_assigned_by_hand(tmp_path):
+    assert_same(Case("tied", 3, True, 2, 0.5, "AdamW", "bfloat16"), tmp_path, assign_at=1)
+
+
+def test_gradients_rest_on_nvme_between_backward_and_step(tmp_path):
+    """After backward a streamed tensor holds no gradient in memory: memory_report counts only the
+    resident small tensors' gradients, and .grad is a marker of the tensor's shape, not its values."""
+    case = Case("tied", 3, True, 2, 0.5, "AdamW", "bfloat16")
+    engine = memfit.initialize(make_model("tied"), nvme_config(case, 3, str(tmp_path)))
+    inputs, targets = micro_batches(batches(case, 1)[0], 0, 1, 2)[0]
+    engine.backward(torch.nn.functional.mse_loss(engine(inputs.to(torch.bfloat16)).float(), targets))
+    streamed = [p for p in engine.module.parameters() if engine._stage3.streamed.has_grad(p)]
+    assert streamed, "no gradient went to the swap file"
+    resident = sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None)
+    resident -= sum(p.numel() * p.element_size() for p in streamed)
+    assert engine.memory_report()["grads"] == resident
+    assert all(p.grad.shape == p.shape and p.grad.untyped_storage().nbytes() == 2 for p in streamed)
