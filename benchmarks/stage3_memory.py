@@ -30,10 +30,14 @@ SIZES = ["base", "400m", "1b"]
 
 
 def config(setup: str, path: str) -> dict:
+    """stage3-nvme and stage1-nvme (above); stage3-resident: stage 3 with the optimizer on NVMe and
+    the parameters in memory (on one rank nothing is gathered)."""
     nvme = {"device": "nvme", "nvme_path": path}
     zero = {"stage": 1, "offload_optimizer": {**nvme, "buffer_count": 4, "buffer_size": 64 << 20}}
     if setup == "stage3-nvme":
         zero.update(stage=3, offload_param=nvme, stage3_prefetch_bucket_size=0)
+    if setup == "stage3-resident":
+        zero.update(stage=3)
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -80,6 +84,8 @@ def run(setup: str, preset: str, path: str, steps: int, timeout: float) -> dict:
             "peak_rss_bytes": peak[0],
             "seconds": time.perf_counter() - started,
             "step_time_s": [round(r.get("step_time_s", 0), 1) for r in records],
+            "step_time_s_exact": [r.get("step_time_s", 0) for r in records],
+            "nvme_bytes": [(r.get("nvme_read_bytes", 0), r.get("nvme_written_bytes", 0)) for r in records],
             "losses": [r["loss"] for r in records],
         }
 

@@ -174,9 +174,11 @@ def engine_events(engine) -> list[tuple[str, float, int]]:
         events.append(("memfit/host_tier_bytes", engine.host_tier.bytes_in_use, samples))
         if hasattr(engine.host_tier, "swap_bytes"):
             events.append(("memfit/nvme_tier_bytes", engine.host_tier.swap_bytes, samples))
-            read_bytes, written_bytes = stats.swap_io_of_step(*engine.host_tier.swap_transferred_bytes)
-            events.append(("memfit/nvme_read_bytes", read_bytes, samples))  # this rank's, in this step
-            events.append(("memfit/nvme_written_bytes", written_bytes, samples))
+    swapped = engine.swap_transferred_bytes()
+    if swapped is not None:
+        read_bytes, written_bytes = stats.swap_io_of_step(*swapped)
+        events.append(("memfit/nvme_read_bytes", read_bytes, samples))  # this rank's, in this step
+        events.append(("memfit/nvme_written_bytes", written_bytes, samples))
     if engine.snapshotter is not None:
         events.append(("memfit/snapshot_stall_s", stats.snapshot_stall_s, samples))
     return events

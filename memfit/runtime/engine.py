@@ -246,6 +246,18 @@ class Engine:
         """The plan: which rank owns each parameter, and the elements per rank."""
         return self._plan.summary()
 
+    def swap_transferred_bytes(self) -> tuple[int, int] | None:
+        """(bytes read, bytes written) so far through this rank's swap files, optimizer state's and
+        parameters'; None without any."""
+        totals = []
+        if hasattr(self.host_tier, "swap_transferred_bytes"):
+            totals.append(self.host_tier.swap_transferred_bytes)
+        if self._stage3 is not None and self._stage3.store is not None:
+            totals.append(self._stage3.store.transferred_bytes)
+        if not totals:
+            return None
+        return sum(read for read, _ in totals), sum(written for _, written in totals)
+
     def memory_report(self) -> dict:
         """Bytes held by this rank, per category (params: every module parameter, frozen ones too;
         grads, of which grad_staging is the buffer non-owned stage-2 buckets are sent from;

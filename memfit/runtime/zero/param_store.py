@@ -34,6 +34,11 @@ class NvmeParamStore:
         return buffer
 
     @property
+    def transferred_bytes(self) -> tuple[int, int]:
+        """(bytes read, bytes written) through the swap file since it was opened."""
+        return self.swap.file.bytes_read, self.swap.file.bytes_written
+
+    @property
     def capacity_bytes(self) -> int:
         return self.swap.capacity_bytes
 
