@@ -30,6 +30,9 @@ PRESETS = {
     "400m": GPTConfig(dim=1536, n_layers=14, n_heads=12, seq_len=256),  # ~0.40B
     "1b": GPTConfig(dim=2048, n_layers=20, n_heads=16, seq_len=256),  # ~1.01B
     "3b": GPTConfig(dim=3072, n_layers=24, n_heads=24, seq_len=256),  # ~2.72B: 43 GB of training state
+    # For stage 3 with offload_param and offload_optimizer on NVMe (examples/configs/zero3_nvme.json):
+    # 64 GB of training state, of which RAM holds what one layer and the step's buffers need.
+    "4b": GPTConfig(dim=3584, n_layers=26, n_heads=28, seq_len=256),  # ~4.02B
 }
 
 
