@@ -29,9 +29,9 @@ sys.path.insert(0, ROOT)
 from memfit.config import load_config  # noqa: E402
 from memfit.io import AsyncFile, HostArena  # noqa: E402
 from memfit.launcher.bench_io import _transfer  # noqa: E402
+from memfit.offload.nvme_kernel import NvmeKernelUpdate, StreamedAdamW  # noqa: E402
+from memfit.offload.swap_space import SwapSpace, open_swap  # noqa: E402
 from memfit.optim.cpu_adam import CPUAdamW  # noqa: E402
-from memfit.runtime.nvme_tier import SwapSpace, open_swap  # noqa: E402
-from memfit.runtime.nvme_update import NvmeKernelUpdate, StreamedAdamW  # noqa: E402
 
 RSS_SCRIPT = """
 import json, os, sys, torch, memfit

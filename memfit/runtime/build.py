@@ -1,6 +1,5 @@
 """memfit.initialize: the ordered build of an engine from a model and a config."""
 
-import inspect
 import logging
 import os
 import warnings
@@ -14,28 +13,22 @@ from memfit.checkpointing.snapshot import build_snapshotter
 from memfit.config import ClientComponents, ConfigError, describe_config, engine_gaps, resolve_config
 from memfit.io.engine import set_default_geometry
 from memfit.monitor import build_monitor
+from memfit.offload.build import build_update, place_in_host_tier, streams_the_step
+from memfit.offload.param_store import NvmeParamStore
+from memfit.offload.streamed_step import StreamedStep
 from memfit.optim.groups import model_layout
-from memfit.optim.registry import build_optimizer
 from memfit.runtime.activation_checkpointing import wrap_blocks
 from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine, fp32_norm
 from memfit.runtime.estimate import host_memory_problem
 from memfit.runtime.logs import setup_logging
 from memfit.runtime.loss_scale import build_loss_scaler
-from memfit.runtime.nvme_update import build_nvme_update
-from memfit.runtime.offload import HostTier, kernel_optimizer, planned_host_bytes, runs_on_kernel, stages_through_host
-from memfit.runtime.precision import MasterWeights
 from memfit.runtime.schedulers import build_scheduler
-from memfit.runtime.update import KernelUpdate, OptimizerUpdate
 from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flatten_params, staging_numel
 from memfit.runtime.zero.collectives import GradientReducer
 from memfit.runtime.zero.grad_sync import GradientSync
 from memfit.runtime.zero.ownership import plan_ownership
-from memfit.runtime.zero.param_store import NvmeParamStore
 from memfit.runtime.zero.stage3 import Stage3Params
-from memfit.runtime.zero.streamed_step import StreamedStep
-
-PLACEHOLDER_NAME = "<no owned tensor>"
 
 logger = logging.getLogger("memfit")
 
@@ -163,43 +156,6 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     return engine
 
 
-def place_in_host_tier(owned: list, cfg, device) -> HostTier:
-    """offload_param "cpu": the tensors this rank owns rest in a host-tier arena (which, when the
-    model runs on the CPU, is where they are used)."""
-    if device.type != "cpu":
-        raise ConfigError(
-            ['zero_optimization.offload_param.device: "cpu" is implemented for models that run on the CPU; on '
-             f"{device.type} use \"none\""],
-            "memfit.initialize",
-        )  # fmt: skip
-    tier = HostTier(
-        sum(p.numel() * p.element_size() for p in owned), pin=cfg.zero_optimization.offload_param.pin_memory
-    )
-    for param in owned:
-        placed = tier.empty(tuple(param.shape), param.dtype)
-        placed.copy_(param.detach())
-        param.data = placed
-        tier.hold(placed)
-    return tier
-
-
-def streams_the_step(cfg, world_size: int, device, client_optimizer) -> bool:
-    """Stage 3 on one rank with offload_param and offload_optimizer both "nvme" and an Adam-family
-    optimizer on the fused kernel, on the CPU: gradients and the update stream through the swap
-    files (zero/streamed_step.py) instead of all being in memory for the step."""
-    zero = cfg.zero_optimization
-    name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
-    return (
-        zero.stage == 3
-        and world_size == 1
-        and zero.offload_param.device == "nvme"
-        and zero.offload_optimizer.device == "nvme"
-        and client_optimizer is None
-        and runs_on_kernel(name)
-        and device.type == "cpu"
-    )
-
-
 def master_updater(masters, optimizer):
     """param -> None: the optimizer's copy of an owned tensor takes the tensor's new values (a
     change made under deepspeed.zero.GatheredParameters with a modifier rank)."""
@@ -225,49 +181,6 @@ def agree_on_failure(failed: bool, world_size: int, device) -> bool:
     return bool(flag.item())
 
 
-def build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size):
-    """(masters, optimizer, update, host tier or None) for the tensors this rank owns: the
-    optimizer on fp32 masters where the model runs, or, under offload_optimizer "cpu", on the
-    host tier: Adam/AdamW as CPUAdamW on the fused kernel, any other optimizer on host masters
-    with its state adopted into the tier."""
-    offload = cfg.zero_optimization.offload_optimizer
-    reduced = compute_dtype is not None
-    # A rank that owns nothing still keeps an optimizer (param_groups, lr, the scheduler): it
-    # holds one empty placeholder tensor, which never gets a gradient and is never saved.
-    placeholder = [(PLACEHOLDER_NAME, torch.nn.Parameter(torch.empty(0, device=device)))]
-    if offload.device == "nvme":
-        return build_nvme_update(optimizer, cfg, owned_params, compute_dtype, placeholder, make_optimizer)
-    if offload.device != "cpu":
-        masters = MasterWeights(owned_params, keep_fp32_copy=reduced)
-        opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)) or placeholder)
-        return masters, opt, OptimizerUpdate(opt, masters), None
-    config_params = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
-    name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
-    tensors = [p for _, p in owned_params]
-    on_kernel = optimizer is None and runs_on_kernel(name)
-    staged = stages_through_host(device)
-    keep_masters = reduced or staged
-    tier = HostTier(
-        planned_host_bytes(tensors, kernel=on_kernel, reduced_precision=keep_masters), pin=offload.pin_memory
-    )
-    if on_kernel and not staged:  # the kernel updates the compute parameters in place
-        kernel = kernel_optimizer(name, config_params, tensors or [placeholder[0][1]])
-        kernel.allocate_state = tier.zeros
-        return MasterWeights(owned_params, keep_fp32_copy=False), kernel, KernelUpdate(kernel, tensors, tier), tier
-    masters = MasterWeights(owned_params, keep_fp32_copy=keep_masters, allocate=tier.empty if keep_masters else None)
-    for master in masters.masters if keep_masters else []:
-        tier.hold(master)
-    if staged:
-        placeholder = [(PLACEHOLDER_NAME, torch.nn.Parameter(torch.empty(0)))]
-    named_masters = list(zip(masters.names, masters.masters)) or placeholder
-    if on_kernel:
-        opt = kernel_optimizer(name, config_params, [tensor for _, tensor in named_masters])
-        opt.allocate_state = tier.zeros
-    else:
-        opt = make_optimizer(optimizer, cfg, named_masters)
-    return masters, opt, OptimizerUpdate(opt, masters, tier), tier
-
-
 def collective_timeout_s(config, client: ClientComponents) -> float:
     """The config's collective_timeout_s, needed before the group exists and so before the world
     size is known: a first pass over the config without it (its warnings are given by the second,
@@ -286,27 +199,6 @@ def prepare_model(model, device, compute_dtype, world_size: int):
             for tensor in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(tensor.data, src=0)
     return model
-
-
-def make_optimizer(optimizer, cfg, named_params):
-    config_params = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
-    if optimizer is None:
-        name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
-        return build_optimizer(name, named_params, config_params)
-    params = [p for _, p in named_params]
-    if inspect.isclass(optimizer) and issubclass(optimizer, torch.optim.Optimizer):
-        return optimizer(params, **config_params)
-    if isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            "optimizer: pass the class or a factory params -> Optimizer, not an instance; memfit builds it over "
-            "the parameters this rank owns"
-        )
-    if getattr(optimizer, "memfit_named", False):  # memfit.deepspeed: names, and the config's builder
-        name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
-        return optimizer(list(named_params), lambda named: build_optimizer(name, named, config_params))
-    if callable(optimizer):
-        return optimizer(params)
-    raise TypeError(f"optimizer: expected an Optimizer subclass or a factory, got {type(optimizer).__name__}")
 
 
 def make_scheduler(lr_scheduler, cfg, optimizer):

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 
 from memfit.checkpointing.faults import fault_point
+from memfit.offload.streamed_step import StoredGradient
 from memfit.runtime.memory_stats import peak_rss_bytes
 from memfit.runtime.step_stats import StepStats
 from memfit.runtime.zero.collectives import all_reduce_scalar, broadcast_params
-from memfit.runtime.zero.streamed_step import StoredGradient
 
 logger = logging.getLogger("memfit")
 

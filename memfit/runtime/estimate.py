@@ -19,8 +19,8 @@ import psutil
 import torch
 
 from memfit.io.extents import align_up
-from memfit.runtime.nvme_tier import slot_bytes, swap_file_bytes
-from memfit.runtime.offload import runs_on_kernel, stages_through_host
+from memfit.offload.host_tier import runs_on_kernel, stages_through_host
+from memfit.offload.swap_space import slot_bytes, swap_file_bytes
 from memfit.runtime.zero.buckets import build_buckets, staging_numel
 from memfit.runtime.zero.ownership import plan_ownership
 from memfit.units import format_bytes
@@ -133,8 +133,8 @@ def gathered_peak_numel(managed, zero) -> int:
 
 def _nvme_tiers(owned, offload, keep_masters: bool, state: int, kernel: bool) -> dict[str, int]:
     """The host ring and the swap file of one rank, as build_nvme_update allocates them."""
-    from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, plan_subgroups, swap_file_bytes
-    from memfit.runtime.nvme_update import optimizer_swap_bytes
+    from memfit.offload.nvme_kernel import optimizer_swap_bytes
+    from memfit.offload.swap_space import ALIGN_ELEMENTS, plan_subgroups, swap_file_bytes
 
     numels = [t.numel() for _, t in owned]
     kinds = 3 if keep_masters else 2
@@ -261,7 +261,7 @@ def host_memory_problem(
     first = rank - rank % local_world_size
     local = estimates[first : first + local_world_size]
     if offload.device == "nvme" or param_nvme:
-        from memfit.runtime.nvme_tier import nvme_path_problem
+        from memfit.offload.swap_space import nvme_path_problem
 
         needs = {}  # nvme_path -> (the key naming it, bytes); the two swap files may share a directory
         if offload.device == "nvme":

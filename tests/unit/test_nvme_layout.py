@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from memfit.io import SwapFile, SwapFullError
-from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, plan_subgroups
-from memfit.runtime.nvme_update import StreamedAdamW
+from memfit.offload.nvme_kernel import StreamedAdamW
+from memfit.offload.swap_space import ALIGN_ELEMENTS, plan_subgroups
 
 
 def covered(groups, numels):

@@ -23,7 +23,7 @@ Design note.
   steps.
 - Gradients take stage 2's path: reduced to the owner as backward produces them, dropped by the
   other ranks.
-- With a store (offload_param "nvme", param_store.py) the owner releases its copy too: its
+- With a store (offload_param "nvme", memfit/offload/param_store.py) the owner releases its copy too: its
   gather reads the tensor back, and it holds its tensors only around the optimizer step and
   checkpoints (owned_in_memory), on its own. Prefetching follows gather_schedule.py. On one rank
   with the optimizer on NVMe too, gradients and the step stream as well (streamed_step.py).

@@ -8,7 +8,7 @@ with_grads (the streamed step, streamed_step.py) each tensor also has a gradient
 
 import torch
 
-from memfit.runtime.nvme_tier import open_swap, slot_bytes
+from memfit.offload.swap_space import open_swap, slot_bytes
 
 
 class NvmeParamStore:

@@ -1,5 +1,5 @@
 """The update phase under offload_optimizer "nvme": fp32 masters and optimizer state of the
-tensors a rank owns live in its swap file (nvme_tier.py) and are streamed through host memory
+tensors a rank owns live in its swap file (swap_space.py) and are streamed through host memory
 at each step. Compute parameters and gradients stay where the model runs.
 
 NvmeKernelUpdate (Adam, AdamW, CPUAdamW): the owned tensors are cut into sub-groups that fit one
@@ -26,18 +26,14 @@ swap_bytes for memory_report.
 """
 
 import torch
-import torch.distributed as dist
 
 from memfit.io import HostArena
 from memfit.io.extents import align_up
+from memfit.offload.host_tier import stages_through_host
+from memfit.offload.streamed_step import StoredGradient
+from memfit.offload.swap_space import ALIGN_ELEMENTS, SwapSpace, check_pipeline, plan_subgroups
 from memfit.optim.cpu_adam import CPUAdamW, check_hyperparameters, group_constants
 from memfit.optim.fused_adam import GRAD_DTYPES, step_tensors
-from memfit.optim.planned_state import planned_state_bytes
-from memfit.runtime.nvme_tier import ALIGN_ELEMENTS, SwapSpace, check_pipeline, open_swap, plan_subgroups
-from memfit.runtime.nvme_torch_update import NvmeOptimizerUpdate, swapped_master_weights
-from memfit.runtime.offload import kernel_optimizer, runs_on_kernel, stages_through_host
-from memfit.runtime.precision import MasterWeights
-from memfit.runtime.zero.streamed_step import StoredGradient
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -131,10 +127,10 @@ class NvmeKernelUpdate:
         self.pipeline_read = check_pipeline(offload.buffer_count, offload.pipeline_read) and num_buffers >= 2
         self.pipeline_write = offload.pipeline_write
         # stage 3 on one rank: 16-bit weights and gradients rest in the parameter swap file, and the
-        # update reads them per sub-group (zero/streamed_step.py; set by the build)
+        # update reads them per sub-group (streamed_step.py; set by the build)
         self.streamed = None
 
-    # ---- the update interface (see update.py) ---------------------------------------------------
+    # ---- the update interface (see interface.py) ---------------------------------------------------
     def gradients(self, touched_ids: set[int]) -> list:
         """The step's gradients, in parameter order: tensors, and StoredGradient for the ones in
         the swap file. There, a .grad without backward (assigned by hand) counts, as torch's."""
@@ -366,34 +362,3 @@ def _dense_cpu(grad: torch.Tensor) -> torch.Tensor:
     if grad.device.type != "cpu":
         grad = grad.to("cpu")
     return grad if grad.is_contiguous() else grad.contiguous()
-
-
-def build_nvme_update(optimizer, cfg, owned_params, compute_dtype, placeholder, make_optimizer):
-    """(masters, optimizer, update, tier) under offload_optimizer "nvme" (see build_update)."""
-    offload = cfg.zero_optimization.offload_optimizer
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    config_params = dict(cfg.optimizer.params) if cfg.optimizer is not None else {}
-    name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
-    tensors = [param for _, param in owned_params]
-
-    def swap_space(capacity_bytes: int) -> SwapSpace:
-        return SwapSpace(
-            open_swap(
-                offload.nvme_path,
-                rank,
-                capacity_bytes,
-                block_size=cfg.aio.block_size,
-                queue_depth=cfg.aio.queue_depth,
-            )
-        )
-
-    if optimizer is None and runs_on_kernel(name):
-        kernel = kernel_optimizer(name, config_params, tensors or [placeholder[0][1]], cls=StreamedAdamW)
-        update = NvmeKernelUpdate(kernel, owned_params, swap_space(kernel_swap_bytes(tensors)), offload)
-        return MasterWeights(owned_params, keep_fp32_copy=False), kernel, update, update
-    masters = swapped_master_weights(owned_params, reduced=compute_dtype is not None)
-    opt = make_optimizer(optimizer, cfg, list(zip(masters.names, masters.masters)) or placeholder)
-    numels = [param.numel() for param in tensors]
-    capacity = optimizer_swap_bytes(numels, compute_dtype is not None, planned_state_bytes(opt))
-    update = NvmeOptimizerUpdate(opt, masters, swap_space(capacity), offload)
-    return masters, opt, update, update

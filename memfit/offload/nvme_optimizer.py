@@ -1,5 +1,5 @@
 """NvmeOptimizerUpdate: the NVMe tier for optimizers whose state torch creates (GaLoreAdamW,
-FRUGAL, SGD, a client optimizer); see nvme_update.py for the design and the kernel path.
+FRUGAL, SGD, a client optimizer); see nvme_kernel.py for the design and the kernel path.
 
 Per sub-group of whole tensors (fp32 bytes of masters and two moments within buffer_size; a
 larger tensor is a sub-group of its own): read the masters and the state tensors (tensors of at least one dimension;
@@ -12,9 +12,9 @@ are in flight.
 
 import torch
 
-from memfit.runtime.nvme_tier import SwapSpace, check_pipeline
-from memfit.runtime.offload import stages_through_host
-from memfit.runtime.precision import MasterWeights
+from memfit.offload.host_tier import stages_through_host
+from memfit.offload.masters import MasterWeights
+from memfit.offload.swap_space import SwapSpace, check_pipeline
 
 
 def _swappable(value) -> bool:
@@ -64,7 +64,7 @@ class NvmeOptimizerUpdate:
         self.pipeline_read = check_pipeline(offload.buffer_count, offload.pipeline_read)
         self.pipeline_write = offload.pipeline_write
 
-    # ---- the update interface (see update.py) ---------------------------------------------------
+    # ---- the update interface (see interface.py) ---------------------------------------------------
     def gradients(self, touched_ids: set[int]) -> list[torch.Tensor]:
         """The compute parameters' gradients: their fp32 copies are made per sub-group in apply(),
         not for every owned tensor at once."""

@@ -1,13 +1,5 @@
-"""Phase 3 of a step: from the reduced gradients of the tensors a rank owns to updated
-parameters. Two ways, behind one small interface the engine drives:
-
-  gradients(touched_ids)  the gradients the optimizer will read; a tensor no rank touched this
-                          step gets grad None, so the optimizer skips it as torch.optim does
-  nonfinite(grads)        whether any of them holds an inf or nan (fp16 without clipping)
-  apply(multiplier)       the optimizer step, with every gradient multiplied by `multiplier`
-                          (loss un-scaling and clipping; None for 1), and the write-back
-  skip()                  drop the gradients without stepping (an fp16 overflow)
-  master_bytes, state_bytes, tiers
+"""Phase 3 with the masters and optimizer state in memory, where the model runs or in the host
+tier (the contract in interface.py).
 
 OptimizerUpdate runs any torch.optim.Optimizer on the owned masters: fp32 copies of 16-bit
 parameters, or the parameters themselves. KernelUpdate runs CPUAdamW on the owned compute
