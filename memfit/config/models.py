@@ -232,6 +232,25 @@ class ActivationCheckpointingConfig(Section):
     profile: Boolean = Field(False, description="DeepSpeed's per-checkpoint timing log; ignored, with a warning.")
 
 
+class ActivationOffloadConfig(Section):
+    device: OneOf("none", "nvme") = Field(
+        "none",
+        description="Where the inputs the checkpointed blocks (memfit.checkpoint_blocks) keep for backward rest: "
+        '"none" in memory, "nvme" a swap file per rank under nvme_path, read back ahead of the backward that needs '
+        "them (for long sequences).",
+    )
+    nvme_path: Path(optional=True) = Field(
+        None, description='Existing writable directory for the per-rank activation files; required for "nvme".'
+    )
+    swap_bytes: Integer(minimum=4096, multiple_of=4096, limit=MAX_BYTES) = Field(
+        4 << 30, description="Size of each rank's activation swap file: the block inputs of one forward must fit."
+    )
+
+    @model_validator(mode="after")
+    def nvme_needs_path(self) -> "ActivationOffloadConfig":
+        return require_nvme_path(self)
+
+
 class MemfitOwnConfig(Section):
     checkpoint_blocks: Annotated[str | list[str] | None, BeforeValidator(check_blocks)] = Field(
         None,
@@ -244,10 +263,22 @@ class MemfitOwnConfig(Section):
         description="What memfit's logger prints on rank 0 (the resolved config and step lines are info; other "
         "ranks print warnings and errors). The environment variable MEMFIT_LOG_LEVEL overrides it.",
     )
+    activation_offload: ActivationOffloadConfig = Field(
+        default_factory=ActivationOffloadConfig,
+        description="Where checkpointed blocks keep their inputs for backward (memfit's option beyond DeepSpeed).",
+    )
     jsonl_monitor: "JsonlMonitorConfig" = Field(
         default_factory=lambda: JsonlMonitorConfig(),
         description="memfit's JSONL monitor: one line per optimizer step with every metric.",
     )
+
+    @model_validator(mode="after")
+    def offload_needs_blocks(self) -> "MemfitOwnConfig":
+        if self.activation_offload.device != "none" and self.checkpoint_blocks is None:
+            raise ValueError(
+                'activation_offload.device: "nvme" needs checkpoint_blocks (the blocks whose kept inputs go to NVMe)'
+            )
+        return self
 
 
 class MemfitConfig(Section):

@@ -13,9 +13,11 @@ from memfit.checkpointing.snapshot import build_snapshotter
 from memfit.config import ClientComponents, ConfigError, describe_config, engine_gaps, resolve_config
 from memfit.io.engine import set_default_geometry
 from memfit.monitor import build_monitor
+from memfit.offload.activation_swap import ActivationSwap
 from memfit.offload.build import build_update, place_in_host_tier, streams_the_step
 from memfit.offload.param_store import NvmeParamStore
 from memfit.offload.streamed_step import StreamedStep
+from memfit.offload.swap_space import nvme_path_problem
 from memfit.optim.groups import model_layout
 from memfit.runtime.activation_checkpointing import wrap_blocks
 from memfit.runtime.distributed import init_distributed, seed_everything
@@ -68,7 +70,12 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     model = prepare_model(model, device, compute_dtype, world_size)
     if cfg.memfit.checkpoint_blocks is not None:
         try:
-            wrap_blocks(model, cfg.memfit.checkpoint_blocks, cfg.activation_checkpointing.cpu_checkpointing)
+            wrap_blocks(
+                model,
+                cfg.memfit.checkpoint_blocks,
+                cfg.activation_checkpointing.cpu_checkpointing,
+                activation_swap(cfg, rank),
+            )
         except ValueError as error:
             raise ConfigError([str(error)], "memfit.initialize") from None
     named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -179,6 +186,16 @@ def agree_on_failure(failed: bool, world_size: int, device) -> bool:
     flag = torch.tensor([1 if failed else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def activation_swap(cfg, rank: int) -> ActivationSwap | None:
+    """memfit.activation_offload "nvme": the rank's swap file for the kept block inputs."""
+    offload = cfg.memfit.activation_offload
+    if offload.device != "nvme":
+        return None
+    if problem := nvme_path_problem(offload.nvme_path, offload.swap_bytes, "memfit.activation_offload.nvme_path"):
+        raise ConfigError([problem], "memfit.initialize")
+    return ActivationSwap(offload.nvme_path, rank, offload.swap_bytes, cfg.aio)
 
 
 def collective_timeout_s(config, client: ClientComponents) -> float:
