@@ -30,6 +30,7 @@ length) or a Linear (features) gets zeros of that shape, and any other has no es
 
 import contextlib
 import functools
+import logging
 import weakref
 from dataclasses import dataclass, field
 
@@ -40,6 +41,8 @@ from torch.utils._pytree import tree_leaves
 from memfit.units import format_bytes
 
 HINT = "memfit_example_inputs"
+
+logger = logging.getLogger("memfit")
 
 
 @dataclass
@@ -79,6 +82,30 @@ class ActivationEstimate:
 
 def has_hint(model: torch.nn.Module) -> bool:
     return callable(getattr(model, HINT, None))
+
+
+def host_check_activations(model: torch.nn.Module, cfg, micro_batch_size: int, device_type: str):
+    """For initialize's host-memory check: the {"device", "host"} bytes of one micro-batch's
+    activations as the config runs them, or None (with a logged line) where they are not known.
+    Only a model that says what its micro-batch is (memfit_example_inputs) is traced: the check
+    must never refuse a run on a guessed input."""
+    if not has_hint(model):
+        logger.info("host memory check: activations not counted (the model has no %s method)", HINT)
+        return None
+    blocks = cfg.memfit.checkpoint_blocks
+    try:
+        traced = trace_model(model, micro_batch_size, blocks)
+    except ValueError as error:
+        logger.info("host memory check: activations not counted: %s", error)
+        return None
+    checkpointed = blocks is not None and traced.num_blocks > 0
+    tiers = traced.tiers(checkpointed, cfg.activation_checkpointing.cpu_checkpointing, device_type)
+    logger.info(
+        "host memory check: one micro-batch's activations (%s): %s of host memory per rank",
+        traced.inputs,
+        format_bytes(tiers["host"]),
+    )
+    return tiers
 
 
 def trace_model(
@@ -213,10 +240,13 @@ def _trace(model, run, inputs, model_tensors, blocks_spec, description) -> Activ
     as the model is, and where it has blocks once more with them checkpointed."""
     from memfit.runtime.activation_checkpointing import blocks_to_checkpoint
 
+    notes = []
     try:
         blocks = blocks_to_checkpoint(model, blocks_spec or "auto")
-    except ValueError:
-        blocks = []  # nothing to checkpoint: one variant only
+    except ValueError as error:  # nothing to checkpoint: one variant only
+        blocks = []
+        if blocks_spec is not None:
+            notes.append(str(error))
     owned = {t.untyped_storage()._cdata for t in model_tensors}
     live = _LiveStorages()
     outside: set[int] = set()
@@ -256,7 +286,7 @@ def _trace(model, run, inputs, model_tensors, blocks_spec, description) -> Activ
         handles.append(block.register_forward_hook(leave))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            notes = _forward_backward(run, inputs, model_tensors, live, keep_output)
+            notes += _forward_backward(run, inputs, model_tensors, live, keep_output)
     finally:
         for handle in handles:
             handle.remove()
@@ -355,6 +385,6 @@ def describe(estimate: ActivationEstimate, checkpointed: bool, cpu_checkpointing
             )
         else:
             kind = f"without checkpointing: {format_bytes(estimate.saved_bytes)} saved for backward"
-        label = "activations per rank" if index == 0 else "  for comparison,"
+        label = "activations per rank (every rank the same)" if index == 0 else "  for comparison,"
         lines.append(f"{label} {kind}; at most {format_bytes(estimate.total_bytes(variant))} ({where})")
     return lines

@@ -17,9 +17,10 @@ from memfit.monitor import build_monitor
 from memfit.optim.groups import model_layout
 from memfit.optim.registry import build_optimizer
 from memfit.runtime.activation_checkpointing import wrap_blocks
+from memfit.runtime.activations import host_check_activations
 from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine
-from memfit.runtime.estimate import host_memory_problem
+from memfit.runtime.estimate import host_check_applies, host_memory_problem
 from memfit.runtime.logs import setup_logging
 from memfit.runtime.loss_scale import build_loss_scaler
 from memfit.runtime.nvme_update import build_nvme_update
@@ -72,6 +73,9 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
 
     compute_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
     model = prepare_model(model, device, compute_dtype, world_size)
+    activations = None  # traced before the blocks are wrapped: the trace checkpoints them itself
+    if host_check_applies(cfg, device.type):
+        activations = host_check_activations(model, cfg, micro_batch_size, device.type)
     if cfg.memfit.checkpoint_blocks is not None:
         try:
             wrap_blocks(model, cfg.memfit.checkpoint_blocks, cfg.activation_checkpointing.cpu_checkpointing)
@@ -95,7 +99,14 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     # Every rank decides before any of them allocates, and all fail together.
     problem = host_memory_problem(
-        shapes, cfg, world_size, rank, local_world_size, device.type, client_optimizer=optimizer is not None
+        shapes,
+        cfg,
+        world_size,
+        rank,
+        local_world_size,
+        device.type,
+        client_optimizer=optimizer is not None,
+        activations=activations,
     )
     if agree_on_failure(problem is not None, world_size, device):
         raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")
