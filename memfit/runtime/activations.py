@@ -247,7 +247,7 @@ def _trace(model, run, inputs, model_tensors, blocks_spec, description) -> Activ
         blocks = []
         if blocks_spec is not None:
             notes.append(str(error))
-    owned = {t.untyped_storage()._cdata for t in model_tensors}
+    owned = {_address(t) for t in model_tensors} | {None}  # not activations, or no storage to count
     live = _LiveStorages()
     outside: set[int] = set()
     per_block: list[set[int]] = [set() for _ in blocks]
@@ -255,7 +255,7 @@ def _trace(model, run, inputs, model_tensors, blocks_spec, description) -> Activ
     current: list[int] = []
 
     def pack(tensor):
-        if tensor.untyped_storage()._cdata not in owned:
+        if _address(tensor) not in owned:
             serial = live.track(tensor)
             live.saved.add(serial)
             (per_block[current[-1]] if current else outside).add(serial)
@@ -264,7 +264,7 @@ def _trace(model, run, inputs, model_tensors, blocks_spec, description) -> Activ
     def enter(index):
         def hook(module, args, kwargs):
             for tensor in tree_leaves((args, kwargs)):
-                if torch.is_tensor(tensor) and tensor.untyped_storage()._cdata not in owned:
+                if torch.is_tensor(tensor) and _address(tensor) not in owned:
                     block_inputs.add(live.track(tensor))
             current.append(index)
 
@@ -275,7 +275,7 @@ def _trace(model, run, inputs, model_tensors, blocks_spec, description) -> Activ
 
     def keep_output(output):
         for tensor in tree_leaves(output):
-            if torch.is_tensor(tensor) and tensor.untyped_storage()._cdata not in owned:
+            if torch.is_tensor(tensor) and _address(tensor) not in owned:
                 serial = live.track(tensor)
                 live.saved.add(serial)
                 outside.add(serial)

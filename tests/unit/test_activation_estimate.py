@@ -84,7 +84,7 @@ def gpt(preset: str, dtype, blocks):
 
 CASES = [
     ("tiny", torch.float32, None),
-    ("tiny", torch.float32, "auto"),
+    pytest.param("tiny", torch.float32, "auto", marks=pytest.mark.slow),
     ("tiny", torch.bfloat16, None),
     ("tiny", torch.bfloat16, ["Block"]),
     pytest.param("small", torch.float32, None, marks=pytest.mark.slow),

@@ -102,10 +102,13 @@ def test_no_estimate_is_a_line_saying_why(workdir, capsys):
             "--micro-batch-size: expected a positive integer, got 0",
         ),
         (["--model", "{name}:mlp", "--seq-len", "-4"], "--seq-len: expected a positive integer, got -4"),
+        (["--model", "{name}:mlp", "--config", "zero.json"], "zero.json: train_micro_batch_size_per_gpu"),
     ],
 )
 def test_misuse_is_one_line_naming_the_argument(workdir, capsys, args, message):
-    _, name = workdir
+    directory, name = workdir
+    (directory / "zero.json").write_text('{"train_micro_batch_size_per_gpu": 0}')
     assert main(["estimate", *(arg.format(name=name) for arg in args)]) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"memfit estimate: {message.format(name=name)}\n" and captured.out == ""
+    assert captured.err.startswith(f"memfit estimate: {message.format(name=name)}") and captured.out == ""
+    assert captured.err.count("\n") == 1
