@@ -121,9 +121,23 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
+    def memfit_example_inputs(self, micro_batch_size: int, seq_len: int | None = None):
+        """One micro-batch of token ids, by which memfit traces the activations (memfit estimate,
+        and initialize's host-memory check)."""
+        shape = (micro_batch_size, seq_len or self.cfg.seq_len)
+        return torch.zeros(shape, dtype=torch.long, device=self.embed.weight.device)
+
     def forward(self, tokens):
         # tokens: (batch, seq) of byte values -> logits (batch, seq, vocab)
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
         return self.lm_head(self.norm(x))
+
+
+def __getattr__(name: str):
+    """gpt_model.small (any preset's name) is a factory of that preset, for
+    `memfit estimate --model examples.gpt_model:small`."""
+    if name in PRESETS:
+        return lambda: GPT(PRESETS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,13 @@
 """`memfit estimate`: memory per rank (parameters, gradients with their staging buffer, fp32
 masters, optimizer state; per tier) for a model and a config, from tensor shapes alone, as
 memfit.initialize will lay it out, with DeepSpeed's ZeRO-2 estimate beside it. With snapshots on,
-the shared memory their slots and their parity take.
+the shared memory their slots and their parity take. For a --model, the activations of one
+micro-batch, traced on fake tensors (memfit.runtime.activations), with and without activation
+checkpointing.
 
     memfit estimate --params 7e9 --config ds.json --world-size 8
-    memfit estimate --model mypkg.models:build --config ds.json --world-size 2
+    memfit estimate --model mypkg.models:build --config ds.json --world-size 2 --seq-len 2048
+    memfit estimate --model examples.gpt_model:small --config ds.json --micro-batch-size 8
     memfit estimate --params 1B --config snap.json --world-size 8 --nodes 4
 """
 
@@ -29,18 +32,38 @@ def add_arguments(commands) -> None:
     estimate.add_argument(
         "--nodes", type=positive_int, default=1, help="nodes the ranks are spread over (default 1; for snapshot parity)"
     )
+    estimate.add_argument(
+        "--micro-batch-size",
+        type=int,
+        help="samples per rank and forward, for the activations (default: the config's train_micro_batch_size_per_gpu)",
+    )
+    estimate.add_argument(
+        "--seq-len",
+        type=int,
+        help="sequence length of one sample, for the activations (default: the model's memfit_example_inputs decides)",
+    )
 
 
 def run(args) -> int:
     from memfit.config import ConfigError, engine_gaps
-    from memfit.runtime.estimate import deepspeed_zero2_estimate, estimate, format_table
-    from memfit.runtime.model_shapes import decoder_shapes, model_shapes, parse_count
+    from memfit.runtime.estimate import deepspeed_zero2_estimate, estimate, format_table, shapes_of
+    from memfit.runtime.model_shapes import build_on_meta, decoder_shapes, load_factory, parse_count
 
+    model = None
     try:
+        for flag, value in (("--micro-batch-size", args.micro_batch_size), ("--seq-len", args.seq_len)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag}: expected a positive integer, got {value}")
         if args.world_size % args.nodes:
             raise ValueError(f"--world-size {args.world_size} is not a multiple of --nodes {args.nodes}")
-        shapes, description = decoder_shapes(parse_count(args.params)) if args.params else model_shapes(args.model)
-        cfg = _load_config(args.config, args.world_size)
+        if args.params:
+            shapes, description = decoder_shapes(parse_count(args.params))
+        else:
+            model = build_on_meta(args.model, load_factory(args.model))
+            shapes = shapes_of(model)
+            total = sum(_numel(shape) for _, shape, _ in shapes)
+            description = f"{args.model}: {total:,} parameters in {len(shapes)} tensors"
+        cfg = _load_config(args.config, args.world_size, args.micro_batch_size)
         gaps = engine_gaps(cfg, args.world_size)
         if gaps:
             raise ConfigError(gaps, args.config or "config")
@@ -65,9 +88,48 @@ def run(args) -> int:
     print(format_table(shown, deepspeed))
     if len(shown) < len(estimates):
         print(f"({len(shown)} of {len(estimates)} ranks shown: the first ones and the largest)")
+    for line in activation_lines(model, cfg, estimates, args):
+        print(line)
     for line in snapshot_lines(estimates, cfg.snapshot, args.nodes, args.world_size // args.nodes):
         print(line)
     return 0
+
+
+def activation_lines(model, cfg, estimates, args) -> list[str]:
+    """The activations of one micro-batch per rank (every rank the same), as configured and the
+    other way for comparison, and the largest rank's tiers with them; why there are none."""
+    import torch
+
+    from memfit.runtime.activations import describe, trace_model
+    from memfit.units import format_bytes
+
+    if model is None:
+        return [
+            "activations: not estimated for --params (a layout, no model to run); give --model, "
+            "like examples.gpt_model:small"
+        ]
+    _, micro_batch_size, _ = cfg.batch_sizes(args.world_size)
+    compute_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
+    blocks = cfg.memfit.checkpoint_blocks
+    try:
+        traced = trace_model(model, micro_batch_size, blocks, args.seq_len, compute_dtype, device="cpu")
+    except ValueError as error:
+        return [f"activations: not estimated: {error}"]
+    checkpointed = blocks is not None and traced.num_blocks > 0
+    cpu_checkpointing = cfg.activation_checkpointing.cpu_checkpointing
+    lines = [
+        f"activations: traced, one forward and backward on fake tensors (nothing allocated, CPU kernels) of a "
+        f"micro-batch of {micro_batch_size}: {traced.inputs}",
+        *describe(traced, checkpointed, cpu_checkpointing, args.device),
+    ]
+    tiers = traced.tiers(checkpointed, cpu_checkpointing, args.device)
+    device = max(e.tiers["device"] for e in estimates) + tiers["device"]
+    host = max(e.tiers["host"] for e in estimates) + tiers["host"]
+    if args.device == "cpu":
+        lines.append(f"per rank with activations, at most: {format_bytes(device + host)} of RAM")
+    else:
+        lines.append(f"per rank with activations, at most: device {format_bytes(device)}, host {format_bytes(host)}")
+    return lines + [f"note: {note}" for note in traced.notes]
 
 
 def snapshot_lines(estimates, snapshot, num_nodes: int, ranks_per_node: int) -> list[str]:
@@ -97,14 +159,17 @@ def snapshot_lines(estimates, snapshot, num_nodes: int, ranks_per_node: int) -> 
     ]
 
 
-def _load_config(path: str | None, world_size: int):
-    """The resolved config; a file without batch sizes gets a micro-batch of 1 (memory does not
-    depend on it here: activations are not estimated)."""
+def _load_config(path: str | None, world_size: int, micro_batch_size: int | None = None):
+    """The resolved config; micro_batch_size replaces the file's batch sizes (its accumulation
+    steps kept), and a file without any gets a micro-batch of 1."""
     from memfit.config import ConfigError, resolve_config
     from memfit.config.read import read_config_file
 
     raw = read_config_file(path) if path else {}
-    if isinstance(raw, dict) and not any(key in raw for key in BATCH_KEYS):
+    if isinstance(raw, dict) and micro_batch_size is not None:
+        raw = {key: value for key, value in raw.items() if key != "train_batch_size"}
+        raw["train_micro_batch_size_per_gpu"] = micro_batch_size
+    elif isinstance(raw, dict) and not any(key in raw for key in BATCH_KEYS):
         raw = {**raw, "train_micro_batch_size_per_gpu": 1}
     try:
         return resolve_config(raw, world_size).config

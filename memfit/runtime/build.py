@@ -20,9 +20,10 @@ from memfit.offload.streamed_step import StreamedStep
 from memfit.offload.swap_space import nvme_path_problem
 from memfit.optim.groups import model_layout
 from memfit.runtime.activation_checkpointing import wrap_blocks
+from memfit.runtime.activations import host_check_activations
 from memfit.runtime.distributed import init_distributed, seed_everything
 from memfit.runtime.engine import Engine, fp32_norm
-from memfit.runtime.estimate import host_memory_problem
+from memfit.runtime.estimate import host_check_applies, host_memory_problem
 from memfit.runtime.logs import setup_logging
 from memfit.runtime.loss_scale import build_loss_scaler
 from memfit.runtime.schedulers import build_scheduler
@@ -68,14 +69,13 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
 
     compute_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
     model = prepare_model(model, device, compute_dtype, world_size)
+    activations = None  # traced before the blocks are wrapped: the trace checkpoints them itself
+    if host_check_applies(cfg, device.type):
+        activations = host_check_activations(model, cfg, micro_batch_size, device.type)
     if cfg.memfit.checkpoint_blocks is not None:
+        swap = activation_swap(cfg, rank)
         try:
-            wrap_blocks(
-                model,
-                cfg.memfit.checkpoint_blocks,
-                cfg.activation_checkpointing.cpu_checkpointing,
-                activation_swap(cfg, rank),
-            )
+            wrap_blocks(model, cfg.memfit.checkpoint_blocks, cfg.activation_checkpointing.cpu_checkpointing, swap)
         except ValueError as error:
             raise ConfigError([str(error)], "memfit.initialize") from None
     named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -96,7 +96,14 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     # Every rank decides before any of them allocates, and all fail together.
     problem = host_memory_problem(
-        shapes, cfg, world_size, rank, local_world_size, device.type, client_optimizer=optimizer is not None
+        shapes,
+        cfg,
+        world_size,
+        rank,
+        local_world_size,
+        device.type,
+        client_optimizer=optimizer is not None,
+        activations=activations,
     )
     if agree_on_failure(problem is not None, world_size, device):
         raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")

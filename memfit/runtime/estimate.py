@@ -247,15 +247,32 @@ def _cgroup_room() -> int | None:
     return None
 
 
+def host_check_applies(cfg, device_type: str) -> bool:
+    """Whether host_memory_problem has anything to check: a host tier, a swap file, or a model
+    on the CPU (whose gradients and optimizer state are RAM too)."""
+    offload = cfg.zero_optimization.offload_optimizer
+    param_nvme = cfg.zero_optimization.stage == 3 and cfg.zero_optimization.offload_param.device == "nvme"
+    return offload.device != "none" or device_type == "cpu" or param_nvme
+
+
 def host_memory_problem(
-    shapes, cfg, world_size: int, rank: int, local_world_size: int, device_type: str, client_optimizer: bool = False
+    shapes,
+    cfg,
+    world_size: int,
+    rank: int,
+    local_world_size: int,
+    device_type: str,
+    client_optimizer: bool = False,
+    activations: dict[str, int] | None = None,
 ):
     """A ConfigError message if the ranks on this node would need more host memory than is
     available (the host tier, and on a CPU machine also gradients, masters and optimizer state;
-    the parameters exist already), with the estimate as a table; None if it fits."""
+    the parameters exist already), with the estimate as a table; None if it fits. activations:
+    the {"device", "host"} bytes of one micro-batch's activations per rank where they are known
+    (memfit.runtime.activations), whose host share counts too."""
     offload = cfg.zero_optimization.offload_optimizer
     param_nvme = cfg.zero_optimization.stage == 3 and cfg.zero_optimization.offload_param.device == "nvme"
-    if offload.device == "none" and device_type != "cpu" and not param_nvme:
+    if not host_check_applies(cfg, device_type):
         return None
     estimates = estimate(shapes, cfg, world_size, client_optimizer, device_type)
     first = rank - rank % local_world_size
@@ -276,15 +293,20 @@ def host_memory_problem(
             if problem is not None:
                 return problem
     needed = 0
+    activation_host_bytes = activations["host"] if activations is not None else 0
     for item in local:
-        needed += item.tiers["host"]
+        needed += item.tiers["host"] + activation_host_bytes
         if device_type == "cpu":
             needed += item.tiers["device"] - item.bytes["params"] + item.gathered_peak
     available = available_host_bytes()
     if needed <= available:
         return None
-
+    with_activations = (
+        f"\nand one micro-batch's activations: {format_bytes(activation_host_bytes)} of host memory per rank"
+        if activations is not None
+        else ""
+    )
     return (
         f"host memory: the {len(local)} rank(s) on this node need {format_bytes(needed)} more, "
-        f"{format_bytes(available)} is available; estimate per rank:\n{format_table(local)}"
+        f"{format_bytes(available)} is available; estimate per rank:\n{format_table(local)}{with_activations}"
     )

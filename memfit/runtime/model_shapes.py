@@ -74,9 +74,9 @@ def decoder_shapes(num_params: int) -> tuple[list[tuple[str, tuple, bool]], str]
     return shapes, f"a LLaMA-style decoder of {total:,} parameters (width {width}, {layers} layers, vocabulary {vocab})"
 
 
-def model_shapes(spec: str) -> tuple[list[tuple[str, tuple, bool]], str]:
-    """Shapes of the model that `module:factory` builds (the factory is called with no arguments,
-    on the meta device, so nothing is allocated); the current directory is importable."""
+def load_factory(spec: str):
+    """The factory `module:factory` names (the current directory is importable); a ValueError
+    naming --model when it cannot be found."""
     module_name, _, factory_name = spec.partition(":")
     if not module_name or not factory_name:
         raise ValueError(f"--model: expected module:factory (like mypkg.models:build), got {spec!r}")
@@ -86,13 +86,31 @@ def model_shapes(spec: str) -> tuple[list[tuple[str, tuple, bool]], str]:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ValueError(f"--model: cannot import {module_name!r}: {error}") from None
+    except Exception as error:  # the module itself fails as it runs
+        raise ValueError(f"--model: importing {module_name!r} raised {type(error).__name__}: {error}") from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise ValueError(f"--model: {module_name!r} has no callable {factory_name!r}")
-    with torch.device("meta"):
-        model = factory()
+    return factory
+
+
+def build_on_meta(spec: str, factory) -> torch.nn.Module:
+    """factory() on the meta device (nothing allocated); a ValueError naming --model if it raises
+    or returns something else than a module."""
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception as error:
+        raise ValueError(f"--model: {spec} raised {type(error).__name__}: {error}") from None
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"--model: {spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def model_shapes(spec: str) -> tuple[list[tuple[str, tuple, bool]], str]:
+    """Shapes of the model that `module:factory` builds (the factory is called with no arguments,
+    on the meta device, so nothing is allocated); the current directory is importable."""
+    model = build_on_meta(spec, load_factory(spec))
     shapes = [(name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()]
     total = sum(torch.Size(shape).numel() for _, shape, _ in shapes)
     return shapes, f"{spec}: {total:,} parameters in {len(shapes)} tensors"
