@@ -30,12 +30,15 @@ SIZES = ["base", "400m", "1b"]
 
 
 def config(setup: str, path: str) -> dict:
-    """stage3-nvme and stage1-nvme (above); stage3-resident: stage 3 with the optimizer on NVMe and
-    the parameters in memory (on one rank nothing is gathered)."""
+    """stage3-nvme and stage1-nvme (above); stage3-nvme-prefetch: stage3-nvme reading ahead;
+    stage3-resident: stage 3 with the optimizer on NVMe and the parameters in memory (on one rank
+    nothing is gathered)."""
     nvme = {"device": "nvme", "nvme_path": path}
     zero = {"stage": 1, "offload_optimizer": {**nvme, "buffer_count": 4, "buffer_size": 64 << 20}}
     if setup == "stage3-nvme":
         zero.update(stage=3, offload_param=nvme, stage3_prefetch_bucket_size=0)
+    if setup == "stage3-nvme-prefetch":  # reads ahead (DeepSpeed's default prefetch bucket)
+        zero.update(stage=3, offload_param=nvme)
     if setup == "stage3-resident":
         zero.update(stage=3)
     return {

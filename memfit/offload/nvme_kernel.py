@@ -211,6 +211,11 @@ class NvmeKernelUpdate:
         param = self.params[param_or_index] if isinstance(param_or_index, int) else param_or_index
         return self.streamed is not None and self.streamed.has_grad(param)
 
+    def _start_bring(self, pieces) -> None:
+        for piece in pieces:
+            if self._in_stream(piece.index):
+                self.streamed.start_bring(self.params[piece.index])
+
     def _bring(self, pieces, grads) -> None:
         for piece in pieces:
             if self._in_stream(piece.index):
@@ -256,6 +261,7 @@ class NvmeKernelUpdate:
                     self.space.wait(writes[following % num_buffers], "writing")
                     writes[following % num_buffers] = []
                     reads[following] = self._start_reads(run[following], self.ring[following % num_buffers])
+                    self._start_bring(run[following])
                 self.space.wait(reads.pop(position), "reading")
                 self._bring(pieces, grads)
                 writes[position % num_buffers] = self._update(pieces, buffer, grads, row_key, constants)

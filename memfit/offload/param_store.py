@@ -21,16 +21,23 @@ class NvmeParamStore:
         self.swap.put(self.name_of[id(param)], values.detach().contiguous()).wait()
 
     def read(self, param, shape: torch.Size) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=param.dtype, device=param.device)
-        self.swap.get(self.name_of[id(param)], buffer).wait()
+        buffer, request = self.start_read(param, shape)
+        request.wait()
         return buffer
 
-    def write_grad(self, param, grad: torch.Tensor) -> None:
-        self.swap.put(self.name_of[id(param)] + "/grad", grad.detach().contiguous()).wait()
+    def start_read(self, param, shape: torch.Size, grad: bool = False) -> tuple[torch.Tensor, object]:
+        """(buffer, request): the read of the tensor's values (or its gradient) into a new buffer,
+        in flight. A read or write of a slot starts after the slot's earlier requests finish."""
+        buffer = torch.empty(shape, dtype=param.dtype, device=param.device)
+        return buffer, self.swap.get(self.name_of[id(param)] + ("/grad" if grad else ""), buffer)
 
-    def read_grad(self, param, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=dtype, device=param.device)
-        self.swap.get(self.name_of[id(param)] + "/grad", buffer).wait()
+    def start_write_grad(self, param, grad: torch.Tensor):
+        """The write of a gradient, in flight: the caller keeps `grad` until it is done."""
+        return self.swap.put(self.name_of[id(param)] + "/grad", grad.detach().contiguous())
+
+    def read_grad(self, param, shape: torch.Size) -> torch.Tensor:
+        buffer, request = self.start_read(param, shape, grad=True)
+        request.wait()
         return buffer
 
     @property

@@ -51,7 +51,8 @@ class StreamedStep:
         # backward, which would add into it.
         self._markers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (marker, its one element)
         self._final_backward = True  # the backward running is the step's last micro-step
-        self._brought: dict[int, tuple] = {}  # id -> (tensor, its gradient) read for the update
+        self._writing: list[tuple] = []  # (request, gradient) of writes in flight
+        self._brought: dict[int, list] = {}  # id -> [tensor, weights, gradient, their reads] for the update
 
     # ---- around backward ------------------------------------------------------------------------
     def before_backward(self, final: bool) -> None:
@@ -68,7 +69,8 @@ class StreamedStep:
         key = id(param)
         if key in self.stored:
             grad = self.read_grad(param).add_(grad)
-        self.store.write_grad(param, grad)
+        self._reap_writes()
+        self._writing.append((self.store.start_write_grad(param, grad), grad))
         norm = finite = None
         if self._final_backward:
             norm = self.norm_of(grad) if self.needs_norm else None
@@ -88,11 +90,22 @@ class StreamedStep:
         param.grad = marker
 
     def read_grad(self, param) -> torch.Tensor:
-        return self.store.read_grad(param, self.stage3.shape_of[id(param)], param.dtype)
+        return self.store.read_grad(param, self.stage3.shape_of[id(param)])
+
+    def _reap_writes(self, wait: bool = False) -> None:
+        """Lets go of the gradients whose writes have finished (all of them when wait)."""
+        still = []
+        for request, grad in self._writing:
+            if wait or request.done():
+                request.wait()  # raises a failed write
+            else:
+                still.append((request, grad))
+        self._writing = still
 
     # ---- at the step ----------------------------------------------------------------------------
     def reconcile(self) -> None:
         """Applies what the script did to .grad since the last backward (see _markers)."""
+        self._reap_writes(wait=True)
         for param in self.params:
             key, grad = id(param), param.grad
             marker, element = self._markers.get(key, (None, None))
@@ -116,13 +129,25 @@ class StreamedStep:
         self.stored.clear()
         self._markers.clear()
 
-    def bring(self, param) -> torch.Tensor:
-        """Reads a streamed tensor's weights into it and returns its gradient, for the update."""
+    def start_bring(self, param) -> None:
+        """Starts reading a streamed tensor's weights and gradient, for the update."""
         key = id(param)
         if key not in self._brought:
-            param.data = self.store.read(param, self.stage3.shape_of[key])
-            self._brought[key] = (param, self.read_grad(param))
-        return self._brought[key][1]
+            shape = self.stage3.shape_of[key]
+            weights, weights_read = self.store.start_read(param, shape)
+            grad, grad_read = self.store.start_read(param, shape, grad=True)
+            self._brought[key] = [param, weights, grad, [weights_read, grad_read]]
+
+    def bring(self, param) -> torch.Tensor:
+        """The tensor's weights in it (read now, or as started) and its gradient, for the update."""
+        self.start_bring(param)
+        entry = self._brought[id(param)]
+        if entry[3]:
+            for request in entry[3]:
+                request.wait()
+            entry[3] = []
+            param.data = entry[1]
+        return entry[2]
 
     def put_back(self, param) -> None:
         """After the tensor's last piece is updated: its weights go back to the swap file."""
@@ -132,7 +157,9 @@ class StreamedStep:
     def drop_brought(self) -> None:
         """A failed update: the tensors read for it are released unwritten (the store keeps their
         values from before the step)."""
-        for param, _ in list(self._brought.values()):
+        for param, _, _, reads in list(self._brought.values()):
+            for request in reads:
+                request.wait()
             self._forget(param)
 
     def _forget(self, param) -> None:

@@ -207,8 +207,13 @@ class Stage3Params:
         numel = self.shape_of[key].numel()
         if owner != self.rank:
             buffer = torch.empty(self.shape_of[key], dtype=param.dtype, device=param.device)
+        elif self.store is not None and self.world_size == 1:
+            buffer, work = self.store.start_read(param, self.shape_of[key])  # waited for in _finish
+            self._in_flight[key] = (work, buffer)
+            self.schedule.live_numel += numel
+            return
         elif self.store is not None:
-            buffer = self.store.read(param, self.shape_of[key])
+            buffer = self.store.read(param, self.shape_of[key])  # whole before the owner sends it
         else:
             buffer = param.data
         work = dist.broadcast(buffer, src=owner, async_op=True) if self.world_size > 1 else None
@@ -220,7 +225,8 @@ class Stage3Params:
         work, buffer = self._in_flight.pop(key)
         if work is not None:
             work.wait()
-            keep(work)
+            if self.world_size > 1:
+                keep(work)
         if self._moves(key):
             param.data = buffer
             self.gathered_bytes += buffer.numel() * buffer.element_size()
