@@ -52,11 +52,12 @@ def config(setup: str, path: str) -> dict:
     }
 
 
-def run(setup: str, preset: str, path: str, steps: int, timeout: float) -> dict:
+def run(setup: str | dict, preset: str, path: str, steps: int, timeout: float) -> dict:
+    """The example under memfit run with a setup's config (or a config dict), its peak RSS sampled."""
     with tempfile.TemporaryDirectory() as directory:
         config_path = os.path.join(directory, "config.json")
         with open(config_path, "w") as file:
-            json.dump(config(setup, path), file)
+            json.dump(setup if isinstance(setup, dict) else config(setup, path), file)
         metrics = os.path.join(directory, "metrics.jsonl")
         command = [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "1",
                    os.path.join(ROOT, "examples", "train_gpt.py"), "--config", config_path, "--preset", preset,

@@ -29,6 +29,7 @@ PRESETS = {
     # gradients stay in RAM, and 12 (fp32 master, exp_avg, exp_avg_sq) go to the swap file.
     "400m": GPTConfig(dim=1536, n_layers=14, n_heads=12, seq_len=256),  # ~0.40B
     "1b": GPTConfig(dim=2048, n_layers=20, n_heads=16, seq_len=256),  # ~1.01B
+    "2b": GPTConfig(dim=2560, n_layers=24, n_heads=20, seq_len=256),  # ~1.89B
     "3b": GPTConfig(dim=3072, n_layers=24, n_heads=24, seq_len=256),  # ~2.72B: 43 GB of training state
     # For stage 3 with offload_param and offload_optimizer on NVMe (examples/configs/zero3_nvme.json):
     # 64 GB of training state, of which RAM holds what one layer and the step's buffers need.
