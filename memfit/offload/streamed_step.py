@@ -134,8 +134,11 @@ class StreamedStep:
         key = id(param)
         if key not in self._brought:
             shape = self.stage3.shape_of[key]
-            weights, weights_read = self.store.start_read(param, shape)
             grad, grad_read = self.store.start_read(param, shape, grad=True)
+            if self.stage3.owned_whole:  # read whole for a snapshot or a checkpoint already
+                self._brought[key] = [param, None, grad, [grad_read]]
+                return
+            weights, weights_read = self.store.start_read(param, shape)
             self._brought[key] = [param, weights, grad, [weights_read, grad_read]]
 
     def bring(self, param) -> torch.Tensor:
@@ -146,21 +149,29 @@ class StreamedStep:
             for request in entry[3]:
                 request.wait()
             entry[3] = []
-            param.data = entry[1]
+            if entry[1] is not None:
+                param.data = entry[1]
         return entry[2]
 
     def put_back(self, param) -> None:
-        """After the tensor's last piece is updated: its weights go back to the swap file."""
+        """After the tensor's last piece is updated: its weights go back to the swap file (unless
+        they were in memory already, to be written back with the others)."""
+        if self._brought[id(param)][1] is None:
+            del self._brought[id(param)]
+            return
         self.store.write(param, param.data)
         self._forget(param)
 
     def drop_brought(self) -> None:
         """A failed update: the tensors read for it are released unwritten (the store keeps their
         values from before the step)."""
-        for param, _, _, reads in list(self._brought.values()):
+        for param, weights, _, reads in list(self._brought.values()):
             for request in reads:
                 request.wait()
-            self._forget(param)
+            if weights is None:
+                del self._brought[id(param)]
+            else:
+                self._forget(param)
 
     def _forget(self, param) -> None:
         param.data = self.stage3.released_value(param)

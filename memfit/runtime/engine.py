@@ -160,7 +160,7 @@ class Engine:
             self._count_grad_bytes()
         grads = self._update.gradients({id(p) for (_, p), got in zip(self._named_params, touched) if got})
         multiplier, overflow = self._gradient_multiplier(grads)
-        with self._owned_in_memory():  # offload_param "nvme": for the update and the snapshot
+        with self._owned_in_memory(for_step=True):  # offload_param "nvme": for the update and the snapshot
             if overflow:
                 self._update.skip()
                 self.skipped_steps += 1
@@ -185,11 +185,11 @@ class Engine:
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
             logger.info("%s", self.step_stats.line(self))
 
-    def _owned_in_memory(self):
+    def _owned_in_memory(self, for_step: bool = False):
         if self._stage3 is None:
             return contextlib.nullcontext()
-        # a streamed update reads each tensor itself; a snapshot of the step reads them all
-        streamed = self._stage3.streamed is not None and self.snapshotter is None
+        # a streamed update reads each tensor itself; a snapshot of the step and checkpoints read them all
+        streamed = for_step and self._stage3.streamed is not None and self.snapshotter is None
         return self._stage3.owned_in_memory(streamed_update=streamed)
 
     def sync_params(self) -> None:

@@ -6,6 +6,7 @@ clipping, and what scripts do to .grad (zero_grad mid-accumulation, two backward
 a step with no backward, a gradient assigned by hand)."""
 
 import itertools
+import uuid
 
 import pytest
 import torch
@@ -108,3 +109,48 @@ def test_gradients_rest_on_nvme_between_backward_and_step(tmp_path):
     resident -= sum(p.numel() * p.element_size() for p in streamed)
     assert engine.memory_report()["grads"] == resident
     assert all(p.grad.shape == p.shape and p.grad.untyped_storage().nbytes() == 2 for p in streamed)
+
+
+def test_a_streamed_run_saves_and_resumes_bit_for_bit(tmp_path):
+    """A checkpoint saved between streamed steps (weights and state read from the swap files) and
+    loaded into a fresh engine resumes exactly where the run that never stopped ends."""
+    case = Case("tied", 3, True, 2, 0.5, "AdamW", "bfloat16", steps=4)
+    batches_ = batches(case, 1)
+
+    def steps(engine, chosen):
+        for step, batch in chosen:
+            for inputs, targets in micro_batches(batch, 0, 1, case.accumulation):
+                engine.backward(torch.nn.functional.mse_loss(engine(inputs.to(torch.bfloat16)).float(), targets))
+                engine.step()
+
+    engine = memfit.initialize(make_model("tied"), nvme_config(case, 3, str(tmp_path)))
+    steps(engine, list(enumerate(batches_))[:2])
+    engine.save_checkpoint(str(tmp_path / "ckpt"))
+    steps(engine, list(enumerate(batches_))[2:])
+    resumed = memfit.initialize(make_model("tied"), nvme_config(case, 3, str(tmp_path)))
+    assert resumed._stage3.streamed is not None
+    resumed.load_checkpoint(str(tmp_path / "ckpt"))
+    steps(resumed, list(enumerate(batches_))[2:])
+    with engine.gathered_parameters(), resumed.gathered_parameters():
+        for (name, expected), (_, got) in zip(engine.module.named_parameters(), resumed.module.named_parameters()):
+            assert torch.equal(got, expected), name
+
+
+def test_snapshot_steps_read_the_weights_whole_and_train_as_stage2(tmp_path, monkeypatch):
+    """With snapshots every step, each step reads the owned weights whole for the snapshot and the
+    streamed update reads only the gradients: still stage 2's result."""
+    monkeypatch.setenv("MEMFIT_SNAPSHOT_SHM_DIR", f"/dev/shm/memfit-test-{uuid.uuid4().hex[:10]}")
+    case = Case("tied", 3, True, 2, 0.5, "AdamW", "bfloat16")
+    expected = train(case, 2, str(tmp_path))
+    engine_config = nvme_config(case, 3, str(tmp_path))
+    engine_config["snapshot"] = {"interval_steps": 1}
+    engine = memfit.initialize(make_model(case.model), engine_config)
+    for step, batch in enumerate(batches(case, 1)):
+        for inputs, targets in micro_batches(batch, 0, 1, case.accumulation):
+            output = engine(inputs.to(torch.bfloat16), route=0, step=step).float()
+            engine.backward(torch.nn.functional.mse_loss(output, targets))
+            engine.step()
+    engine.snapshotter.join_copy()
+    with engine.gathered_parameters():
+        for name, param in engine.module.named_parameters():
+            assert torch.equal(param.detach().float(), expected[name]), name

@@ -63,13 +63,15 @@ def new_shm_dir() -> str:
 class Job:
     """`memfit run --max-restarts` of the example, in a session of its own."""
 
-    def __init__(self, directory, config, shm_dir, metrics, fault=None, max_restarts=3, launcher="memfit run"):
+    def __init__(
+        self, directory, config, shm_dir, metrics, fault=None, max_restarts=3, launcher="memfit run", nproc=2
+    ):
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env["MEMFIT_SNAPSHOT_SHM_DIR"] = shm_dir
         env.pop("MEMFIT_FAULT_AT", None)
         if fault:
             env["MEMFIT_FAULT_AT"] = fault
-        command = [sys.executable, "-m", *LAUNCHERS[launcher], "--nproc-per-node", "2"]
+        command = [sys.executable, "-m", *LAUNCHERS[launcher], "--nproc-per-node", str(nproc)]
         command += ["--max-restarts", str(max_restarts), EXAMPLE, "--config", config]
         command += ["--data", write_corpus(directory), "--max-steps", str(MAX_STEPS), "--eval-every", "1000"]
         command += ["--metrics", metrics, "--model-out", os.path.join(directory, "model.safetensors")]

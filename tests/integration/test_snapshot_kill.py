@@ -92,6 +92,27 @@ def test_stage3_with_parameters_on_nvme_resumes_bit_identical(tmp_path, referenc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_everything_on_nvme_resumes_bit_identical(tmp_path, nproc):
+    """Stage 3 with parameters and optimizer state on NVMe (on one rank the step streams, and a
+    snapshot step reads the owned tensors whole): a worker killed entering its 6th step resumes
+    and ends as the uninterrupted run with the same config."""
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    nvme = {"device": "nvme", "nvme_path": str(swap)}
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "offload_param": nvme, "offload_optimizer": nvme}
+    config = write_config(str(tmp_path), zero=zero)
+    reference_metrics = str(tmp_path / "reference.jsonl")
+    job = Job(str(tmp_path), config, new_shm_dir(), reference_metrics, nproc=nproc)
+    assert job.wait() == 0, job.output()[-3000:]
+    shm_dir, metrics = new_shm_dir(), str(tmp_path / "metrics.jsonl")
+    job = Job(str(tmp_path), config, shm_dir, metrics, fault=f"snapshot-barrier:6:{nproc - 1}:0", nproc=nproc)
+    assert job.wait() == 0, job.output()[-3000:]
+    assert_cleaned_up(shm_dir)
+    assert check_against(read_metrics(metrics), read_metrics(reference_metrics)), "not restored from a snapshot"
+
+
+@pytest.mark.slow
 def test_offloaded_optimizer_state_is_snapshotted(tmp_path):
     """Under offload_optimizer "cpu" the masters and moments live in the host arena: the snapshot
     copies them too, and a killed job ends as an uninterrupted one with the same config."""

@@ -106,6 +106,7 @@ class Stage3Params:
             self.store = open_store([(self.name_of[id(p)], p) for p in self.owned_managed])
         self.update_master = None  # param -> None: the owner's optimizer copy follows a change (set by the build)
         self.streamed = None  # the StreamedStep, where gradients and the update stream (set by the build)
+        self.owned_whole = False  # inside owned_in_memory: the owned tensors are in memory
         self.released: dict[int, torch.nn.Parameter] = {}  # not held, no gather in flight
         self.absent: dict[int, torch.nn.Parameter] = {}  # not usable yet: released or in flight
         self._in_flight: dict[int, tuple] = {}  # id -> (work, buffer) of a prefetch
@@ -380,6 +381,7 @@ class Stage3Params:
             yield
             return
         placed = [p for p in self.owned_managed if id(p) in self.absent]
+        self.owned_whole = True
         for param in placed:
             param.data = self.store.read(param, self.shape_of[id(param)])
         written = False
@@ -389,6 +391,7 @@ class Stage3Params:
                 self.store.write(param, param.data)
             written = True
         finally:
+            self.owned_whole = False
             for param in placed:
                 param.data = self.released_value(param)
             if not written and placed:
