@@ -118,7 +118,7 @@ def test_a_streamed_run_saves_and_resumes_bit_for_bit(tmp_path):
     batches_ = batches(case, 1)
 
     def steps(engine, chosen):
-        for step, batch in chosen:
+        for _, batch in chosen:
             for inputs, targets in micro_batches(batch, 0, 1, case.accumulation):
                 engine.backward(torch.nn.functional.mse_loss(engine(inputs.to(torch.bfloat16)).float(), targets))
                 engine.step()

@@ -63,9 +63,7 @@ def new_shm_dir() -> str:
 class Job:
     """`memfit run --max-restarts` of the example, in a session of its own."""
 
-    def __init__(
-        self, directory, config, shm_dir, metrics, fault=None, max_restarts=3, launcher="memfit run", nproc=2
-    ):
+    def __init__(self, directory, config, shm_dir, metrics, fault=None, max_restarts=3, launcher="memfit run", nproc=2):
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env["MEMFIT_SNAPSHOT_SHM_DIR"] = shm_dir
         env.pop("MEMFIT_FAULT_AT", None)
