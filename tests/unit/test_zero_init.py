@@ -121,6 +121,21 @@ def test_a_view_keeps_its_parameter_in_memory_while_it_lives(tmp_path):
     assert torch.equal(born_of(layer.bias).read(), eager.bias)
 
 
+def test_conversions_and_loading_inside_the_context(tmp_path):
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(torch.float32).half()
+    loaded = {name: value + 1 for name, value in eager.state_dict().items()}
+    eager.load_state_dict(loaded)
+    torch.manual_seed(0)
+    with memfit.zero_init(config(tmp_path)):
+        deferred = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(torch.float32).half()  # a no-op, a cast
+        deferred.load_state_dict(loaded)
+        flat = nn.utils.parameters_to_vector(deferred.parameters())
+    assert torch.equal(flat, nn.utils.parameters_to_vector(eager.parameters()))
+    for name, value in born_values(deferred).items():
+        assert value.dtype == torch.float16 and torch.equal(value, eager.get_parameter(name)), name
+
+
 def test_a_view_that_outlives_the_context_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match="outlives"):
         with memfit.zero_init(config(tmp_path)):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from memfit.config import ClientComponents, ConfigError
 from memfit.io.swap import SwapFullError
 from memfit.offload.swap_space import nvme_path_problem, open_swap, slot_bytes
+from memfit.runtime.memory_stats import return_freed_pages
 from memfit.runtime.zero.values_on_use import ValuesOnUse
 
 logger = logging.getLogger("memfit")
@@ -157,6 +158,7 @@ def stash(birth: BirthFile, param: torch.nn.Parameter) -> None:
         born = Born(birth, param)
         born.release()
         param.memfit_born = born
+    return_freed_pages(param.numel() * param.element_size())
 
 
 def _rank() -> int:
@@ -289,6 +291,7 @@ def fill_store(model, stage3, rank: int, world_size: int) -> None:
                     stage3.store.write(param, values)
                 del values
                 stage3._release(param)
+                return_freed_pages(param.numel() * param.element_size())
             else:
                 param.data = values
 

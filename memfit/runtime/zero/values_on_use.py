@@ -24,6 +24,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from memfit.runtime.memory_stats import return_freed_pages
+
 logger = logging.getLogger("memfit")
 
 _METHODS = ("size", "dim", "numel", "nelement", "element_size", "is_floating_point", "is_complex", "get_device",
@@ -94,7 +96,8 @@ class ValuesOnUse(TorchFunctionMode):
             return func(torch.empty(args[0].shape, device="meta"), *args[1:], **kwargs)
         versions = {}
         try:
-            replaced = id(args[0]) if func is DATA_SET else None  # `param.data = x` does not read param
+            # `param.data = x` does not read param (unless x is param: Module.to that changes nothing)
+            replaced = id(args[0]) if func == DATA_SET and args[1] is not args[0] else None
             for key, (param, place) in resting.items():
                 if key != replaced:
                     param.data = place.read()
@@ -121,24 +124,23 @@ class ValuesOnUse(TorchFunctionMode):
             if changed:
                 place.write(param.data)
             place.release()
+            return_freed_pages(param.numel() * param.element_size())
 
     def settle(self, ending: bool = False) -> None:
         """Writes back and releases each pinned parameter whose views are all gone (ending: every
         one, warning about views still alive)."""
-        for key, (param, place, views) in list(self.pinned.items()):
-            alive = [view for view in views if view() is not None]
-            if alive and not ending:
-                self.pinned[key] = (param, place, alive)
-                continue
-            if alive:
-                warnings.warn(
-                    f"a view of a parameter of shape {tuple(param.shape)} outlives the context that keeps its "
-                    "values off memory: what is written through it from now on is lost",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            del self.pinned[key]
-            self._rest(param, place, changed=True)  # writes through a view leave no trace on the parameter
+        with torch._C.DisableTorchFunction():  # and so no call in here comes back to this mode
+            done = [key for key, (_, _, views) in self.pinned.items() if ending or all(v() is None for v in views)]
+            for key in done:
+                param, place, views = self.pinned.pop(key)
+                if any(view() is not None for view in views):
+                    warnings.warn(
+                        f"a view of a parameter of shape {tuple(param.shape)} outlives the context that keeps its "
+                        "values off memory: what is written through it from now on is lost",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+                self._rest(param, place, changed=True)  # writes through a view leave no trace on the parameter
 
     def __exit__(self, exc_type, exc_value, traceback):
         try:
