@@ -46,6 +46,7 @@ class Parent(nn.Module):
             flat[:4] = 3.0
             del flat
         self.blocks[1].linear.bias.data.normal_()  # through the .data alias
+        self.frozen = nn.Parameter(torch.randn(5), requires_grad=False)
 
     @staticmethod
     def _init_weights(module):
@@ -216,16 +217,20 @@ def birth_files(directory) -> list[str]:
     return [name for name in os.listdir(directory) if name.startswith("memfit-swap-birth-")]
 
 
-@pytest.mark.parametrize("stage", [3, 2])
-def test_initialize_takes_the_values_and_deletes_the_birth_file(tmp_path, stage):
-    """Stage 3 with offload_param "nvme": the store is filled from the birth file; another config
-    reads the parameters back into memory. Either way the engine holds the eager build's values."""
+@pytest.mark.parametrize("setup", ["stage 3, in the store", "stage 3, kept whole", "stage 2"])
+def test_initialize_takes_the_values_and_deletes_the_birth_file(tmp_path, setup):
+    """Stage 3 with offload_param "nvme": the store is filled from the birth file (tensors under the
+    persistence threshold, and frozen ones, stay whole on every rank); another config reads the
+    parameters back into memory. Either way the engine holds the eager build's values."""
     torch.manual_seed(0)
     eager = Parent()
     torch.manual_seed(0)
     with memfit.zero_init(config(tmp_path)):
         deferred = Parent()
-    engine = memfit.initialize(deferred, config(tmp_path, stage=stage, device="nvme" if stage == 3 else "none"))
+    cfg = config(tmp_path, stage=2, device="none") if setup == "stage 2" else config(tmp_path)
+    if setup == "stage 3, kept whole":
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 10_000
+    engine = memfit.initialize(deferred, cfg)
     assert not birth_files(tmp_path)
     assert not [p for p in deferred.parameters() if born_of(p) is not None]
     with engine.gathered_parameters():
