@@ -12,8 +12,7 @@ per parameter that stay in memory; the intercept is the fixed part (interpreter,
 after the imports to the model built, and to the end of memfit.initialize (stage3-nvme), with the
 model built in memory (eager) and under memfit.zero_init (its parameters go to NVMe as they are
 registered). Both include a fixed part (the config's and the I/O engine's first use, ~90 MiB
-here); initialize includes the owned tensors' gradient buffers, which the engine keeps in memory
-at stage 3 (2 bytes per parameter under bf16 on one rank).
+on a small CPU box); the slope over the sizes is what the build holds per parameter.
 
     python benchmarks/stage3_memory.py --path /nvme/dir        # ~20 min, ~17 GB of swap at 1b
     python benchmarks/stage3_memory.py --path /nvme/dir --build
@@ -149,6 +148,7 @@ def build_table(sizes: list[str], path: str, timeout: float) -> str:
         "| model | parameters | build | peak RSS growth: model built | bytes/param | through initialize | bytes/param |",
         "|---|---|---|---|---|---|---|",
     ]
+    points = {False: [], True: []}
     for preset in sizes:
         count = num_params(preset)
         for deferred in (False, True):
@@ -159,9 +159,19 @@ def build_table(sizes: list[str], path: str, timeout: float) -> str:
                 lines.append(f"| {preset} | {count / 1e9:.2f}B | {how} | failed: {result['error'][-200:]!r} | | | |")
                 continue
             model, engine = result["model_growth_bytes"], result["initialize_growth_bytes"]
+            points[deferred].append((count, model, engine))
             lines.append(
                 f"| {preset} | {count / 1e9:.2f}B | {how} | {model / 2**20:.0f} MiB | {model / count:.2f} | "
                 f"{engine / 2**20:.0f} MiB | {engine / count:.2f} |"
+            )
+    lines.append("")
+    for deferred, found in points.items():
+        if len(found) >= 2:
+            model_slope, _ = slope([(count, model) for count, model, _ in found])
+            engine_slope, _ = slope([(count, engine) for count, _, engine in found])
+            lines.append(
+                f"- {'memfit.zero_init' if deferred else 'eager'}: peak RSS grows by **{model_slope:.2f} bytes per "
+                f"parameter** to the model built, {engine_slope:.2f} through initialize"
             )
     return "\n".join(lines)
 
@@ -193,7 +203,7 @@ def main() -> None:
     load_before = os.getloadavg()
     if args.build:
         header = [f"- machine: {machine_description(args.path)}", f"- command: `{command_line()}`", ""]
-        text = "\n".join(header) + build_table(args.sizes, args.path, args.timeout)
+        text = "\n".join(header) + "\n" + build_table(args.sizes, args.path, args.timeout)
         print(text)
         if not args.no_write:
             print("written to", write_section("Stage 3 with everything on NVMe: peak RSS of the build", text))

@@ -88,15 +88,6 @@ class BirthFile:
             self.files.remove(swap)
             swap.close()
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(swap.capacity_bytes for swap in self.files)
-
-    def close(self) -> None:
-        for swap in self.files:
-            swap.close()
-        self.files, self.file_of = [], {}
-
 
 def _nan_placeholder(shape, dtype, device) -> torch.Tensor:
     return torch.full((1,), float("nan"), dtype=dtype, device=device).expand(shape)
@@ -158,7 +149,7 @@ def stash(birth: BirthFile, param: torch.nn.Parameter) -> None:
         born = Born(birth, param)
         born.release()
         param.memfit_born = born
-    return_freed_pages(param.numel() * param.element_size())
+        return_freed_pages(param.numel() * param.element_size())
 
 
 def _rank() -> int:

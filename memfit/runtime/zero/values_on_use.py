@@ -16,7 +16,6 @@ Design note.
   call after they are all gone, or when the mode ends (with a warning if a view outlives it).
 """
 
-import logging
 import warnings
 import weakref
 
@@ -25,8 +24,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from memfit.runtime.memory_stats import return_freed_pages
-
-logger = logging.getLogger("memfit")
 
 _METHODS = ("size", "dim", "numel", "nelement", "element_size", "is_floating_point", "is_complex", "get_device",
             "requires_grad_", "register_hook", "register_post_accumulate_grad_hook", "__len__")  # fmt: skip
