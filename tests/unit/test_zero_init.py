@@ -137,6 +137,29 @@ def test_conversions_and_loading_inside_the_context(tmp_path):
         assert value.dtype == torch.float16 and torch.equal(value, eager.get_parameter(name)), name
 
 
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 6)
+        self.scale = nn.Parameter(torch.randn(6))
+
+    def forward(self, inputs):
+        return torch.tanh(self.linear(inputs)) * self.scale  # mul saves the parameter itself
+
+
+def test_backward_through_a_graph_built_in_the_context(tmp_path):
+    torch.manual_seed(0)
+    eager = Scaled()
+    torch.manual_seed(0)
+    with memfit.zero_init(config(tmp_path)):
+        deferred = Scaled()
+        inputs = torch.randn(3, 4)
+        deferred(inputs).square().sum().backward()  # the tensors it saved are read again for backward
+    eager(inputs).square().sum().backward()
+    for name, param in eager.named_parameters():
+        assert torch.equal(deferred.get_parameter(name).grad, param.grad), name
+
+
 def test_a_view_that_outlives_the_context_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match="outlives"):
         with memfit.zero_init(config(tmp_path)):

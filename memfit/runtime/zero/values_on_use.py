@@ -14,12 +14,16 @@ Design note.
   would let later code write into memory the parameter no longer uses. Such a parameter stays in
   memory, pinned, while any such view is alive; it is written back and released at the first
   call after they are all gone, or when the mode ends (with a warning if a view outlives it).
+- Autograd. A call run with gradients on saves a reference instead of (a view of) a parameter
+  it read in (saved-tensor hooks, as stage 3 does), and backward reads the values again from
+  where they rest: a graph built in the context stays exact (until initialize takes the values).
 """
 
 import warnings
 import weakref
 
 import torch
+from torch.autograd.graph import saved_tensors_hooks
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -69,6 +73,40 @@ def _views_of(param, output) -> list:
     ]
 
 
+class _SavedValues:
+    """What autograd keeps instead of (a view of) a parameter read in for one call."""
+
+    __slots__ = ("place", "size", "stride", "offset")  # offset: from the parameter's first element
+
+    def __init__(self, place, size, stride, offset):
+        self.place, self.size, self.stride, self.offset = place, size, stride, offset
+
+
+def _packer(held: list):
+    """Saved-tensor pack hook: a tensor in the memory of a parameter in held [(param, place)]
+    becomes a reference to where the parameter's values rest."""
+
+    def pack(tensor):
+        if tensor.layout != torch.strided:
+            return tensor
+        pointer = tensor.untyped_storage().data_ptr()
+        for param, place in held:
+            if param.numel() and tensor.device == param.device and param.untyped_storage().data_ptr() == pointer:
+                offset = tensor.storage_offset() - param.storage_offset()
+                return _SavedValues(place, tensor.size(), tensor.stride(), offset)
+        return tensor
+
+    return pack
+
+
+def _unpack(saved):
+    if not isinstance(saved, _SavedValues):
+        return saved
+    with torch._C.DisableTorchFunction():
+        values = saved.place.read()
+        return values.as_strided(saved.size, saved.stride, saved.offset)
+
+
 class ValuesOnUse(TorchFunctionMode):
     def __init__(self, lookup):
         """lookup(tensor) -> its resting place (read, write, release), or None for any other tensor."""
@@ -99,7 +137,12 @@ class ValuesOnUse(TorchFunctionMode):
                 if key != replaced:
                     param.data = place.read()
                     versions[key] = param._version
-            output = func(*args, **kwargs)
+            held = [resting[key] for key in versions] + [self.pinned[key][:2] for key in pinned]
+            if torch.is_grad_enabled() and any(param.requires_grad for param, _ in held):
+                with saved_tensors_hooks(_packer(held), _unpack):
+                    output = func(*args, **kwargs)
+            else:
+                output = func(*args, **kwargs)
         except BaseException:
             for key, (param, place) in resting.items():
                 if key in versions:
