@@ -45,6 +45,13 @@ LAYOUT = frozenset([torch.Tensor.is_contiguous, torch.Tensor.stride])
 DATA_SET = torch.Tensor.data.__set__
 
 
+def _among(func, functions: frozenset) -> bool:
+    try:
+        return func in functions
+    except TypeError:  # an unhashable callable is none of torch's
+        return False
+
+
 def tensor_arguments(args, kwargs):
     """The tensors among a call's arguments, also inside lists and tuples."""
     for arg in (*args, *kwargs.values()):
@@ -125,9 +132,9 @@ class ValuesOnUse(TorchFunctionMode):
                 pinned[key] = tensor
             elif key not in resting and (place := self.lookup(tensor)) is not None:
                 resting[key] = (tensor, place)
-        if not resting and not pinned or func in METADATA:
+        if not resting and not pinned or _among(func, METADATA):
             return func(*args, **kwargs)
-        if func in LAYOUT and resting and id(args[0]) in resting:
+        if _among(func, LAYOUT) and resting and id(args[0]) in resting:
             return func(torch.empty(args[0].shape, device="meta"), *args[1:], **kwargs)
         versions = {}
         try:
