@@ -2,6 +2,7 @@
 3, and Init, which builds a model without holding its parameters in memory (memfit.zero_init)."""
 
 import contextlib
+import warnings
 
 import torch
 
@@ -42,7 +43,9 @@ class Init:
     context, as in DeepSpeed.
     config_dict_or_path (or config): the memfit/DeepSpeed config; None reads MEMFIT_CONFIG.
     DeepSpeed's other arguments (data_parallel_group, remote_device, pin_memory, dtype, mpu...)
-    are accepted; memfit takes the corresponding choices from the config."""
+    are accepted and ignored, with a warning when given: memfit takes where parameters rest from
+    zero_optimization.offload_param, their compute dtype from bf16/fp16 (at initialize), and the
+    ranks from torch.distributed."""
 
     def __init__(
         self,
@@ -60,6 +63,17 @@ class Init:
     ):
         self.enabled = enabled
         self.config = config_dict_or_path if config_dict_or_path is not None else config
+        given = dict(data_parallel_group=data_parallel_group, remote_device=remote_device, dtype=dtype, mpu=mpu)
+        ignored = [name for name, value in given.items() if value is not None] + sorted(kwargs)
+        ignored += ["pin_memory"] if pin_memory else []
+        ignored += ["mem_efficient_linear"] if not mem_efficient_linear else []
+        if enabled and ignored:
+            warnings.warn(
+                f"deepspeed.zero.Init: {', '.join(ignored)} ignored: memfit takes where parameters rest from "
+                "zero_optimization.offload_param, their dtype from bf16/fp16 and the ranks from torch.distributed",
+                UserWarning,
+                stacklevel=2,
+            )
         if enabled and module is not None:  # a module built already: its parameters go to NVMe now
             from memfit.runtime.zero.deferred_init import defer_module
 

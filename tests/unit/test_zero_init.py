@@ -221,11 +221,10 @@ def test_another_config_builds_normally_and_says_why(tmp_path, caplog):
 
 
 def test_deepspeed_zero_init_defers_with_deepspeed_arguments(tmp_path):
-    with deepspeed.zero.Init(
-        data_parallel_group=None, remote_device="nvme", pin_memory=True, config_dict_or_path=config(tmp_path),
-        dtype=torch.bfloat16, mpu=None,
-    ):  # fmt: skip
-        layer = nn.Linear(2, 2)
+    with pytest.warns(UserWarning, match="remote_device, dtype, pin_memory ignored"):
+        arguments = dict(data_parallel_group=None, remote_device="nvme", pin_memory=True, dtype=torch.bfloat16)
+        with deepspeed.zero.Init(config_dict_or_path=config(tmp_path), mpu=None, **arguments):
+            layer = nn.Linear(2, 2)
     assert born_of(layer.weight) is not None
     with deepspeed.zero.Init(config=config(tmp_path), enabled=False):
         plain = nn.Linear(2, 2)
