@@ -8,10 +8,18 @@ optimizer steps, with
 The slope of peak RSS against the parameter count (least squares over the sizes) is the bytes
 per parameter that stay in memory; the intercept is the fixed part (interpreter, torch, buffers).
 
+--build measures the build alone instead, in one process per size: how much peak RSS grows from
+after the imports to the model built, and to the end of memfit.initialize (stage3-nvme), with the
+model built in memory (eager) and under memfit.zero_init (its parameters go to NVMe as they are
+registered). Both include a fixed part (the config's and the I/O engine's first use, ~90 MiB
+on a small CPU box); the slope over the sizes is what the build holds per parameter.
+
     python benchmarks/stage3_memory.py --path /nvme/dir        # ~20 min, ~17 GB of swap at 1b
+    python benchmarks/stage3_memory.py --path /nvme/dir --build
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -94,6 +102,80 @@ def run(setup: str | dict, preset: str, path: str, steps: int, timeout: float) -
         }
 
 
+def build_worker(preset: str, config_path: str, deferred: bool) -> None:
+    """Run in a process of its own: prints the peak RSS growth of building the model and the engine."""
+    import resource
+
+    import torch
+
+    import memfit
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from gpt_model import GPT, PRESETS
+
+    with open(config_path) as file:
+        cfg = json.load(file)
+    with open("/proc/self/statm") as file:
+        before = int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    torch.manual_seed(0)
+    with memfit.zero_init(cfg) if deferred else contextlib.nullcontext():
+        model = GPT(PRESETS[preset])
+    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    memfit.initialize(model, cfg)
+    initialized = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"model_growth_bytes": built - before, "initialize_growth_bytes": initialized - before}))
+
+
+def run_build(preset: str, path: str, deferred: bool, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        config_path = os.path.join(directory, "config.json")
+        with open(config_path, "w") as file:
+            json.dump(config("stage3-nvme", path), file)
+        command = [sys.executable, os.path.abspath(__file__), "--path", path, "--build-worker", preset, config_path,
+                   str(int(deferred))]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": ROOT, "MEMFIT_LOG_LEVEL": "warning"}
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timeout after {timeout:.0f} s"}
+        if done.returncode != 0:
+            return {"error": (done.stdout + done.stderr)[-1500:]}
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def build_table(sizes: list[str], path: str, timeout: float) -> str:
+    lines = [
+        "| model | parameters | build | peak RSS growth: model built | bytes/param | through initialize | bytes/param |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    points = {False: [], True: []}
+    for preset in sizes:
+        count = num_params(preset)
+        for deferred in (False, True):
+            result = run_build(preset, path, deferred, timeout)
+            how = "memfit.zero_init" if deferred else "eager"
+            print(preset, how, result, flush=True)
+            if "error" in result:
+                lines.append(f"| {preset} | {count / 1e9:.2f}B | {how} | failed: {result['error'][-200:]!r} | | | |")
+                continue
+            model, engine = result["model_growth_bytes"], result["initialize_growth_bytes"]
+            points[deferred].append((count, model, engine))
+            lines.append(
+                f"| {preset} | {count / 1e9:.2f}B | {how} | {model / 2**20:.0f} MiB | {model / count:.2f} | "
+                f"{engine / 2**20:.0f} MiB | {engine / count:.2f} |"
+            )
+    lines.append("")
+    for deferred, found in points.items():
+        if len(found) >= 2:
+            model_slope, _ = slope([(count, model) for count, model, _ in found])
+            engine_slope, _ = slope([(count, engine) for count, _, engine in found])
+            lines.append(
+                f"- {'memfit.zero_init' if deferred else 'eager'}: peak RSS grows by **{model_slope:.2f} bytes per "
+                f"parameter** to the model built, {engine_slope:.2f} through initialize"
+            )
+    return "\n".join(lines)
+
+
 def slope(points: list[tuple[int, int]]) -> tuple[float, float]:
     """Least-squares (bytes per parameter, fixed bytes) of peak RSS against parameters."""
     n = len(points)
@@ -111,8 +193,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--build", action="store_true", help="measure the build alone, eager and under zero_init")
+    parser.add_argument("--build-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_worker:
+        preset, config_path, deferred = args.build_worker
+        build_worker(preset, config_path, deferred == "1")
+        return
     load_before = os.getloadavg()
+    if args.build:
+        header = [f"- machine: {machine_description(args.path)}", f"- command: `{command_line()}`", ""]
+        text = "\n".join(header) + "\n" + build_table(args.sizes, args.path, args.timeout)
+        print(text)
+        if not args.no_write:
+            print("written to", write_section("Stage 3 with everything on NVMe: peak RSS of the build", text))
+        return
     lines = [
         "| setup | model | parameters | peak RSS | bytes/param | step times (s) | losses |",
         "|---|---|---|---|---|---|---|",

@@ -99,10 +99,13 @@ def validation_loss(engine, data, args, micro_batch, seq_len) -> float:
 def main(argv=None) -> None:
     args = parse_args(argv)
     model_cfg = PRESETS[args.preset]
-    torch.manual_seed(0)
-    model = GPT(model_cfg)
     with open(args.config) as file:
         config = json.load(file)
+    torch.manual_seed(0)
+    # At ZeRO stage 3 with offload_param "nvme" the parameters go to NVMe as they are built (the
+    # whole model is never in memory); with any other config this builds normally.
+    with memfit.zero_init(config):
+        model = GPT(model_cfg)
     # metrics go through memfit's JSONL monitor (one line per step, rank 0), unless the config has one
     config.setdefault("memfit", {}).setdefault("jsonl_monitor", {"enabled": True, "path": args.metrics})
     engine = memfit.initialize(model, config)

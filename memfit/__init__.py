@@ -17,4 +17,13 @@ def initialize(model, config=None, *, optimizer=None, lr_scheduler=None):
     return build(model, config, optimizer=optimizer, lr_scheduler=lr_scheduler)
 
 
-__all__ = ["ConfigError", "__version__", "initialize"]
+def zero_init(config=None):
+    """A context in which a model is built with its parameters' values on NVMe, never all in
+    memory, for ZeRO stage 3 with offload_param "nvme" (any other config builds normally); see
+    memfit.runtime.zero.deferred_init. config: as for initialize (None: MEMFIT_CONFIG)."""
+    from memfit.runtime.zero.deferred_init import zero_init as deferred
+
+    return deferred(config)
+
+
+__all__ = ["ConfigError", "__version__", "initialize", "zero_init"]

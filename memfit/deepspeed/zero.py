@@ -1,7 +1,8 @@
 """deepspeed.zero on memfit: GatheredParameters, to read or change whole parameters at ZeRO stage
-3, and Init, which memfit does not implement (it partitions the model in memfit.initialize)."""
+3, and Init, which builds a model without holding its parameters in memory (memfit.zero_init)."""
 
 import contextlib
+import warnings
 
 import torch
 
@@ -35,22 +36,60 @@ class GatheredParameters:
 
 
 class Init:
-    """deepspeed.zero.Init: enabled=False is a plain context (as in DeepSpeed); enabled=True is
-    refused, with the way to get the same memory behaviour."""
+    """deepspeed.zero.Init on memfit.zero_init: with a config at ZeRO stage 3 and offload_param
+    "nvme", modules built inside (and `module`, built already) keep their parameters' values on
+    NVMe until memfit.initialize fills each rank's parameter store; with any other config they
+    are built normally (memfit partitions the model in initialize). enabled=False is a plain
+    context, as in DeepSpeed.
+    config_dict_or_path (or config): the memfit/DeepSpeed config; None reads MEMFIT_CONFIG.
+    DeepSpeed's other arguments (data_parallel_group, remote_device, pin_memory, dtype, mpu...)
+    are accepted and ignored, with a warning when given: memfit takes where parameters rest from
+    zero_optimization.offload_param, their compute dtype from bf16/fp16 (at initialize), and the
+    ranks from torch.distributed."""
 
-    def __init__(self, module=None, *args, enabled=True, **kwargs):
+    def __init__(
+        self,
+        module=None,
+        data_parallel_group=None,
+        mem_efficient_linear=True,
+        remote_device=None,
+        pin_memory=False,
+        config_dict_or_path=None,
+        config=None,
+        enabled=True,
+        dtype=None,
+        mpu=None,
+        **kwargs,
+    ):
         self.enabled = enabled
+        self.config = config_dict_or_path if config_dict_or_path is not None else config
+        given = dict(data_parallel_group=data_parallel_group, remote_device=remote_device, dtype=dtype, mpu=mpu)
+        ignored = [name for name, value in given.items() if value is not None] + sorted(kwargs)
+        ignored += ["pin_memory"] if pin_memory else []
+        ignored += ["mem_efficient_linear"] if not mem_efficient_linear else []
+        if enabled and ignored:
+            warnings.warn(
+                f"deepspeed.zero.Init: {', '.join(ignored)} ignored: memfit takes where parameters rest from "
+                "zero_optimization.offload_param, their dtype from bf16/fp16 and the ranks from torch.distributed",
+                UserWarning,
+                stacklevel=2,
+            )
+        if enabled and module is not None:  # a module built already: its parameters go to NVMe now
+            from memfit.runtime.zero.deferred_init import defer_module
+
+            defer_module(module, self.config)
+        self._context = contextlib.nullcontext()
 
     def __enter__(self):
         if self.enabled:
-            raise NotImplementedError(
-                "deepspeed.zero.Init: not implemented by memfit; build the model without it: memfit.initialize "
-                "(or deepspeed.initialize) at ZeRO stage 3 keeps on each rank only the tensors it owns"
-            )
+            from memfit.runtime.zero.deferred_init import zero_init
+
+            self._context = zero_init(self.config)
+        self._context.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return False
+        return self._context.__exit__(*exc)
 
 
 def register_external_parameter(module, parameter) -> None:

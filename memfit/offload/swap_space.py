@@ -110,12 +110,16 @@ def swap_file_bytes(planned_bytes: int) -> int:
     return max(align_up(planned_bytes), ALIGNMENT)
 
 
-def open_swap(directory: str, rank: int, capacity_bytes: int, *, block_size: int, queue_depth: int) -> SwapFile:
-    """This rank's swap file, after deleting the stale ones of killed runs."""
+def open_swap(
+    directory: str, rank: int, capacity_bytes: int, *, block_size: int, queue_depth: int, label: str = ""
+) -> SwapFile:
+    """This rank's swap file, after deleting the stale ones of killed runs; label (such as
+    "birth-") tells in the file's name what it holds."""
     with _directory_locked(directory):
         for stale in _stale_swap_files(directory):
             os.unlink(stale)
-        path = os.path.join(directory, f"{SWAP_PREFIX}rank{rank}-{os.getpid()}-{next(_engine_numbers)}{SWAP_SUFFIX}")
+        name = f"{SWAP_PREFIX}{label}rank{rank}-{os.getpid()}-{next(_engine_numbers)}{SWAP_SUFFIX}"
+        path = os.path.join(directory, name)
         return SwapFile(path, swap_file_bytes(capacity_bytes), block_size=block_size, queue_depth=queue_depth)
 
 

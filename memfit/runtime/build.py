@@ -1,5 +1,6 @@
 """memfit.initialize: the ordered build of an engine from a model and a config."""
 
+import contextlib
 import logging
 import os
 import warnings
@@ -29,6 +30,15 @@ from memfit.runtime.loss_scale import build_loss_scaler
 from memfit.runtime.schedulers import build_scheduler
 from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flatten_params, staging_numel
 from memfit.runtime.zero.collectives import GradientReducer
+from memfit.runtime.zero.deferred_init import (
+    born_of,
+    born_parameters,
+    defers,
+    fill_store,
+    materialize,
+    set_aside,
+    stored_on_use,
+)
 from memfit.runtime.zero.grad_sync import GradientSync
 from memfit.runtime.zero.ownership import plan_ownership
 from memfit.runtime.zero.stage3 import Stage3Params
@@ -68,6 +78,16 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     set_default_geometry(cfg.aio.block_size, cfg.aio.queue_depth)
 
     compute_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
+    deferred = bool(born_parameters(model))  # built under memfit.zero_init: values in a birth file
+    if deferred and not defers(cfg):
+        count = materialize(model)
+        deferred = False
+        if rank == 0:
+            logger.info(
+                "model built under memfit.zero_init: its %d parameters are read back into memory (only ZeRO stage "
+                '3 with offload_param.device "nvme" keeps them off memory)',
+                count,
+            )
     model = prepare_model(model, device, compute_dtype, world_size)
     activations = None  # traced before the blocks are wrapped: the trace checkpoints them itself
     if host_check_applies(cfg, device.type):
@@ -129,8 +149,12 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
                 return NvmeParamStore(named, offload_param.nvme_path, rank, cfg.aio, with_grads=streams)
 
         stage3 = Stage3Params(model, named_params, plan, rank, world_size, cfg.zero_optimization, open_store)
+        if deferred:  # each owner's store takes its tensors from the birth file, one at a time
+            fill_store(model, stage3, rank, world_size)
     owned_params = [(n, p) for n, p in named_params if n in owned_names]
-    with model_layout(model):  # the low-rank factories decide what to project from the whole model
+    # the low-rank factories decide what to project from the whole model; a filled store is read
+    # one tensor at a time, for the call that uses it (a master copy's values)
+    with model_layout(model), stored_on_use(stage3) if deferred else contextlib.nullcontext():
         masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
     if stage3 is not None:
         stage3.update_master = master_updater(masters, opt)
@@ -164,7 +188,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     engine.monitor = build_monitor(cfg, rank)
     engine.snapshotter = build_snapshotter(cfg.snapshot, engine)
     if engine.snapshotter is not None:
-        restore_latest(engine, engine.snapshotter)
+        with stage3.owned_in_memory() if deferred else contextlib.nullcontext():
+            restore_latest(engine, engine.snapshotter)
     if stage3 is not None:
         stage3.release_all()  # from here on a rank holds whole only what it owns
     return engine
@@ -215,13 +240,19 @@ def collective_timeout_s(config, client: ClientComponents) -> float:
 
 
 def prepare_model(model, device, compute_dtype, world_size: int):
-    model.to(device)
-    if compute_dtype is not None:
-        model.to(compute_dtype)
-    if world_size > 1:
-        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
-            for tensor in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(tensor.data, src=0)
+    """Moves and casts the model, and gives every rank rank 0's weights (as DDP does). Parameters
+    built under memfit.zero_init keep their values in the birth file: only the cast is recorded,
+    and fill_store broadcasts their values later."""
+    with set_aside(model) as born:
+        model.to(device)
+        if compute_dtype is not None:
+            model.to(compute_dtype)
+        if world_size > 1:
+            with torch.no_grad():
+                for tensor in list(model.parameters()) + list(model.buffers()):
+                    dist.broadcast(tensor.data, src=0)
+    for param in born:
+        born_of(param).cast(device, compute_dtype)
     return model
 
 
