@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from memfit.io.extents import align_up
+from memfit.offload.build import streams_the_step
 from memfit.offload.host_tier import runs_on_kernel, stages_through_host
 from memfit.offload.swap_space import slot_bytes, swap_file_bytes
 from memfit.runtime.zero.buckets import build_buckets, staging_numel
@@ -65,6 +66,9 @@ def estimate(
     keep_masters = reduced or (offloaded and stages_through_host(torch.device(device_type)))
     managed = stage3_managed(trainable, zero, world_size)
     managed_tensors = [t for name, t in trainable if name in managed]
+    # the streamed step (offload/streamed_step.py): no gradient buffers; gradients of the managed
+    # tensors rest in the parameter swap file, which has a slot for each
+    streams = streams_the_step(cfg, world_size, torch.device(device_type), client_optimizer or None)
     estimates = []
     for rank in range(world_size):
         owned_names = set(plan.owned(rank)) if zero.stage > 0 else set(plan.names)
@@ -72,6 +76,8 @@ def estimate(
         owned_numel = sum(t.numel() for _, t in owned)
         staging = staging_numel(buckets, zero.stage, rank)
         grads = owned_numel + staging if zero.stage >= 2 else all_numel
+        if streams:  # between steps none is held: the small ones' are dropped with the step
+            grads = 0
         result = RankEstimate(rank, grad_staging=compute_bytes * staging, owned_numel=owned_numel)
         state, note = _optimizer_state_bytes(cfg, owned, trainable, offloaded, client_optimizer)
         if note:
@@ -105,7 +111,7 @@ def estimate(
             result.tiers = {"device": device + masters + state, "host": 0}
         if stored:
             owned_stored = [t for name, t in owned if name in managed]
-            swap = sum(slot_bytes(t.numel(), compute_bytes) for t in owned_stored)
+            swap = sum(slot_bytes(t.numel(), compute_bytes) for t in owned_stored) * (2 if streams else 1)
             result.param_swap = swap_file_bytes(swap) if owned_stored else 0
             result.tiers["nvme"] = result.tiers.get("nvme", 0) + result.param_swap
         if zero.stage == 3 and zero.offload_param.device == "cpu":  # the owned tensors rest in the host tier

@@ -102,3 +102,29 @@ def test_estimate_equals_memory_report_of_the_staged_host_tier():
         line for rank_results in run_ranks(reports_and_estimates, 2, True) for line in disagreements(rank_results)
     ]
     assert not failures, "\n".join(failures[:40])
+
+
+def test_estimate_equals_memory_report_of_the_streamed_step(tmp_path):
+    """Stage 3 on one rank with everything on NVMe: no gradient held between steps, the weights
+    and their gradients in the parameter swap file, in every category and tier."""
+    for model_name in ("tied", "frozen"):
+        model = make_model(model_name)
+        shapes = shapes_of(model)
+        config = config_of(3, "bfloat16", "none", "AdamW")
+        nvme = {"device": "nvme", "nvme_path": str(tmp_path)}
+        config["zero_optimization"].update(offload_optimizer=nvme, offload_param=nvme)
+        engine = memfit.initialize(model, config)
+        assert engine._stage3.streamed is not None
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            inputs, targets = torch.randn(4, 16, generator=generator), torch.randn(4, 8, generator=generator)
+            output = engine(inputs.to(torch.bfloat16), route=0, step=0).float()
+            engine.backward(torch.nn.functional.mse_loss(output, targets))
+            engine.step()
+        report = engine.memory_report()
+        predicted = estimate(shapes, engine.config, 1)[0]
+        for category in CATEGORIES:
+            assert abs(report[category] - predicted.bytes[category]) <= TOLERANCE * report[category], category
+        for tier in ("device", "host", "nvme"):
+            measured, estimated = report["by_tier"].get(tier, 0), predicted.tiers.get(tier, 0)
+            assert abs(measured - estimated) <= TOLERANCE * measured, (model_name, tier, measured, estimated)
