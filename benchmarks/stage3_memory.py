@@ -39,6 +39,8 @@ SIZES = ["base", "400m", "1b"]
 
 def config(setup: str, path: str) -> dict:
     """stage3-nvme and stage1-nvme (above); stage3-nvme-prefetch: stage3-nvme reading ahead;
+    stage3-nvme-checkpointed: stage3-nvme with activation checkpointing (activations without it
+    grow with width x depth and dominate the slope);
     stage3-resident: stage 3 with the optimizer on NVMe and the parameters in memory (on one rank
     nothing is gathered)."""
     nvme = {"device": "nvme", "nvme_path": path}
@@ -47,6 +49,10 @@ def config(setup: str, path: str) -> dict:
         zero.update(stage=3, offload_param=nvme, stage3_prefetch_bucket_size=0)
     if setup == "stage3-nvme-prefetch":  # reads ahead (DeepSpeed's default prefetch bucket)
         zero.update(stage=3, offload_param=nvme)
+    own = {}
+    if setup == "stage3-nvme-checkpointed":  # and activation checkpointing: what grows is the streamed state's
+        zero.update(stage=3, offload_param=nvme, stage3_prefetch_bucket_size=0)
+        own = {"checkpoint_blocks": "auto"}
     if setup == "stage3-resident":
         zero.update(stage=3)
     return {
@@ -57,6 +63,7 @@ def config(setup: str, path: str) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": 3e-5, "weight_decay": 0.1}},
         "bf16": {"enabled": True},
         "zero_optimization": zero,
+        "memfit": own,
     }
 
 
