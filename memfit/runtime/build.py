@@ -31,6 +31,7 @@ from memfit.runtime.schedulers import build_scheduler
 from memfit.runtime.zero.buckets import attach_grad_buffers, build_buckets, flatten_params, staging_numel
 from memfit.runtime.zero.collectives import GradientReducer
 from memfit.runtime.zero.deferred_init import (
+    birth_file_bytes,
     born_of,
     born_parameters,
     defers,
@@ -124,6 +125,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         device.type,
         client_optimizer=optimizer is not None,
         activations=activations,
+        freed_before_swap=birth_file_bytes(model) if deferred else None,
     )
     if agree_on_failure(problem is not None, world_size, device):
         raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")

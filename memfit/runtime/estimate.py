@@ -13,6 +13,7 @@ file(s). DeepSpeed's own estimate for ZeRO-2 (estimate_zero2_model_states_mem_ne
 beside it where it has one.
 """
 
+import os
 from dataclasses import dataclass, field
 
 import psutil
@@ -270,6 +271,7 @@ def host_memory_problem(
     device_type: str,
     client_optimizer: bool = False,
     activations: dict[str, int] | None = None,
+    freed_before_swap: dict[str, int] | None = None,
 ):
     """A ConfigError message if the ranks on this node would need more host memory than is
     available (the host tier, and on a CPU machine also gradients, masters and optimizer state;
@@ -294,8 +296,10 @@ def host_memory_problem(
             path = cfg.zero_optimization.offload_param.nvme_path
             key, needed = needs.get(path, ("zero_optimization.offload_param.nvme_path", 0))
             needs[path] = (key, needed + sum(item.param_swap for item in local))
+        freed = {os.path.realpath(d): n for d, n in (freed_before_swap or {}).items()}
         for path, (key, needed) in needs.items():
-            problem = nvme_path_problem(path, needed, key)
+            # a birth file (memfit.zero_init) is deleted before the optimizer's swap file is made
+            problem = nvme_path_problem(path, needed - freed.get(os.path.realpath(path), 0), key)
             if problem is not None:
                 return problem
     needed = 0

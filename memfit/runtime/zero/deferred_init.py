@@ -233,6 +233,16 @@ def born_parameters(model) -> list[torch.nn.Parameter]:
     return [param for param in model.parameters() if born_of(param) is not None]
 
 
+def birth_file_bytes(model) -> dict[str, int]:
+    """{directory: bytes} of the birth files holding the model's parameters (deleted by
+    fill_store, before initialize allocates the optimizer's swap file)."""
+    births = {id(born.birth): born.birth for born in map(born_of, model.parameters()) if born is not None}
+    found = {}
+    for birth in births.values():
+        found[birth.directory] = found.get(birth.directory, 0) + sum(f.capacity_bytes for f in birth.files)
+    return found
+
+
 def materialize(model) -> int:
     """Reads each parameter built under zero_init back into memory, one at a time (initialize with
     a config that keeps parameters in memory); returns how many."""
