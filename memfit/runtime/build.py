@@ -90,8 +90,12 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
                 count,
             )
     model = prepare_model(model, device, compute_dtype, world_size)
-    activations = None  # traced before the blocks are wrapped: the trace checkpoints them itself
-    if host_check_applies(cfg, device.type):
+    # Traced before the blocks are wrapped (the trace checkpoints them itself), and only where state
+    # is offloaded, the runs sized to the machine's memory: a trace costs about a second.
+    activations = None
+    zero = cfg.zero_optimization
+    offloaded = zero.offload_optimizer.device != "none" or (zero.stage == 3 and zero.offload_param.device != "none")
+    if offloaded and host_check_applies(cfg, device.type):
         activations = host_check_activations(model, cfg, micro_batch_size, device.type)
     if cfg.memfit.checkpoint_blocks is not None:
         swap = activation_swap(cfg, rank)
