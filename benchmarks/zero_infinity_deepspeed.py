@@ -59,6 +59,11 @@ def deepspeed_config(nvme_path: str, sub_group_size: int, pipeline: bool) -> dic
             # Tile of the optimizer step: each sub-group's fp32 state is swapped in whole, so
             # DeepSpeed's default of 1e9 elements would hold 12 GB of it in RAM at once.
             "sub_group_size": sub_group_size,
+            # Release each parameter's swap buffer right after use: with the default reuse distance
+            # (1e9) the parameters a checkpointed block will use again in its recompute stay
+            # resident, and at 1b step 2 stopped with "AssertionError: Not enough buffers 0 for
+            # swapping 1" (5 of offload_param's 5 buffers held).
+            "stage3_max_reuse_distance": 0,
             "offload_param": nvme,
             "offload_optimizer": {
                 **nvme,
