@@ -136,8 +136,11 @@ class Engine:
         self._count_grad_bytes()
 
     def _count_grad_bytes(self) -> None:
-        self.grad_bytes_after_reduce = sum(  # what is held: a streamed gradient's marker is a few bytes
-            p.grad.untyped_storage().nbytes() for _, p in self._named_params if p.grad is not None
+        streamed = self._stage3.streamed if self._stage3 is not None else None
+        self.grad_bytes_after_reduce = sum(  # what is held: a streamed gradient rests in the swap file
+            p.grad.numel() * p.grad.element_size()
+            for _, p in self._named_params
+            if p.grad is not None and not (streamed is not None and streamed.has_grad(p))
         )
 
     # ---- phases 2 to 4: reduce, clip, step, synchronise -----------------------------------------
