@@ -32,6 +32,15 @@ def io_bandwidth(path: str, size: str) -> tuple[float, float]:
     return float(row[1]), float(row[2])
 
 
+def step_io(result: dict, write_gibs: float, read_gibs: float) -> tuple[float, float, float]:
+    """(bytes read, bytes written, seconds at bench io bandwidth) of a run's median step after the
+    first (whose state is new)."""
+    later = result["nvme_bytes"][1:] or result["nvme_bytes"]
+    read_bytes = statistics.median(read for read, _ in later)
+    written_bytes = statistics.median(written for _, written in later)
+    return read_bytes, written_bytes, read_bytes / GIB / read_gibs + written_bytes / GIB / write_gibs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--path", required=True, help="nvme_path for the swap files and the I/O test")
@@ -48,19 +57,17 @@ def main() -> None:
         if "error" in result:
             raise SystemExit(f"{setup}: {result['error']}")
     medians = {setup: statistics.median(r["step_time_s_exact"][1:]) for setup, r in results.items()}
-    moved = results["stage3-nvme-prefetch"]["nvme_bytes"][1:]
-    read_bytes = statistics.median(read for read, _ in moved)
-    written_bytes = statistics.median(written for _, written in moved)
-    io_s = read_bytes / GIB / read_gibs + written_bytes / GIB / write_gibs
+    io_s = step_io(results["stage3-nvme-prefetch"], write_gibs, read_gibs)[2]
     floor = max(medians["stage3-resident"], io_s)
     lines = [
         "| setup | step (s, median) | read per step | written per step | losses |",
         "|---|---|---|---|---|",
     ]
     for setup, result in results.items():
-        reads = statistics.median(read for read, _ in result["nvme_bytes"][1:]) / GIB
-        writes = statistics.median(written for _, written in result["nvme_bytes"][1:]) / GIB
-        lines.append(f"| {setup} | {medians[setup]:.2f} | {reads:.2f} GiB | {writes:.2f} GiB | {result['losses']} |")
+        reads, writes, _ = step_io(result, write_gibs, read_gibs)
+        lines.append(
+            f"| {setup} | {medians[setup]:.2f} | {reads / GIB:.2f} GiB | {writes / GIB:.2f} GiB | {result['losses']} |"
+        )
     text = "\n".join(
         [
             f"- machine: {machine_description(args.path)}",

@@ -17,14 +17,13 @@ bandwidth, measured in the same run on the same directory.
 import argparse
 import json
 import os
-import statistics
 import sys
 
 from common import command_line, machine_description, write_section
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bigger_than_ram import num_params, ram_bytes  # noqa: E402
-from param_stream_bench import io_bandwidth  # noqa: E402
+from param_stream_bench import io_bandwidth, step_io  # noqa: E402
 from stage3_memory import run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,10 +62,7 @@ def main() -> None:
         if "error" in result:
             lines.append(f"| {preset} | {count / 1e9:.2f}B | | failed: {result['error'][-300:]!r} | | | | | |")
             continue
-        later = result["nvme_bytes"][1:] or result["nvme_bytes"]
-        read_bytes = statistics.median(read for read, _ in later)
-        written_bytes = statistics.median(written for _, written in later)
-        io_s = read_bytes / GIB / read_gibs + written_bytes / GIB / write_gibs
+        read_bytes, written_bytes, io_s = step_io(result, write_gibs, read_gibs)
         lines.append(
             f"| {preset} | {count / 1e9:.2f}B | {16 * count / GIB:.0f} GiB = {16 * count / ram_bytes():.1f}x | "
             f"{result['peak_rss_bytes'] / GIB:.2f} GiB | {result['step_time_s']} | "

@@ -21,9 +21,9 @@ class Kept:
 
     __slots__ = ("name", "shape", "dtype", "device", "written", "source", "read", "value", "__weakref__")
 
-    def __init__(self, name, tensor, written):
+    def __init__(self, name, tensor, values, written):
         self.name, self.shape, self.dtype, self.device = name, tensor.shape, tensor.dtype, tensor.device
-        self.written, self.source = written, tensor  # the tensor stays referenced until written
+        self.written, self.source = written, values  # the values written stay referenced until written
         self.read = self.value = None
 
 
@@ -49,8 +49,7 @@ class ActivationSwap:
                 f"({error.strerror}); raise memfit.activation_offload.swap_bytes",
                 self.swap.path,
             ) from None
-        kept = Kept(name, tensor, written)
-        kept.source = values
+        kept = Kept(name, tensor, values, written)
         weakref.finalize(kept, self._free, name)
         self._kept.append(weakref.ref(kept))
         return kept

@@ -188,7 +188,7 @@ class NvmeKernelUpdate:
         for group_index, group in enumerate(self.optimizer.param_groups):
             for param in group["params"]:
                 index = self.index_of.get(id(param))
-                if index is None or (param.grad is None and not self._in_stream(param)):
+                if index is None or (param.grad is None and not self._in_stream(index)):
                     continue
                 state = self.optimizer.state[param]
                 state["step"] = state.get("step", 0) + 1
@@ -206,10 +206,9 @@ class NvmeKernelUpdate:
         if touched:
             torch.autograd.graph.increment_version(touched)  # written through raw pointers
 
-    def _in_stream(self, param_or_index) -> bool:
+    def _in_stream(self, index: int) -> bool:
         """Whether the tensor's weights and gradient are read from the parameter swap file."""
-        param = self.params[param_or_index] if isinstance(param_or_index, int) else param_or_index
-        return self.streamed is not None and self.streamed.has_grad(param)
+        return self.streamed is not None and self.streamed.has_grad(self.params[index])
 
     def _start_bring(self, pieces) -> None:
         for piece in pieces:

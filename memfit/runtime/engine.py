@@ -118,7 +118,7 @@ class Engine:
         boundary micro-step (in step() unless overlapped); stage 2 reduces to owners here, every
         micro-step."""
         self._grad_sync.before_backward(reducing=self.is_boundary() or self._grad_sync.reduces_every_backward)
-        streamed = self._stage3.streamed if self._stage3 is not None else None
+        streamed = self._streamed
         if streamed is not None:
             streamed.before_backward(final=self.is_boundary())
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
@@ -136,7 +136,7 @@ class Engine:
         self._count_grad_bytes()
 
     def _count_grad_bytes(self) -> None:
-        streamed = self._stage3.streamed if self._stage3 is not None else None
+        streamed = self._streamed
         self.grad_bytes_after_reduce = sum(  # what is held: a streamed gradient rests in the swap file
             p.grad.numel() * p.grad.element_size()
             for _, p in self._named_params
@@ -188,11 +188,16 @@ class Engine:
         if self.rank == 0 and self.global_step % self.config.steps_per_print == 0:
             logger.info("%s", self.step_stats.line(self))
 
+    @property
+    def _streamed(self):
+        """The StreamedStep where gradients and the update stream (offload/streamed_step.py), or None."""
+        return self._stage3.streamed if self._stage3 is not None else None
+
     def _owned_in_memory(self, for_step: bool = False):
         if self._stage3 is None:
             return contextlib.nullcontext()
         # a streamed update reads each tensor itself; a snapshot of the step and checkpoints read them all
-        streamed = for_step and self._stage3.streamed is not None and self.snapshotter is None
+        streamed = for_step and self._streamed is not None and self.snapshotter is None
         return self._stage3.owned_in_memory(streamed_update=streamed)
 
     def sync_params(self) -> None:
@@ -273,7 +278,7 @@ class Engine:
         held = [p for p in self.module.parameters() if self._stage3 is None or self._stage3.holds(p)]
         buffered = {id(p) for bucket in self._buckets if bucket.grad_buffer is not None for p in bucket.params}
         grads = [bucket.grad_buffer for bucket in self._buckets if bucket.grad_buffer is not None]
-        streamed = self._stage3.streamed if self._stage3 is not None else None
+        streamed = self._streamed
         on_nvme = {id(p) for p in streamed.params if streamed.has_grad(p)} if streamed is not None else set()
         grads += [p.grad for _, p in self._named_params if p.grad is not None and id(p) not in buffered | on_nvme]
         if self.masters.separate:

@@ -201,23 +201,22 @@ class Stage3Params:
         (self._frames[-1] if self._frames else self._in_backward).append(param)
 
     def _start(self, param) -> None:
-        """Issues the owner's broadcast of a released tensor."""
+        """Issues the owner's broadcast of a released tensor (on one rank, the read from the store)."""
         key = id(param)
         del self.released[key]
         owner = self.owner_of[key]
         numel = self.shape_of[key].numel()
+        work = None  # what _finish waits for
         if owner != self.rank:
             buffer = torch.empty(self.shape_of[key], dtype=param.dtype, device=param.device)
         elif self.store is not None and self.world_size == 1:
-            buffer, work = self.store.start_read(param, self.shape_of[key])  # waited for in _finish
-            self._in_flight[key] = (work, buffer)
-            self.schedule.live_numel += numel
-            return
+            buffer, work = self.store.start_read(param, self.shape_of[key])
         elif self.store is not None:
             buffer = self.store.read(param, self.shape_of[key])  # whole before the owner sends it
         else:
             buffer = param.data
-        work = dist.broadcast(buffer, src=owner, async_op=True) if self.world_size > 1 else None
+        if self.world_size > 1:
+            work = dist.broadcast(buffer, src=owner, async_op=True)
         self._in_flight[key] = (work, buffer)
         self.schedule.live_numel += numel
 
