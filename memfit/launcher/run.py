@@ -25,7 +25,7 @@ from torch.distributed.run import determine_local_world_size, get_args_parser, p
 from torch.distributed.run import run as torchrun
 
 from memfit.config import ConfigError, engine_gaps, load_config
-from memfit.runtime.lifecycle import LAUNCHER_PID_ENV
+from memfit.runtime.lifecycle import LAUNCHER_PID_ENV, PRECISE_TIME_KEY
 from memfit.runtime.logs import SHOWN_WARNINGS_ENV
 
 SINGLE_NODE = ("1", "1:1")
@@ -173,13 +173,24 @@ def check_configs(paths: list[str], world_size: int | None) -> list[str]:
 
 
 def describe_failures(failed: ChildFailedError) -> list[str]:
-    """The rank that failed first, with its recorded error, then the ranks stopped with it."""
-    first_rank, first = failed.get_first_failure()
+    """The rank that failed first, with its recorded error, then the ranks stopped with it. torch
+    orders failures by whole seconds, so a rank that timed out and the peer that lost its
+    connection a moment later can tie; the time a memfit worker records breaks the tie."""
+    first_rank, first = min(failed.failures.items(), key=lambda item: _failure_time(item[1]))
     lines = [f"rank {first_rank} failed first ({_how(first)}): {_message(first)}"]
     for rank, failure in sorted(failed.failures.items()):
         if rank != first_rank:
             lines.append(f"rank {rank} also stopped ({_how(failure)})")
     return lines
+
+
+def _failure_time(failure) -> tuple[int, float]:
+    """torch's whole-second timestamp, then the precise time a memfit worker recorded (a worker
+    that recorded none, such as one killed by a signal, comes after those in the same second)."""
+    message = failure.message
+    extra = message.get("extraInfo", {}) if isinstance(message, dict) else {}
+    precise = extra.get(PRECISE_TIME_KEY) if isinstance(extra, dict) else None
+    return failure.timestamp, precise if isinstance(precise, (int, float)) else float("inf")
 
 
 def _how(failure) -> str:

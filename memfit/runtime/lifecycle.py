@@ -34,6 +34,7 @@ import warnings
 LAUNCHER_PID_ENV = "MEMFIT_LAUNCHER_PID"
 OPT_OUT_ENV = "MEMFIT_EXIT_WITH_LAUNCHER"
 _PR_SET_PDEATHSIG = 1
+PRECISE_TIME_KEY = "memfit_time"  # in the error file's extraInfo: when the error was recorded, to the microsecond
 _TIMEOUT_PATTERN = re.compile(r"timed?[ -]?out", re.IGNORECASE)
 
 _parent_at_import = os.getppid()
@@ -136,7 +137,11 @@ def record_error(message: str, python_traceback: str) -> None:
     data = {
         "message": {
             "message": message,
-            "extraInfo": {"py_callstack": python_traceback, "timestamp": str(int(time.time()))},
+            "extraInfo": {
+                "py_callstack": python_traceback,
+                "timestamp": str(int(time.time())),  # torch's field, in whole seconds
+                PRECISE_TIME_KEY: time.time(),  # orders failures that torch's field ties
+            },
         }
     }
     try:

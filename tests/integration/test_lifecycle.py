@@ -136,7 +136,7 @@ def test_a_stopped_rank_fails_the_job_after_the_collective_timeout_and_is_named(
 def test_collective_timeout_s_reaches_the_group_through_initialize(tmp_path):
     """The config's collective_timeout_s, given only to memfit.initialize (through `memfit run`),
     bounds the wait for a stopped rank: without it the group waits its 30 minute default. Once the
-    healthy rank has failed, naming the stopped one, the stopped rank is resumed so that torchrun's
+    healthy rank has failed, naming the stopped one, and exited, the stopped rank is resumed so that torchrun's
     30 s grace before it SIGKILLs a process that ignores SIGTERM does not lengthen the test (the
     slow test above waits it out)."""
     config = {**CONFIG, "collective_timeout_s": 10}
@@ -145,6 +145,7 @@ def test_collective_timeout_s_reaches_the_group_through_initialize(tmp_path):
         os.kill(workers[1], signal.SIGSTOP)
         named = "memfit: rank 0: collective timed out after 10 s (collective_timeout_s); rank 1 stopped answering"
         wait_until(lambda: named in job.stderr(), 10 + 20, "rank 0 names the stopped rank")
+        wait_until(lambda: not is_alive(workers[0]), 20, "rank 0 exits")  # its error file is written
         os.kill(workers[1], signal.SIGCONT)
         returncode = job.proc.wait(timeout=60)
         stderr = job.stderr()
