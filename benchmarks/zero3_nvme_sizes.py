@@ -7,8 +7,9 @@ Per size: peak RSS of the job (sampled every 0.2 s, build included), the trainin
 (16 bytes per parameter) against RAM, step times, and the bytes each step reads and writes
 against the least it must move (read: optimizer state 12 B/param, weights for forward and for
 the recomputing backward 2 + 2, weights and gradients for the update 2 + 2; written: state 12,
-gradients 2, weights 2) and against the time the measured bytes take at `memfit bench io`
-bandwidth, measured in the same run on the same directory.
+gradients 2, weights 2; with --max-in-cpu the weights kept in memory move no bytes) and against
+the time the measured bytes take at `memfit bench io` bandwidth, measured in the same run on the
+same directory.
 
     python benchmarks/zero3_nvme_sizes.py --path /nvme/dir                       # 400m 1b 2b 4b, ~40 min
     python benchmarks/zero3_nvme_sizes.py --path /nvme/dir --sizes 4b --steps 3
@@ -28,14 +29,24 @@ from stage3_memory import run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1 << 30
-LEAST_READ, LEAST_WRITTEN = 12 + 2 + 2 + 2 + 2, 12 + 2 + 2  # bytes per parameter per step
+# bytes per parameter per step: optimizer state and gradients, then the weights (three reads, one
+# write) of the parameters not kept in memory under offload_param.max_in_cpu
+LEAST_READ, LEAST_WRITTEN = (12 + 2, 2 + 2 + 2), (12 + 2, 2)
 
 
-def example_config(path: str) -> dict:
+def least_bytes(count: int, max_in_cpu: int | None) -> tuple[float, float]:
+    """(read, written) per step at least, for count parameters."""
+    stored = count - min(count, max_in_cpu or 0)
+    return tuple(moved * count + weights * stored for moved, weights in (LEAST_READ, LEAST_WRITTEN))
+
+
+def example_config(path: str, max_in_cpu: int | None = None) -> dict:
     with open(os.path.join(ROOT, "examples", "configs", "zero3_nvme.json")) as file:
         config = json.load(file)
     for key in ("offload_param", "offload_optimizer"):
         config["zero_optimization"][key]["nvme_path"] = path
+    if max_in_cpu is not None:
+        config["zero_optimization"]["offload_param"]["max_in_cpu"] = max_in_cpu
     return config
 
 
@@ -47,6 +58,11 @@ def main() -> None:
     parser.add_argument("--io-size", default="2G")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--max-in-cpu",
+        type=float,
+        help="offload_param.max_in_cpu: parameter elements kept in memory (DeepSpeed's default: 1e9; memfit's: 0)",
+    )
     args = parser.parse_args()
     load_before = os.getloadavg()
     write_gibs, read_gibs = io_bandwidth(args.path, args.io_size)
@@ -57,17 +73,19 @@ def main() -> None:
     ]
     for preset in args.sizes:
         count = num_params(preset)
-        result = run(example_config(args.path), preset, args.path, args.steps, args.timeout)
+        max_in_cpu = None if args.max_in_cpu is None else int(args.max_in_cpu)
+        result = run(example_config(args.path, max_in_cpu), preset, args.path, args.steps, args.timeout)
         print(preset, result, flush=True)
         if "error" in result:
             lines.append(f"| {preset} | {count / 1e9:.2f}B | | failed: {result['error'][-300:]!r} | | | | | |")
             continue
         read_bytes, written_bytes, io_s = step_io(result, write_gibs, read_gibs)
+        least_read, least_written = least_bytes(count, max_in_cpu)
         lines.append(
             f"| {preset} | {count / 1e9:.2f}B | {16 * count / GIB:.0f} GiB = {16 * count / ram_bytes():.1f}x | "
             f"{result['peak_rss_bytes'] / GIB:.2f} GiB | {result['step_time_s']} | "
-            f"{read_bytes / GIB:.1f} GiB ({LEAST_READ * count / GIB:.1f}) | "
-            f"{written_bytes / GIB:.1f} GiB ({LEAST_WRITTEN * count / GIB:.1f}) | {io_s:.1f} s | {result['losses']} |"
+            f"{read_bytes / GIB:.1f} GiB ({least_read / GIB:.1f}) | "
+            f"{written_bytes / GIB:.1f} GiB ({least_written / GIB:.1f}) | {io_s:.1f} s | {result['losses']} |"
         )
     text = "\n".join(
         [
@@ -76,7 +94,9 @@ def main() -> None:
             f"- load average before: {', '.join(f'{x:.1f}' for x in load_before)}; "
             f"after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
             f"- `memfit bench io` (io_uring, {args.io_size}): write {write_gibs:.2f} GiB/s, read {read_gibs:.2f} GiB/s",
-            f"- RAM {ram_bytes() / GIB:.1f} GiB; config examples/configs/zero3_nvme.json, {args.steps} steps per size",
+            f"- RAM {ram_bytes() / GIB:.1f} GiB; config examples/configs/zero3_nvme.json"
+            + ("" if args.max_in_cpu is None else f" with offload_param.max_in_cpu {args.max_in_cpu:.0e}")
+            + f", {args.steps} steps per size",
             "",
             *lines,
         ]

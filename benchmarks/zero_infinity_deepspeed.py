@@ -64,6 +64,9 @@ def deepspeed_config(nvme_path: str, sub_group_size: int, pipeline: bool) -> dic
             # resident, and at 1b step 2 stopped with "AssertionError: Not enough buffers 0 for
             # swapping 1" (5 of offload_param's 5 buffers held).
             "stage3_max_reuse_distance": 0,
+            # max_in_cpu left at DeepSpeed's default (1e9 elements): the 16-bit parameters of a
+            # model under a billion parameters stay in host memory; memfit's equivalent is
+            # zero3_nvme_sizes.py --max-in-cpu 1e9
             "offload_param": nvme,
             "offload_optimizer": {
                 **nvme,

@@ -129,9 +129,11 @@ class OffloadParamConfig(Section):
         100_000_000, description="DeepSpeed's NVMe read buffer size; accepted and ignored, as buffer_count."
     )
     max_in_cpu: Integer(minimum=0, limit=MAX_BYTES) = Field(
-        1_000_000_000,
-        description="DeepSpeed's count of parameter elements kept in host memory under NVMe offload; accepted "
-        "and ignored, as buffer_count (stage3_max_live_parameters bounds what is gathered).",
+        0,
+        description='With device "nvme": the owned tensors whose values rest in host memory instead, the first '
+        "ones in the model's order up to this many elements in all; their reads and writes are memory copies. "
+        "Trades memory for speed. DeepSpeed's default is 1000000000, which keeps every tensor of a model under "
+        "a billion parameters in memory; memfit's is 0, so that NVMe offload moves everything it names.",
     )
 
     @model_validator(mode="after")

@@ -103,11 +103,7 @@ def stage3_settings_ignored(zero, written: list[str], ignored: dict) -> None:
     if zero.stage == 3:
         if key in ignored:
             ignored[("zero_optimization", STAGE3_TUNING)] = ignored.pop(key)
-        buffers = [
-            name
-            for name in ("buffer_count", "buffer_size", "max_in_cpu")
-            if name in zero.offload_param.model_fields_set
-        ]
+        buffers = [name for name in ("buffer_count", "buffer_size") if name in zero.offload_param.model_fields_set]
         if buffers:
             reason = "memfit reads each tensor into a buffer of its own size"
             ignored[("zero_optimization.offload_param", reason)] = buffers

@@ -152,7 +152,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         if offload_param.device == "nvme":
 
             def open_store(named):
-                return NvmeParamStore(named, offload_param.nvme_path, rank, cfg.aio, with_grads=streams)
+                path, limit = offload_param.nvme_path, offload_param.max_in_cpu
+                return NvmeParamStore(named, path, rank, cfg.aio, with_grads=streams, max_in_cpu=limit)
 
         stage3 = Stage3Params(model, named_params, plan, rank, world_size, cfg.zero_optimization, open_store)
         if deferred:  # each owner's store takes its tensors from the birth file, one at a time

@@ -283,8 +283,10 @@ class Engine:
         grads += [p.grad for _, p in self._named_params if p.grad is not None and id(p) not in buffered | on_nvme]
         if self.masters.separate:
             grads += self.masters.grads()
+        store = self._stage3.store if self._stage3 is not None else None  # offload_param "nvme"
+        kept = store.kept_bytes if store is not None else 0  # values kept in host memory (max_in_cpu)
         report = {
-            "params": nbytes(held),  # frozen ones too; a tied tensor once
+            "params": nbytes(held) + kept,  # frozen ones too; a tied tensor once
             "grads": nbytes(grads) + self._grad_sync.reducer.staging_bytes,
             "optimizer_state": self._update.state_bytes,
             "master_weights": self._update.master_bytes,
@@ -292,7 +294,7 @@ class Engine:
         report["grad_staging"] = self._grad_sync.reducer.staging_bytes  # included in grads
         offloaded = report["optimizer_state"] + report["master_weights"]
         host = self.host_tier.bytes_in_use if self.host_tier is not None else 0
-        params_on_host = self.param_tier.bytes_in_use if self.param_tier is not None else 0
+        params_on_host = (self.param_tier.bytes_in_use if self.param_tier is not None else 0) + kept
         report["by_tier"] = {
             "device": report["params"]
             - params_on_host
@@ -302,8 +304,8 @@ class Engine:
         }
         if hasattr(self.host_tier, "swap_bytes"):  # offload_optimizer "nvme": the rank's swap file
             report["by_tier"]["nvme"] = self.host_tier.swap_bytes
-        if self._stage3 is not None and self._stage3.store is not None:  # offload_param "nvme"
-            report["by_tier"]["nvme"] = report["by_tier"].get("nvme", 0) + self._stage3.store.capacity_bytes
+        if store is not None:
+            report["by_tier"]["nvme"] = report["by_tier"].get("nvme", 0) + store.capacity_bytes
         report["peak_rss_bytes"] = peak_rss_bytes()
         return report
 

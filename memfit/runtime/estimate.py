@@ -22,7 +22,8 @@ import torch
 from memfit.io.extents import align_up
 from memfit.offload.build import streams_the_step
 from memfit.offload.host_tier import runs_on_kernel, stages_through_host
-from memfit.offload.swap_space import slot_bytes, swap_file_bytes
+from memfit.offload.param_store import kept_in_memory, store_slot_bytes
+from memfit.offload.swap_space import swap_file_bytes
 from memfit.runtime.zero.buckets import build_buckets, staging_numel
 from memfit.runtime.zero.ownership import plan_ownership
 from memfit.units import format_bytes
@@ -86,7 +87,11 @@ def estimate(
         masters = 4 * owned_numel if keep_masters else 0
         # stage 3: between steps a rank holds its own tensors and the small ones every rank keeps
         stored = zero.offload_param.device == "nvme"  # the owned ones rest in the parameter swap file
-        not_held = [t for name, t in trainable if name in managed and (stored or name not in owned_names)]
+        owned_stored = [(name, t) for name, t in owned if name in managed] if stored else []
+        kept = kept_in_memory(owned_stored, zero.offload_param.max_in_cpu)  # or in memory, up to max_in_cpu
+        not_held = [
+            t for name, t in trainable if name in managed and name not in kept and (stored or name not in owned_names)
+        ]
         held_numel = all_numel - sum(t.numel() for t in not_held)
         if not_held:  # the bound over all managed tensors: one figure for every rank
             result.gathered_peak = compute_bytes * gathered_peak_numel(managed_tensors, zero)
@@ -111,13 +116,14 @@ def estimate(
         else:
             result.tiers = {"device": device + masters + state, "host": 0}
         if stored:
-            owned_stored = [t for name, t in owned if name in managed]
-            swap = sum(slot_bytes(t.numel(), compute_bytes) for t in owned_stored) * (2 if streams else 1)
+            swap = store_slot_bytes(owned_stored, kept, streams, compute_bytes)
             result.param_swap = swap_file_bytes(swap) if owned_stored else 0
             result.tiers["nvme"] = result.tiers.get("nvme", 0) + result.param_swap
-        if zero.stage == 3 and zero.offload_param.device == "cpu":  # the owned tensors rest in the host tier
-            result.tiers["device"] -= compute_bytes * owned_numel
-            result.tiers["host"] += compute_bytes * owned_numel
+        on_host = owned_numel if zero.stage == 3 and zero.offload_param.device == "cpu" else 0  # the host tier's
+        on_host += sum(t.numel() for name, t in owned_stored if name in kept)  # kept in memory (max_in_cpu)
+        if on_host:
+            result.tiers["device"] -= compute_bytes * on_host
+            result.tiers["host"] = result.tiers.get("host", 0) + compute_bytes * on_host
         estimates.append(result)
     return estimates
 
