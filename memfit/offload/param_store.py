@@ -8,9 +8,11 @@ with_grads (the streamed step, streamed_step.py) each tensor also has a gradient
 
 offload_param.max_in_cpu, as in DeepSpeed: the values of the first tensors, up to that many
 elements in all, rest in host memory instead, as a copy of their own that reads and writes copy
-from and to (so a tensor gathered and changed without being kept does not change it). Their
-gradients still go to the swap file. memfit's default is 0 (DeepSpeed's is 1e9, which keeps every
-tensor of a model under a billion parameters in memory under "nvme")."""
+from and to (so a tensor gathered and changed without being kept does not change it); with_grads,
+so do their gradients (DeepSpeed keeps every gradient in host memory under offload_optimizer). A
+read of a kept gradient gives the copy itself: the step only reads it. memfit's default is 0
+(DeepSpeed's is 1e9, which keeps every tensor of a model under a billion parameters in memory
+under "nvme")."""
 
 import torch
 
@@ -30,10 +32,12 @@ def kept_in_memory(named: list[tuple[str, torch.Tensor]], max_in_cpu: int) -> se
 
 
 def store_slot_bytes(named: list[tuple[str, torch.Tensor]], kept: set[str], with_grads: bool, element_size=None) -> int:
-    """The swap file's bytes: a value slot for each tensor not kept in memory, and a gradient slot
-    for each tensor with_grads; element_size: of every tensor (None: each tensor's own)."""
-    slots = [(t, name not in kept) for name, t in named] + ([(t, True) for _, t in named] if with_grads else [])
-    return sum(slot_bytes(t.numel(), element_size or t.element_size()) for t, stored in slots if stored)
+    """The swap file's bytes: for each tensor not kept in memory a value slot, and with_grads a
+    gradient slot; element_size: of every tensor (None: each tensor's own)."""
+    per_tensor = 2 if with_grads else 1
+    return per_tensor * sum(
+        slot_bytes(t.numel(), element_size or t.element_size()) for name, t in named if name not in kept
+    )
 
 
 class _Finished:
@@ -52,23 +56,27 @@ class NvmeParamStore:
         streamed step; max_in_cpu: see the module's docstring."""
         self.name_of = {id(param): name for name, param in named}
         kept = kept_in_memory(named, max_in_cpu)
-        self.kept = {id(param): None for name, param in named if name in kept}  # id -> its values, once written
+        # id -> the values (and gradient) of a tensor kept in memory, once written
+        self.kept = {id(param): None for name, param in named if name in kept}
+        self.kept_grads = {id(param): None for name, param in named if name in kept} if with_grads else {}
         capacity = store_slot_bytes(named, kept, with_grads)
         self.swap = open_swap(directory, rank, max(capacity, 1), block_size=aio.block_size, queue_depth=aio.queue_depth)
 
     @property
     def kept_bytes(self) -> int:
         """Bytes of values resting in host memory (offload_param.max_in_cpu)."""
-        return sum(values.numel() * values.element_size() for values in self.kept.values() if values is not None)
+        return _bytes(self.kept)
+
+    @property
+    def kept_grad_bytes(self) -> int:
+        """Bytes of gradient buffers in host memory (max_in_cpu, with_grads)."""
+        return _bytes(self.kept_grads)
 
     def write(self, param, values: torch.Tensor) -> None:
-        key = id(param)
-        if key in self.kept:
-            if self.kept[key] is None:
-                self.kept[key] = torch.empty(values.shape, dtype=values.dtype, device=values.device)
-            self.kept[key].copy_(values.detach())
+        if id(param) in self.kept:
+            _copy_into(self.kept, id(param), values)
             return
-        self.swap.put(self.name_of[key], values.detach().contiguous()).wait()
+        self.swap.put(self.name_of[id(param)], values.detach().contiguous()).wait()
 
     def read(self, param, shape: torch.Size) -> torch.Tensor:
         buffer, request = self.start_read(param, shape)
@@ -78,16 +86,20 @@ class NvmeParamStore:
     def start_read(self, param, shape: torch.Size, grad: bool = False) -> tuple[torch.Tensor, object]:
         """(buffer, request): the read of the tensor's values (or its gradient) into a new buffer,
         in flight. A read or write of a slot starts after the slot's earlier requests finish."""
-        buffer = torch.empty(shape, dtype=param.dtype, device=param.device)
-        if not grad and id(param) in self.kept:
-            values = self.kept[id(param)]
+        key = id(param)
+        if key in self.kept:
+            values = (self.kept_grads if grad else self.kept)[key]
             if values is None:
-                raise KeyError(f"{self.name_of[id(param)]}: read before its values were stored")
-            return buffer.copy_(values), _Finished()
-        return buffer, self.swap.get(self.name_of[id(param)] + ("/grad" if grad else ""), buffer)
+                raise KeyError(f"{self.name_of[key]}: {'gradient' if grad else 'values'} read before stored")
+            return (values if grad else values.clone()), _Finished()
+        buffer = torch.empty(shape, dtype=param.dtype, device=param.device)
+        return buffer, self.swap.get(self.name_of[key] + ("/grad" if grad else ""), buffer)
 
     def start_write_grad(self, param, grad: torch.Tensor):
         """The write of a gradient, in flight: the caller keeps `grad` until it is done."""
+        if id(param) in self.kept_grads:
+            _copy_into(self.kept_grads, id(param), grad)
+            return _Finished()
         return self.swap.put(self.name_of[id(param)] + "/grad", grad.detach().contiguous())
 
     def read_grad(self, param, shape: torch.Size) -> torch.Tensor:
@@ -106,4 +118,16 @@ class NvmeParamStore:
 
     def close(self) -> None:
         self.swap.close()
-        self.kept = dict.fromkeys(self.kept)
+        self.kept, self.kept_grads = dict.fromkeys(self.kept), dict.fromkeys(self.kept_grads)
+
+
+def _copy_into(buffers: dict, key: int, values: torch.Tensor) -> None:
+    """Copies values into buffers[key], made on first use (nothing to copy when it is the buffer)."""
+    if buffers[key] is None:
+        buffers[key] = torch.empty(values.shape, dtype=values.dtype, device=values.device)
+    if values is not buffers[key]:
+        buffers[key].copy_(values.detach())
+
+
+def _bytes(buffers: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in buffers.values() if t is not None)

@@ -284,23 +284,24 @@ class Engine:
         if self.masters.separate:
             grads += self.masters.grads()
         store = self._stage3.store if self._stage3 is not None else None  # offload_param "nvme"
-        kept = store.kept_bytes if store is not None else 0  # values kept in host memory (max_in_cpu)
+        # values and gradients the store keeps in host memory (max_in_cpu)
+        kept, kept_grads = (store.kept_bytes, store.kept_grad_bytes) if store is not None else (0, 0)
         report = {
             "params": nbytes(held) + kept,  # frozen ones too; a tied tensor once
-            "grads": nbytes(grads) + self._grad_sync.reducer.staging_bytes,
+            "grads": nbytes(grads) + kept_grads + self._grad_sync.reducer.staging_bytes,
             "optimizer_state": self._update.state_bytes,
             "master_weights": self._update.master_bytes,
         }
         report["grad_staging"] = self._grad_sync.reducer.staging_bytes  # included in grads
         offloaded = report["optimizer_state"] + report["master_weights"]
         host = self.host_tier.bytes_in_use if self.host_tier is not None else 0
-        params_on_host = (self.param_tier.bytes_in_use if self.param_tier is not None else 0) + kept
+        in_host_memory = (self.param_tier.bytes_in_use if self.param_tier is not None else 0) + kept + kept_grads
         report["by_tier"] = {
             "device": report["params"]
-            - params_on_host
+            - in_host_memory
             + report["grads"]
             + (0 if self.host_tier is not None else offloaded),
-            "host": host + params_on_host,
+            "host": host + in_host_memory,
         }
         if hasattr(self.host_tier, "swap_bytes"):  # offload_optimizer "nvme": the rank's swap file
             report["by_tier"]["nvme"] = self.host_tier.swap_bytes

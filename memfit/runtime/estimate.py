@@ -79,7 +79,7 @@ def estimate(
         staging = staging_numel(buckets, zero.stage, rank)
         grads = owned_numel + staging if zero.stage >= 2 else all_numel
         if streams:  # between steps none is held: the small ones' are dropped with the step
-            grads = 0
+            grads = 0  # (the kept tensors' buffers are added below, once kept is known)
         result = RankEstimate(rank, grad_staging=compute_bytes * staging, owned_numel=owned_numel)
         state, note = _optimizer_state_bytes(cfg, owned, trainable, offloaded, client_optimizer)
         if note:
@@ -93,6 +93,9 @@ def estimate(
             t for name, t in trainable if name in managed and name not in kept and (stored or name not in owned_names)
         ]
         held_numel = all_numel - sum(t.numel() for t in not_held)
+        kept_numel = sum(t.numel() for name, t in owned_stored if name in kept)
+        if streams:  # a kept tensor's gradient has a buffer in memory, not a slot in the swap file
+            grads += kept_numel
         if not_held:  # the bound over all managed tensors: one figure for every rank
             result.gathered_peak = compute_bytes * gathered_peak_numel(managed_tensors, zero)
             result.notes.append(
@@ -120,7 +123,7 @@ def estimate(
             result.param_swap = swap_file_bytes(swap) if owned_stored else 0
             result.tiers["nvme"] = result.tiers.get("nvme", 0) + result.param_swap
         on_host = owned_numel if zero.stage == 3 and zero.offload_param.device == "cpu" else 0  # the host tier's
-        on_host += sum(t.numel() for name, t in owned_stored if name in kept)  # kept in memory (max_in_cpu)
+        on_host += kept_numel * (2 if streams else 1)  # kept in memory (max_in_cpu), with their gradients
         if on_host:
             result.tiers["device"] -= compute_bytes * on_host
             result.tiers["host"] = result.tiers.get("host", 0) + compute_bytes * on_host
