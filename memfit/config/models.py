@@ -273,6 +273,13 @@ class MemfitOwnConfig(Section):
         default_factory=lambda: JsonlMonitorConfig(),
         description="memfit's JSONL monitor: one line per optimizer step with every metric.",
     )
+    update_in_backward: Boolean = Field(
+        False,
+        description="Under the streamed step (stage 3 on one rank, offload_param and offload_optimizer on NVMe, "
+        "AdamW on the fused kernel), with gradient_clipping 0 and fp16 off: update each tensor as soon as backward "
+        "has its final gradient, so gradients never reach the swap file (Fuyou's overlap; the same result bit for "
+        "bit). The script must call backward once per micro-step and leave gradients alone until step.",
+    )
 
     @model_validator(mode="after")
     def offload_needs_blocks(self) -> "MemfitOwnConfig":

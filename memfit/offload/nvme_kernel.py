@@ -137,6 +137,7 @@ class NvmeKernelUpdate:
         streamed = self.streamed
         if streamed is not None:
             streamed.reconcile()
+            streamed.updated_in_backward()  # updated already: no gradient left for the step
         grads = []
         for param in self.params:
             if streamed is not None and streamed.has_grad(param):

@@ -78,6 +78,13 @@ class NvmeParamStore:
             return
         self.swap.put(self.name_of[id(param)], values.detach().contiguous()).wait()
 
+    def start_write(self, param, values: torch.Tensor):
+        """The write of the tensor's values, in flight: the caller keeps `values` until it is done."""
+        if id(param) in self.kept:
+            _copy_into(self.kept, id(param), values)
+            return _Finished()
+        return self.swap.put(self.name_of[id(param)], values.detach().contiguous())
+
     def read(self, param, shape: torch.Size) -> torch.Tensor:
         buffer, request = self.start_read(param, shape)
         request.wait()

@@ -37,11 +37,13 @@ class StoredGradient:
 
 
 class StreamedStep:
-    def __init__(self, stage3, norm_of, *, needs_norm: bool, needs_finite: bool):
+    def __init__(self, stage3, norm_of, *, needs_norm: bool, needs_finite: bool, backward_update=None):
         """stage3: the Stage3Params whose store holds the tensors; norm_of(grad) -> fp32 norm, the
-        engine's; needs_norm / needs_finite: the step clips / checks fp16 overflow."""
+        engine's; needs_norm / needs_finite: the step clips / checks fp16 overflow;
+        backward_update: a BackwardUpdate (memfit.update_in_backward: backward_update.py)."""
         self.stage3, self.store, self.norm_of = stage3, stage3.store, norm_of
         self.needs_norm, self.needs_finite = needs_norm, needs_finite
+        self.backward_update = backward_update
         self.params = list(stage3.owned_managed)
         self.streamed_ids = {id(p) for p in self.params}
         self.stored: dict[int, StoredGradient] = {}  # since the last step
@@ -56,13 +58,19 @@ class StreamedStep:
 
     # ---- around backward ------------------------------------------------------------------------
     def before_backward(self, final: bool) -> None:
+        if self.backward_update is not None and self.backward_update.done_now:
+            raise RuntimeError(
+                "memfit.update_in_backward: a second backward before step, after the first had updated the tensors; "
+                "call backward once per micro-step, or turn update_in_backward off"
+            )
         self.reconcile()
         self._final_backward = final
         for stored in self.stored.values():
             stored.param.grad = None
 
     def take(self, param) -> None:
-        """The post-accumulate-grad hook of a streamed tensor: .grad goes to the swap file."""
+        """The post-accumulate-grad hook of a streamed tensor: .grad goes to the swap file, or on
+        the boundary micro-step with update_in_backward, into the tensor's update."""
         grad = param.grad
         if grad is None:
             return
@@ -70,6 +78,9 @@ class StreamedStep:
         if key in self.stored:
             grad = self.read_grad(param).add_(grad)
         self._reap_writes()
+        if self.backward_update is not None and self._final_backward:
+            self._update_now(param, grad)
+            return
         self._writing.append((self.store.start_write_grad(param, grad), grad))
         norm = finite = None
         if self._final_backward:
@@ -78,7 +89,28 @@ class StreamedStep:
         self.stored[key] = StoredGradient(self, param, norm, finite)
         self._mark(param)
 
+    def _update_now(self, param, grad) -> None:
+        """Updates the tensor with its final gradient and starts writing its weights back."""
+        if self.backward_update.updated(param):
+            raise RuntimeError(
+                f"memfit.update_in_backward: {self.stage3.name_of[id(param)]} got a second gradient after its "
+                "update in this step's backward; call backward once per micro-step, or turn update_in_backward off"
+            )
+        self.stored.pop(id(param), None)
+        self._markers.pop(id(param), None)
+        brought = not self.stage3.holds(param)  # a bias, say: its gradient needs no weights
+        if brought:
+            param.data = self.store.read(param, self.stage3.shape_of[id(param)])
+        self.backward_update.run(param, grad)
+        weights = param.data
+        self._writing.append((self.store.start_write(param, weights), weights))
+        if brought:
+            param.data = self.stage3.released_value(param)
+        self._mark(param)  # so that a later change to .grad is seen, and refused at the step
+
     def after_backward(self) -> None:
+        if self.backward_update is not None:
+            self.backward_update.settle()
         for key, stored in self.stored.items():
             if stored.param.grad is None:
                 stored.param.grad = self._markers[key][0]
@@ -107,6 +139,9 @@ class StreamedStep:
         """Applies what the script did to .grad since the last backward (see _markers)."""
         self._reap_writes(wait=True)
         for param in self.params:
+            if self.backward_update is not None and self.backward_update.updated(param):
+                self._check_untouched(param)
+                continue
             key, grad = id(param), param.grad
             marker, element = self._markers.get(key, (None, None))
             if grad is None or grad is not marker or not bool(element.isnan().all()):
@@ -118,11 +153,36 @@ class StreamedStep:
                 if grad is not None:  # assigned by hand: it is the gradient now
                     self.take(param)
 
+    def _check_untouched(self, param) -> None:
+        marker, element = self._markers[id(param)]
+        if param.grad is not marker or not bool(element.isnan().all()):
+            raise RuntimeError(
+                f"memfit.update_in_backward: the gradient of {self.stage3.name_of[id(param)]} changed after backward "
+                "had updated the tensor with it (zero_grad, clipping, an assignment); leave gradients alone between "
+                "backward and step, or turn update_in_backward off"
+            )
+
+    def updated_in_backward(self) -> list:
+        """The tensors this step's backward updated, once: their markers are dropped (at the step)."""
+        if self.backward_update is None:
+            return []
+        updated = [param for param in self.params if self.backward_update.updated(param)]
+        for param in updated:
+            param.grad = None
+            del self._markers[id(param)]
+        self.backward_update.end_step()
+        return updated
+
     def has_grad(self, param) -> bool:
         return id(param) in self.stored
 
     def discard(self) -> None:
         """After the step (the optimizer's zero_grad): the stored gradients are spent."""
+        if self.backward_update is not None and self.backward_update.done_now:
+            raise RuntimeError(
+                "memfit.update_in_backward: zero_grad between backward and step, after backward had updated the "
+                "tensors; leave gradients alone between backward and step, or turn update_in_backward off"
+            )
         for key, stored in self.stored.items():
             if stored.param.grad is self._markers[key][0]:
                 stored.param.grad = None

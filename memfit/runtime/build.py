@@ -15,6 +15,7 @@ from memfit.config import ClientComponents, ConfigError, describe_config, engine
 from memfit.io.engine import set_default_geometry
 from memfit.monitor import build_monitor
 from memfit.offload.activation_swap import ActivationSwap
+from memfit.offload.backward_update import BackwardUpdate
 from memfit.offload.build import build_update, place_in_host_tier, streams_the_step
 from memfit.offload.param_store import NvmeParamStore
 from memfit.offload.streamed_step import StreamedStep
@@ -165,9 +166,14 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
     if stage3 is not None:
         stage3.update_master = master_updater(masters, opt)
+    in_backward = updates_in_backward(cfg, streams and stage3 is not None and stage3.store is not None)
     if streams and stage3.store is not None:
         stage3.streamed = update.streamed = StreamedStep(
-            stage3, fp32_norm, needs_norm=cfg.gradient_clipping > 0, needs_finite=cfg.fp16.enabled
+            stage3,
+            fp32_norm,
+            needs_norm=cfg.gradient_clipping > 0,
+            needs_finite=cfg.fp16.enabled,
+            backward_update=BackwardUpdate(update) if in_backward else None,
         )
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     engine = Engine(
@@ -269,3 +275,25 @@ def make_scheduler(lr_scheduler, cfg, optimizer):
     if cfg.scheduler is not None:
         return build_scheduler(cfg.scheduler.type, optimizer, dict(cfg.scheduler.params))
     return None
+
+
+def updates_in_backward(cfg, streams: bool) -> bool:
+    """Whether memfit.update_in_backward applies; when asked for where it cannot, a warning says why."""
+    if not cfg.memfit.update_in_backward:
+        return False
+    reasons = [
+        reason
+        for reason, applies in (
+            ("gradient_clipping needs every gradient's norm before any update", cfg.gradient_clipping > 0),
+            ("fp16 needs every gradient checked for overflow before any update", cfg.fp16.enabled),
+            (
+                "it needs the streamed step (stage 3 on one rank, offload_param and offload_optimizer on NVMe, "
+                "AdamW on the fused kernel)",
+                not streams,
+            ),
+        )
+        if applies
+    ]
+    if reasons:
+        warnings.warn(f"config: memfit.update_in_backward is off: {'; '.join(reasons)}", stacklevel=3)
+    return not reasons

@@ -120,6 +120,8 @@ class Engine:
         self._grad_sync.before_backward(reducing=self.is_boundary() or self._grad_sync.reduces_every_backward)
         streamed = self._streamed
         if streamed is not None:
+            if self.is_boundary() and streamed.backward_update is not None and self.snapshotter is not None:
+                self.snapshotter.wait_for_copy()  # the update starts in this backward
             streamed.before_backward(final=self.is_boundary())
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         self.step_stats.add_loss(loss)
