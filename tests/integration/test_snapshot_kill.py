@@ -180,11 +180,7 @@ def random_kill_trials(tmp_path, reference, num_trials: int) -> None:
         check_against(read_metrics(metrics), reference)
 
 
-def test_random_kills_of_random_workers(tmp_path, reference):
-    random_kill_trials(tmp_path, reference, num_trials=2)
-
-
-@pytest.mark.slow
+@pytest.mark.slow  # the fast tier kills a worker at a chosen phase (above)
 @pytest.mark.timeout(1500)
 def test_random_kills_of_random_workers_full_count(tmp_path, reference):
     random_kill_trials(tmp_path, reference, num_trials=15)
