@@ -159,6 +159,7 @@ def drive(args) -> None:
     from common import write_section
 
     os.makedirs(args.nvme_path, exist_ok=True)
+    present = set(os.listdir(args.nvme_path))  # never removed: only what this run made is
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29613"]
     command += [os.path.abspath(__file__), "--worker", "--preset", args.preset, "--steps", str(args.steps)]
     command += ["--nvme-path", args.nvme_path, "--checkpoint", args.checkpoint]
@@ -191,7 +192,8 @@ def drive(args) -> None:
             write_section(f"ZeRO-Infinity anchor, {args.preset} (zero_infinity_deepspeed.py)", describe(args, report)),
         )
     if not args.keep_swap:
-        subprocess.run(["rm", "-rf", *(os.path.join(args.nvme_path, name) for name in os.listdir(args.nvme_path))])
+        made = sorted(set(os.listdir(args.nvme_path)) - present)
+        subprocess.run(["rm", "-rf", *(os.path.join(args.nvme_path, name) for name in made)])
 
 
 def main() -> None:
