@@ -143,3 +143,16 @@ def test_where_it_cannot_apply_a_warning_says_why(tmp_path, change, reason):
         engine = memfit.initialize(make_model(case.model), cfg)
     streamed = engine._stage3.streamed if engine._stage3 is not None else None
     assert streamed is None or streamed.backward_update is None
+
+
+@pytest.mark.slow
+def test_update_in_backward_with_tensors_kept_in_memory(tmp_path):
+    """max_in_cpu keeps the first tensors (values and earlier micro-steps' gradients) in memory; the
+    update in backward reads and writes them there."""
+    case = Case("tied", 3, True, 2, 0.0, "AdamW", "bfloat16")
+    cfg = backward_config(case, 3, str(tmp_path))
+    cfg["zero_optimization"]["offload_param"]["max_in_cpu"] = 1000  # the first tensors, not all
+    engine = memfit.initialize(make_model(case.model), cfg)
+    run(engine, case)
+    assert engine._stage3.store.kept_bytes > 0
+    assert_equal(whole(engine), whole_of_stage2(case, tmp_path), "max_in_cpu")
