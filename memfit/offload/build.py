@@ -136,18 +136,15 @@ def place_in_host_tier(owned: list, cfg, device) -> HostTier:
     return tier
 
 
-def streams_the_step(cfg, world_size: int, device, client_optimizer) -> bool:
-    """Stage 3 on one rank with offload_param and offload_optimizer both "nvme" and an Adam-family
-    optimizer on the fused kernel, on the CPU: gradients and the update stream through the swap
-    files (zero/streamed_step.py) instead of all being in memory for the step."""
+def streams_the_step(cfg, world_size: int, device) -> bool:
+    """Stage 3 on one rank with offload_param and offload_optimizer both "nvme", on the CPU:
+    gradients and the update stream through the swap files (offload/streamed_step.py) instead of
+    all being in memory for the step, for any optimizer."""
     zero = cfg.zero_optimization
-    name = cfg.optimizer.type if cfg.optimizer is not None else "AdamW"
     return (
         zero.stage == 3
         and world_size == 1
         and zero.offload_param.device == "nvme"
         and zero.offload_optimizer.device == "nvme"
-        and client_optimizer is None
-        and runs_on_kernel(name)
         and device.type == "cpu"
     )

@@ -14,6 +14,7 @@ import torch
 
 from memfit.offload.host_tier import stages_through_host
 from memfit.offload.masters import MasterWeights
+from memfit.offload.streamed_step import StoredGradient
 from memfit.offload.swap_space import SwapSpace, check_pipeline
 
 
@@ -63,21 +64,33 @@ class NvmeOptimizerUpdate:
         self.buffer_count = offload.buffer_count
         self.pipeline_read = check_pipeline(offload.buffer_count, offload.pipeline_read)
         self.pipeline_write = offload.pipeline_write
+        # stage 3 on one rank: 16-bit weights and gradients rest in the parameter swap file, and
+        # each sub-group's are read for its step (streamed_step.py; set by the build)
+        self.streamed = None
 
     # ---- the update interface (see interface.py) ---------------------------------------------------
-    def gradients(self, touched_ids: set[int]) -> list[torch.Tensor]:
+    def gradients(self, touched_ids: set[int]) -> list:
         """The compute parameters' gradients: their fp32 copies are made per sub-group in apply(),
-        not for every owned tensor at once."""
+        not for every owned tensor at once. Streamed ones are StoredGradient (a .grad without
+        backward, assigned by hand, counts there, as torch's)."""
+        streamed = self.streamed
+        if streamed is not None:
+            streamed.reconcile()
         grads = []
         for param in self.masters.compute:
-            if param.grad is not None and id(param) in touched_ids:
+            if streamed is not None and streamed.has_grad(param):
+                grads.append(streamed.stored[id(param)])
+            elif param.grad is not None and (id(param) in touched_ids or streamed is not None):
                 grads.append(param.grad)
             else:
                 param.grad = None
         return grads
 
-    def nonfinite(self, grads: list[torch.Tensor]) -> bool:
-        return any(not bool(torch.isfinite(grad).all()) for grad in grads)
+    def nonfinite(self, grads: list) -> bool:
+        return any(
+            not grad.is_finite() if isinstance(grad, StoredGradient) else not bool(torch.isfinite(grad).all())
+            for grad in grads
+        )
 
     def _master_grad(self, grad: torch.Tensor | None, multiplier: torch.Tensor | None) -> torch.Tensor | None:
         """What the optimizer reads as a master's gradient, as OptimizerUpdate makes it: the fp32
@@ -91,9 +104,12 @@ class NvmeOptimizerUpdate:
         return grad
 
     def apply(self, multiplier: torch.Tensor | None) -> None:
+        streamed = self.streamed
+        compute = self.masters.compute
+        in_stream = [streamed is not None and streamed.has_grad(param) for param in compute]
         # Only the stepping sub-group's tensors may carry a gradient during its step() call.
-        grads = [param.grad for param in self.masters.compute]
-        for param in self.masters.compute:
+        grads = [None if streamed_grad else param.grad for param, streamed_grad in zip(compute, in_stream)]
+        for param in compute:
             param.grad = None
         before = [
             {key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups
@@ -105,19 +121,26 @@ class NvmeOptimizerUpdate:
                     for group, values in zip(self.optimizer.param_groups, before):
                         group.update(values)
                 if position not in reads:
-                    reads[position] = self._start_reads(indices)
+                    reads[position] = self._start_reads(indices, in_stream)
                 if self.pipeline_read and position + 1 < len(self.groups):
-                    reads[position + 1] = self._start_reads(self.groups[position + 1])
+                    reads[position + 1] = self._start_reads(self.groups[position + 1], in_stream)
                 self._finish_reads(indices, reads.pop(position))
                 for index in indices:
+                    if in_stream[index]:  # the weights come into the compute tensor with the gradient
+                        grads[index] = streamed.bring(compute[index])
                     self.masters.masters[index].grad = self._master_grad(grads[index], multiplier)
                     grads[index] = None
                 self._step_only(indices)
                 for index in indices:
                     self.masters.masters[index].grad = None
-                    if self.swapped_masters:
+                    # streamed, a tensor that got no gradient rests released: torch's optimizers
+                    # leave it as it was, so its stored weights stay right
+                    present = streamed is None or in_stream[index] or streamed.stage3.holds(compute[index])
+                    if self.swapped_masters and present:
                         with torch.no_grad():
-                            self.masters.compute[index].copy_(self.masters.masters[index])
+                            compute[index].copy_(self.masters.masters[index])
+                    if in_stream[index]:
+                        streamed.put_back(compute[index])
                 writes.append(self._start_writes(indices))
                 while len(writes) > (self.buffer_count if self.pipeline_write else 0):
                     self.space.wait(writes.pop(0), "writing")
@@ -125,9 +148,13 @@ class NvmeOptimizerUpdate:
             try:
                 self.space.wait([r for requests in reads.values() for r, _ in requests], "reading")
             finally:
+                if streamed is not None:
+                    streamed.drop_brought()  # left only by a failed step
                 self.space.wait([r for requests in writes for r in requests], "writing")
         if not self.swapped_masters:
             self.masters.write_back()
+        if streamed is not None:
+            streamed.discard()
 
     def _step_only(self, indices) -> None:
         """optimizer.step() for the resident sub-group alone: what the call does to the state of
@@ -146,12 +173,18 @@ class NvmeOptimizerUpdate:
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.streamed is not None:
+            self.streamed.discard()
         for param in self.masters.compute:
             param.grad = None
 
-    def _start_reads(self, indices) -> list:
+    def _start_reads(self, indices, in_stream=None) -> list:
+        """The reads of the sub-group's masters and state (and, streamed, the start of its
+        weights' and gradients' reads from the parameter swap file)."""
         requests = []
         for index in indices:
+            if in_stream is not None and in_stream[index]:
+                self.streamed.start_bring(self.masters.compute[index])
             name = self.names[index]
             slots = ([f"{name}/master"] if self.swapped_masters else []) + [f"{name}/{key}" for key in self.keys[index]]
             for slot_name in slots:

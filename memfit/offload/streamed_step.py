@@ -1,13 +1,14 @@
 """ZeRO stage 3 on one rank with parameters and optimizer state on NVMe (offload_param and
-offload_optimizer "nvme", an Adam-family optimizer on the fused kernel): gradients and weights
-stream through the step instead of all being in memory at once.
+offload_optimizer "nvme", any optimizer): gradients and weights stream through the step instead
+of all being in memory at once.
 
 - A gradient leaves memory as backward produces it: the post-accumulate-grad hook writes it to the
   parameter swap file (added to what an earlier micro-step stored there, as autograd would have
   added it to .grad) and drops .grad. On the boundary micro-step its fp32 norm and whether it is
   finite are kept (a few bytes each), so clipping and the fp16 overflow check need no second pass.
-- The update (nvme_update.NvmeKernelUpdate) reads each sub-group's 16-bit weights and gradients
-  with its masters and moments, and writes the weights back once their last piece is updated.
+- The update (nvme_kernel.NvmeKernelUpdate, or for an optimizer torch steps
+  nvme_optimizer.NvmeOptimizerUpdate) reads each sub-group's 16-bit weights and gradients with
+  its masters and state, and writes the weights back once their last piece is updated.
 So from backward to the end of the step a rank holds one sub-group of weights and gradients, not
 all of them. The arithmetic is the resident path's: the same additions, norms and kernel, so the
 result is the same bit for bit.

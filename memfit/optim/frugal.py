@@ -225,7 +225,7 @@ class FRUGAL(KeepsSettings, ExactStateLoading, torch.optim.Optimizer):
         if state["rank"] == 0:
             self._state_free(param, grad, group)
             return
-        if refresh:
+        if refresh or state["num_refreshes"] == 0:  # a tensor's first gradient may come between refreshes
             refresh_seed = (seed * 1_000_003 + state["num_refreshes"]) % (1 << 62)
             if group["proj_type"] == "random":
                 state["seed"] = refresh_seed

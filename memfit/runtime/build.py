@@ -17,6 +17,7 @@ from memfit.monitor import build_monitor
 from memfit.offload.activation_swap import ActivationSwap
 from memfit.offload.backward_update import BackwardUpdate
 from memfit.offload.build import build_update, place_in_host_tier, streams_the_step
+from memfit.offload.nvme_kernel import NvmeKernelUpdate
 from memfit.offload.param_store import NvmeParamStore
 from memfit.offload.streamed_step import StreamedStep
 from memfit.offload.swap_space import nvme_path_problem
@@ -136,7 +137,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")
     if world_size > 1 and stage in (1, 2):
         flatten_params(buckets)  # owners broadcast each bucket in place
-    streams = streams_the_step(cfg, world_size, device, optimizer)
+    streams = streams_the_step(cfg, world_size, device)
     # a streamed step keeps no gradient buffers: each gradient goes to the swap file as produced
     attach_grad_buffers([] if streams else [b for b in buckets if stage < 2 or b.owner_rank == rank])
     reducer = GradientReducer(stage, rank, staging_numel(buckets, stage, rank))
@@ -166,7 +167,9 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         masters, opt, update, tier = build_update(optimizer, cfg, owned_params, compute_dtype, device, world_size)
     if stage3 is not None:
         stage3.update_master = master_updater(masters, opt)
-    in_backward = updates_in_backward(cfg, streams and stage3 is not None and stage3.store is not None)
+    in_backward = updates_in_backward(
+        cfg, streams and stage3 is not None and stage3.store is not None, isinstance(update, NvmeKernelUpdate)
+    )
     if streams and stage3.store is not None:
         stage3.streamed = update.streamed = StreamedStep(
             stage3,
@@ -277,7 +280,7 @@ def make_scheduler(lr_scheduler, cfg, optimizer):
     return None
 
 
-def updates_in_backward(cfg, streams: bool) -> bool:
+def updates_in_backward(cfg, streams: bool, on_kernel: bool) -> bool:
     """Whether memfit.update_in_backward applies; when asked for where it cannot, a warning says why."""
     if not cfg.memfit.update_in_backward:
         return False
@@ -287,10 +290,10 @@ def updates_in_backward(cfg, streams: bool) -> bool:
             ("gradient_clipping needs every gradient's norm before any update", cfg.gradient_clipping > 0),
             ("fp16 needs every gradient checked for overflow before any update", cfg.fp16.enabled),
             (
-                "it needs the streamed step (stage 3 on one rank, offload_param and offload_optimizer on NVMe, "
-                "AdamW on the fused kernel)",
+                "it needs the streamed step (stage 3 on one rank, offload_param and offload_optimizer on NVMe)",
                 not streams,
             ),
+            ("it needs AdamW on the fused kernel (the config's optimizer, not one passed in)", not on_kernel),
         )
         if applies
     ]

@@ -70,7 +70,7 @@ def estimate(
     managed_tensors = [t for name, t in trainable if name in managed]
     # the streamed step (offload/streamed_step.py): no gradient buffers; gradients of the managed
     # tensors rest in the parameter swap file, which has a slot for each
-    streams = streams_the_step(cfg, world_size, torch.device(device_type), client_optimizer or None)
+    streams = streams_the_step(cfg, world_size, torch.device(device_type))
     estimates = []
     for rank in range(world_size):
         owned_names = set(plan.owned(rank)) if zero.stage > 0 else set(plan.names)

@@ -107,10 +107,10 @@ def test_estimate_equals_memory_report_of_the_staged_host_tier():
 def test_estimate_equals_memory_report_of_the_streamed_step(tmp_path):
     """Stage 3 on one rank with everything on NVMe: no gradient held between steps, the weights
     and their gradients in the parameter swap file, in every category and tier."""
-    for model_name in ("tied", "frozen"):
+    for model_name, optimizer in (("tied", "AdamW"), ("frozen", "AdamW"), ("tied", "GaLoreAdamW")):
         model = make_model(model_name)
         shapes = shapes_of(model)
-        config = config_of(3, "bfloat16", "none", "AdamW")
+        config = config_of(3, "bfloat16", "none", optimizer)
         nvme = {"device": "nvme", "nvme_path": str(tmp_path)}
         config["zero_optimization"].update(offload_optimizer=nvme, offload_param=nvme)
         engine = memfit.initialize(model, config)
@@ -124,7 +124,16 @@ def test_estimate_equals_memory_report_of_the_streamed_step(tmp_path):
         report = engine.memory_report()
         predicted = estimate(shapes, engine.config, 1)[0]
         for category in CATEGORIES:
-            assert abs(report[category] - predicted.bytes[category]) <= TOLERANCE * report[category], category
-        for tier in ("device", "host", "nvme"):
+            measured, estimated = report[category], predicted.bytes[category]
+            assert abs(measured - estimated) <= TOLERANCE * measured, (
+                model_name,
+                optimizer,
+                category,
+                measured,
+                estimated,
+            )
+        # an optimizer torch steps holds a few sub-groups in RAM during the step only: the estimate's
+        # host figure plans for them, memory_report between steps sees none
+        for tier in ("device", "host", "nvme") if optimizer == "AdamW" else ("device", "nvme"):
             measured, estimated = report["by_tier"].get(tier, 0), predicted.tiers.get(tier, 0)
-            assert abs(measured - estimated) <= TOLERANCE * measured, (model_name, tier, measured, estimated)
+            assert abs(measured - estimated) <= TOLERANCE * measured, (model_name, optimizer, tier, measured, estimated)

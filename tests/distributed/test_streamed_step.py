@@ -86,6 +86,32 @@ def test_streamed_step_equals_stage2_every_case(tmp_path, model, dtype, habit):
     assert_same(Case(model, 3, True, 3, 0.5, "AdamW", dtype, habit=habit), tmp_path)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [Case("tied", 3, True, 2, 0.5, "GaLoreAdamW", "bfloat16"), Case("sometimes", 3, True, 2, 0.5, "SGD", "float32")],
+    ids=str,
+)
+def test_streamed_step_of_an_optimizer_torch_steps_equals_stage2(tmp_path, case):
+    """GaLoreAdamW, FRUGAL, SGD: the update reads each sub-group's weights and gradients from the
+    parameter swap file around the optimizer's own step()."""
+    assert_same(case, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model,optimizer,dtype,habit",
+    [
+        (model, optimizer, dtype, "none")
+        for model, optimizer, dtype in itertools.product(
+            ["tied", "frozen", "sometimes", "single"], ["GaLoreAdamW", "FRUGAL", "SGD"], ["float32", "bfloat16"]
+        )
+    ]
+    + [("tied", "FRUGAL", "bfloat16", habit) for habit in ("zero_start", "zero_mid", "no_backward", "twice")],
+)
+def test_streamed_step_of_an_optimizer_torch_steps_every_case(tmp_path, model, optimizer, dtype, habit):
+    assert_same(Case(model, 3, True, 3, 0.5, optimizer, dtype, habit=habit), tmp_path)
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.5])  # overflow seen by the gradients, or by their norm
 def test_streamed_step_skips_fp16_overflow_as_stage2(tmp_path, clip):
     assert_same(Case("tied", 3, True, 2, clip, "AdamW", steps=6), tmp_path, fp16=True)

@@ -201,3 +201,24 @@ def test_layerwise_with_accumulation_equals_normal_mode(make_optimizer):
 def test_layerwise_refuses_clipping():
     with pytest.raises(ValueError, match="not possible in layer-wise mode"):
         LayerwiseStepper(torch.nn.Linear(2, 2), lambda p: torch.optim.SGD(p, lr=0.1), 2, gradient_clipping=1.0)
+
+
+@pytest.mark.parametrize("proj_type", ["svd", "random"])
+def test_a_tensor_whose_first_gradient_comes_between_refreshes_gets_its_subspace_then(proj_type):
+    """A step where a tensor has no gradient (a step without backward, a layer used on some steps
+    only) still counts towards update_gap; the tensor's first gradient, on a step that is not a
+    refresh, makes its subspace then instead of failing, and steps as on a refresh."""
+    torch.manual_seed(0)
+    late = torch.nn.Parameter(torch.randn(30, 20))
+    fresh = torch.nn.Parameter(late.detach().clone())
+    grad = torch.randn(30, 20)
+    options = {"lr": 0.1, "density": 0.25, "proj_type": proj_type, "update_gap": 4}
+    optimizer = FRUGAL([{"params": [late], "projectable": True}], **options)
+    optimizer.step()  # no gradient: not a refresh for the next step
+    late.grad = grad.clone()
+    optimizer.step()
+    reference = FRUGAL([{"params": [fresh], "projectable": True}], **options)
+    fresh.grad = grad.clone()
+    reference.step()
+    assert torch.equal(late.detach(), fresh.detach())  # as a first step on a refresh: the same subspace
+    assert optimizer.state[late]["num_refreshes"] == 1
