@@ -6,9 +6,10 @@ Fairness: one file serves every engine. It is preallocated and written in full b
 timed, so no pass meets unwritten extents (ext4 reads them as zeros without touching the disk, and
 converts them on a first write) and no pass allocates blocks. Each repetition runs every engine in
 turn, write then read, and the table gives medians over the repetitions, so a load spike from
-other processes hits one repetition of one engine, not a whole column. memfit's buffers are
-touched before they are timed, as fio's are after its first few requests: a first-touch page
-fault is not I/O.
+other processes hits one repetition of one engine, not a whole column. memfit's buffers are new in
+every repetition, as fio's are in every pass, and touched before any timing, in one thread and in
+address order as fio fills its own: a first-touch page fault is not I/O, and the order of first
+touches decides how contiguous the pages are in physical memory.
 
 The device columns count the requests the block device completed during each pass (from
 /sys/dev/block): the same bytes in more, smaller requests usually mean the buffer's pages were
@@ -49,9 +50,9 @@ def add_arguments(parser) -> None:
         help="repetitions, engines alternating within each; medians are shown (default 3)",
     )
     parser.add_argument(
-        "--no-register",
+        "--register",
         action="store_true",
-        help="leave memfit's buffers unregistered: plain io_uring reads and writes instead of fixed ones",
+        help="register memfit's buffers with io_uring (memfit.io.register_buffer): fixed reads and writes",
     )
     parser.add_argument("--no-fio", action="store_true", help="measure memfit only (fio runs when it is on PATH)")
     parser.add_argument(
@@ -105,7 +106,7 @@ def run(args) -> int:
     device_requests = {(engine, op): [] for engine in engines for op in OPS}
     try:
         for rep in range(args.reps):
-            with _FreshBuffers(window, seed=rep, register=not args.no_register) as buffers:
+            with _FreshBuffers(window, seed=rep, register=args.register) as buffers:
                 if rep == 0:
                     direct = _lay_out(path, size, backends[0], block_size, args.queue_depth, buffers.pattern)
                     stat_path = _device_stat_path(path)
@@ -156,6 +157,8 @@ class _FreshBuffers:
     def __init__(self, window: int, *, seed: int, register: bool):
         self._arena = HostArena(2 * window)
         self.pattern, self.landing = self._arena.alloc(window), self._arena.alloc(window)
+        for buffer in (self.pattern, self.landing):
+            buffer.numpy().fill(0)  # first touch in one thread, in address order, as fio fills its buffers
         words = self.pattern.view(torch.int64)  # window is a multiple of 4096
         torch.arange(words.numel(), out=words)
         words.mul_(0x9E3779B1).add_(seed << 60)  # Knuth's multiplicative hash; below 2**63 up to 1 GiB
@@ -197,7 +200,7 @@ def _run_fio_pass(path, engine, op, size, block_size, queue_depth, direct) -> fl
 
 def _print_registration(registrations) -> None:
     if not registrations:
-        print("io_uring: buffers not registered (--no-register): plain reads and writes")
+        print("io_uring: plain reads and writes (--register for fixed ones into registered buffers)")
     elif all(registration.num_fixed_entries for registration in registrations):
         print("io_uring: buffers registered with the ring: fixed reads and writes")
     else:
