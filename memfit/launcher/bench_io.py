@@ -7,8 +7,8 @@ timed, so no pass meets unwritten extents (ext4 reads them as zeros without touc
 converts them on a first write) and no pass allocates blocks. Each repetition runs every engine in
 turn, write then read, and the table gives medians over the repetitions, so a load spike from
 other processes hits one repetition of one engine, not a whole column. memfit's buffers are new in
-every repetition, as fio's are in every pass, and touched before any timing, in one thread and in
-address order as fio fills its own: a first-touch page fault is not I/O, and the order of first
+every repetition, as fio's are in every pass, and touched before any timing (a first-touch page
+fault is not I/O), in one thread and in address order as fio fills its own: the order of first
 touches decides how contiguous the pages are in physical memory.
 
 The device columns count the requests the block device completed during each pass (from
@@ -32,6 +32,7 @@ from memfit.units import GiB, format_bytes, parse_size
 
 CHUNK_BYTES = 64 << 20  # one request; the engine splits it into block_size pieces
 WINDOW_BYTES = 1 << 30  # host memory used for data, per direction
+TOUCH_BYTES = 2 << 20
 OPS = ("write", "read")
 
 
@@ -157,8 +158,13 @@ class _FreshBuffers:
     def __init__(self, window: int, *, seed: int, register: bool):
         self._arena = HostArena(2 * window)
         self.pattern, self.landing = self._arena.alloc(window), self._arena.alloc(window)
-        for buffer in (self.pattern, self.landing):
-            buffer.numpy().fill(0)  # first touch in one thread, in address order, as fio fills its buffers
+        # First touch in one thread and in address order, as fio fills its buffers, alternating
+        # between the two in TOUCH_BYTES steps: the pages the kernel hands out first are the most
+        # scattered, and alternating shares them between the write source and the read landing.
+        pattern_bytes, landing_bytes = self.pattern.numpy(), self.landing.numpy()
+        for start in range(0, window, TOUCH_BYTES):
+            pattern_bytes[start : start + TOUCH_BYTES] = 0
+            landing_bytes[start : start + TOUCH_BYTES] = 0
         words = self.pattern.view(torch.int64)  # window is a multiple of 4096
         torch.arange(words.numel(), out=words)
         words.mul_(0x9E3779B1).add_(seed << 60)  # Knuth's multiplicative hash; below 2**63 up to 1 GiB

@@ -2,9 +2,12 @@
 one unit convention of memfit.units (binary: KiB, MiB, GiB, GiB/s)."""
 
 import re
+import warnings
 
 import pytest
 
+from memfit.io import available_backends
+from memfit.io.engine import _registrations
 from memfit.launcher.cli import build_parser, main
 from memfit.units import GiB, format_bytes, parse_size
 
@@ -70,3 +73,18 @@ def test_units_are_binary_everywhere():
     assert format_bytes(1023) == "1023 B"
     assert format_bytes(3 << 40) == "3.0 TiB"
     assert GiB == 1 << 30
+
+
+def test_register_sends_fixed_transfers_and_checks_every_byte(tmp_path, capsys):
+    if "io_uring" not in available_backends():
+        pytest.skip("io_uring backend not available here")
+    flags = ["--size", "2M", "--block-size", "64K", "--backend", "io_uring", "--reps", "2", "--no-fio", "--register"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        assert main(["bench", "io", "--path", str(tmp_path), *flags]) == 0
+    out = capsys.readouterr().out
+    if caught:  # a kernel before 5.19 or a low RLIMIT_MEMLOCK
+        assert "buffers not registered (refused, see the warning)" in out
+    else:
+        assert "io_uring: buffers registered with the ring: fixed reads and writes" in out
+    assert not _registrations  # released at the end of every repetition
