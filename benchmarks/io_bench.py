@@ -8,7 +8,6 @@ repetition; the table gives medians over the repetitions and the ratios the targ
 """
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import torch
 from common import command_line, deepspeed_version, machine_description, median, write_section
 
 from memfit.io import AsyncFile, HostArena, available_backends
+from memfit.launcher.bench_fio import fio_command, run_fio
 from memfit.units import parse_size
 
 FIO_ENGINES = ["io_uring", "libaio", "psync"]
@@ -34,26 +34,16 @@ def memfit_runner(backend, path, buffer, block_size, queue_depth):
 
 
 def fio_runner(engine, path, size, block_size, queue_depth):
+    """The job `memfit bench io` gives fio. fio takes fresh memory in every pass while memfit's
+    buffer here is one arena for the whole run, and on a virtio disk the physical layout of a buffer
+    decides how many device requests each transfer becomes: `memfit bench io`, which draws fresh
+    memory for memfit in every repetition, is the like-for-like comparison."""
+
     def run(op):
-        out = subprocess.run(
-            [
-                "fio",
-                "--name=t",
-                f"--filename={path}",
-                f"--size={size}",
-                f"--bs={block_size}",
-                "--direct=1",
-                f"--ioengine={engine}",
-                f"--iodepth={queue_depth}",
-                f"--rw={op}",
-                "--output-format=json",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        job = json.loads(out[out.index("{") :])["jobs"][0][op]
-        return size / job["bw_bytes"]
+        command = fio_command(
+            path, op=op, engine=engine, size_bytes=size, block_size=block_size, queue_depth=queue_depth, direct=True
+        )
+        return run_fio(command, op, size)
 
     return run
 

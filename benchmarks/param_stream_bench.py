@@ -27,7 +27,8 @@ GIB = 1 << 30
 def io_bandwidth(path: str, size: str) -> tuple[float, float]:
     """(write, read) GiB/s of `memfit bench io` with io_uring on path."""
     command = [sys.executable, "-m", "memfit.launcher.cli", "bench", "io", "--path", path, "--size", size]
-    output = subprocess.run(command + ["--backend", "io_uring"], capture_output=True, text=True, check=True).stdout
+    command += ["--backend", "io_uring", "--no-fio"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     row = [line.split() for line in output.splitlines() if line.startswith("io_uring ")][-1]
     return float(row[1]), float(row[2])
 

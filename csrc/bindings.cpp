@@ -48,6 +48,15 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("direct_fd"), py::arg("buffered_fd"), py::arg("address"), py::arg("num_bytes"),
           py::arg("file_offset"), py::arg("is_read"), py::arg("allow_short"))
+      .def(
+          "register_buffer",
+          [](Engine& engine, std::uintptr_t address, std::size_t num_bytes) {
+            return engine.register_buffer(reinterpret_cast<char*>(address), num_bytes);
+          },
+          py::arg("address"), py::arg("num_bytes"), py::call_guard<py::gil_scoped_release>(),
+          "Pins memory for fixed-buffer transfers; returns an entry >= 0 or -errno.")
+      .def("unregister_buffer", &Engine::unregister_buffer, py::arg("entry"), py::call_guard<py::gil_scoped_release>(),
+           "Releases an entry of register_buffer; returns 0 or -errno.")
       .def_property_readonly("backend", &Engine::backend_name)
       .def_property_readonly("block_size", &Engine::block_size)
       .def_property_readonly("queue_depth", &Engine::queue_depth);

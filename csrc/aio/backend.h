@@ -7,6 +7,7 @@
 // caller's thread before anything is queued, may throw.
 #pragma once
 
+#include <cerrno>
 #include <cstddef>
 #include <deque>
 #include <memory>
@@ -23,6 +24,17 @@ class Backend {
   // Never throws: pieces that cannot be queued are reported to their request with ENOMEM.
   virtual void submit(std::vector<Piece>&& pieces) noexcept = 0;
   virtual const char* name() const = 0;
+  // Registers memory for fixed-buffer transfers (pinned until unregistered): returns an entry >= 0,
+  // or -errno (-EOPNOTSUPP where the backend or kernel has none). Unregister only memory that no
+  // request is using.
+  virtual int register_buffer(char* address, std::size_t num_bytes) noexcept {
+    static_cast<void>(address), static_cast<void>(num_bytes);
+    return -EOPNOTSUPP;
+  }
+  virtual int unregister_buffer(int entry) noexcept {
+    static_cast<void>(entry);
+    return -EOPNOTSUPP;
+  }
 };
 
 std::unique_ptr<Backend> make_thread_backend(std::size_t block_size, int queue_depth);
@@ -48,6 +60,8 @@ class Engine {
   ~Engine();
   std::shared_ptr<Request> submit(const Transfer& transfer, bool allow_short);
   const char* backend_name() const { return backend_->name(); }
+  int register_buffer(char* address, std::size_t num_bytes) { return backend_->register_buffer(address, num_bytes); }
+  int unregister_buffer(int entry) { return backend_->unregister_buffer(entry); }
   std::size_t block_size() const { return block_size_; }
   int queue_depth() const { return queue_depth_; }
 

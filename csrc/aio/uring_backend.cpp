@@ -2,7 +2,16 @@
 // queued pieces into free slots (at most queue_depth in flight), submits them, and reaps
 // completions in the same io_uring_enter call. A slot owns the piece and its bounce buffer until
 // the piece is done, so short transfers are resubmitted from the same slot.
+//
+// Registered buffers: memory registered with the ring (register_buffer) is pinned once, and a
+// piece that lies inside it goes out as READ_FIXED / WRITE_FIXED, so the kernel neither pins and
+// unpins its pages nor marks them dirty on every transfer. The table is sparse, registered empty at
+// setup and filled slot by slot from the caller's thread (io_uring_register and io_uring_enter
+// serialize in the kernel). The lookup the service thread makes is under mu_, and a slot is
+// registered before it enters the lookup and leaves the lookup before it is cleared; the caller
+// unregisters only memory no request is using, so a fixed piece always names its own memory.
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -31,6 +40,10 @@ namespace {
 
 int sys_uring_setup(unsigned entries, io_uring_params* params) {
   return static_cast<int>(::syscall(__NR_io_uring_setup, entries, params));
+}
+
+int sys_uring_register(int ring_fd, unsigned opcode, const void* arg, unsigned num_args) {
+  return static_cast<int>(::syscall(__NR_io_uring_register, ring_fd, opcode, arg, num_args));
 }
 
 int sys_uring_enter(int ring_fd, unsigned to_submit, unsigned min_complete, unsigned flags) {
@@ -76,13 +89,51 @@ class Ring {
     ::close(fd_);
   }
 
-  // Only the service thread produces submissions, so the tail needs no read barrier.
-  void push(const Piece& piece, char* address, std::uint64_t user_data) noexcept {
+  // An empty table of num_entries registered buffers; false where the kernel has no sparse tables
+  // (before 5.19), and then no transfer is ever fixed.
+  bool register_sparse_buffers(unsigned num_entries) noexcept {
+#ifdef IORING_RSRC_REGISTER_SPARSE
+    io_uring_rsrc_register reg;
+    std::memset(&reg, 0, sizeof(reg));
+    reg.nr = num_entries;
+    reg.flags = IORING_RSRC_REGISTER_SPARSE;
+    return sys_uring_register(fd_, IORING_REGISTER_BUFFERS2, &reg, sizeof(reg)) == 0;
+#else
+    static_cast<void>(num_entries);
+    return false;
+#endif
+  }
+
+  // Fills (address, num_bytes) or clears (nullptr, 0) one entry of the table; 0 or an errno.
+  int update_buffer(unsigned entry, char* address, std::size_t num_bytes) noexcept {
+#ifdef IORING_RSRC_REGISTER_SPARSE
+    iovec iov{address, num_bytes};
+    io_uring_rsrc_update2 update;
+    std::memset(&update, 0, sizeof(update));
+    update.offset = entry;
+    update.data = reinterpret_cast<std::uint64_t>(&iov);
+    update.nr = 1;
+    int rc = sys_uring_register(fd_, IORING_REGISTER_BUFFERS_UPDATE, &update, sizeof(update));
+    return rc >= 0 ? 0 : errno;
+#else
+    static_cast<void>(entry), static_cast<void>(address), static_cast<void>(num_bytes);
+    return EOPNOTSUPP;
+#endif
+  }
+
+  // Only the service thread produces submissions, so the tail needs no read barrier. fixed_entry
+  // is the registered buffer holding address, or -1.
+  void push(const Piece& piece, char* address, std::uint64_t user_data, int fixed_entry) noexcept {
     unsigned tail = *sq_tail_;
     unsigned index = tail & sq_mask_;
     io_uring_sqe* sqe = &sqes_[index];
     std::memset(sqe, 0, sizeof(*sqe));
-    sqe->opcode = piece.is_read ? IORING_OP_READ : IORING_OP_WRITE;
+    if (fixed_entry >= 0) {
+      sqe->opcode = piece.is_read ? IORING_OP_READ_FIXED : IORING_OP_WRITE_FIXED;
+      sqe->buf_index = static_cast<std::uint16_t>(fixed_entry);
+    } else {
+      sqe->opcode = piece.is_read ? IORING_OP_READ : IORING_OP_WRITE;
+    }
     sqe->fd = piece.fd;
     sqe->addr = reinterpret_cast<std::uint64_t>(address);
     sqe->len = static_cast<unsigned>(piece.remaining());
@@ -144,13 +195,22 @@ struct Slot {
   Piece piece;
   char* bounce = nullptr;
   int err = 0;
+  int fixed_entry = -1;  // the registered buffer holding the piece's memory, or -1
 };
+
+struct FixedBuffer {
+  char* address = nullptr;  // nullptr: the entry is free
+  std::size_t num_bytes = 0;
+};
+
+constexpr unsigned kNumFixedBuffers = 64;
 
 class UringBackend final : public Backend {
  public:
   UringBackend(std::size_t block_size, int queue_depth)
       : block_size_(block_size), ring_(static_cast<unsigned>(queue_depth)), slots_(queue_depth) {
     for (int i = queue_depth - 1; i >= 0; --i) free_slots_.push_back(i);
+    if (ring_.register_sparse_buffers(kNumFixedBuffers)) fixed_.resize(kNumFixedBuffers);
     service_ = std::thread([this] { serve(); });
   }
 
@@ -176,6 +236,33 @@ class UringBackend final : public Backend {
 
   const char* name() const override { return "io_uring"; }
 
+  int register_buffer(char* address, std::size_t num_bytes) noexcept override {
+    std::lock_guard<std::mutex> registering(register_mu_);
+    if (fixed_.empty()) return -EOPNOTSUPP;
+    unsigned entry = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (entry < fixed_.size() && fixed_[entry].address != nullptr) ++entry;
+    }
+    if (entry == fixed_.size()) return -ENOSPC;
+    int err = ring_.update_buffer(entry, address, num_bytes);  // pins the pages
+    if (err != 0) return -err;
+    std::lock_guard<std::mutex> lock(mu_);
+    fixed_[entry] = FixedBuffer{address, num_bytes};
+    return static_cast<int>(entry);
+  }
+
+  int unregister_buffer(int entry) noexcept override {
+    std::lock_guard<std::mutex> registering(register_mu_);
+    if (entry < 0 || static_cast<std::size_t>(entry) >= fixed_.size()) return -EINVAL;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (fixed_[entry].address == nullptr) return -EINVAL;
+      fixed_[entry] = FixedBuffer{};
+    }
+    return -ring_.update_buffer(static_cast<unsigned>(entry), nullptr, 0);
+  }
+
  private:
   // Each round: take queued pieces into free slots, push them and the short transfers to resume,
   // submit, and reap. The three index lists never hold more than queue_depth entries, so they are
@@ -195,6 +282,7 @@ class UringBackend final : public Backend {
           free_slots_.pop_back();
           slots_[index].piece = std::move(queue_.front());
           slots_[index].err = 0;
+          slots_[index].fixed_entry = find_fixed(slots_[index].piece);
           queue_.pop_front();
           claimed.push_back(index);
         }
@@ -209,6 +297,19 @@ class UringBackend final : public Backend {
     }
   }
 
+  // The registered buffer that holds all of a direct piece's memory, or -1; the caller holds mu_.
+  int find_fixed(const Piece& piece) const noexcept {
+    if (!piece.direct || piece.needs_bounce) return -1;
+    for (std::size_t entry = 0; entry < fixed_.size(); ++entry) {
+      const FixedBuffer& fixed = fixed_[entry];
+      if (fixed.address != nullptr && piece.buffer >= fixed.address &&
+          piece.buffer + piece.num_bytes <= fixed.address + fixed.num_bytes) {
+        return static_cast<int>(entry);
+      }
+    }
+    return -1;
+  }
+
   void push_slot(int index, std::vector<int>& pushed) noexcept {
     Slot& slot = slots_[index];
     if (slot.piece.needs_bounce && slot.bounce == nullptr) {
@@ -218,7 +319,10 @@ class UringBackend final : public Backend {
         return;
       }
     }
-    ring_.push(slot.piece, stage_piece(slot.piece, slot.bounce), static_cast<std::uint64_t>(index));
+    // A short transfer that fell back to the buffered descriptor stays inside the same memory, but
+    // keeps to the plain opcode like every buffered piece.
+    int fixed_entry = slot.piece.direct ? slot.fixed_entry : -1;
+    ring_.push(slot.piece, stage_piece(slot.piece, slot.bounce), static_cast<std::uint64_t>(index), fixed_entry);
     ++in_flight_;
     pushed.push_back(index);
   }
@@ -266,6 +370,8 @@ class UringBackend final : public Backend {
   std::vector<Slot> slots_;
   std::vector<int> free_slots_;
   int in_flight_ = 0;  // touched by the service thread only
+  std::vector<FixedBuffer> fixed_;  // empty where the kernel has no sparse buffer tables; under mu_
+  std::mutex register_mu_;          // one registration at a time
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Piece> queue_;

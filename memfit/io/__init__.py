@@ -9,7 +9,15 @@ or the process exits, unless keep=True.
 """
 
 from memfit.io.arena import HostArena
-from memfit.io.engine import BACKENDS, DEFAULT_BLOCK_SIZE, DEFAULT_QUEUE_DEPTH, available_backends, backend
+from memfit.io.engine import (
+    BACKENDS,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_QUEUE_DEPTH,
+    RegisteredBuffer,
+    available_backends,
+    backend,
+    register_buffer,
+)
 from memfit.io.file import AsyncFile, Request
 from memfit.io.swap import SwapFile, SwapFullError
 
@@ -19,9 +27,11 @@ __all__ = [
     "DEFAULT_QUEUE_DEPTH",
     "AsyncFile",
     "HostArena",
+    "RegisteredBuffer",
     "Request",
     "SwapFile",
     "SwapFullError",
     "available_backends",
     "backend",
+    "register_buffer",
 ]
