@@ -5,11 +5,17 @@ persisted snapshot.
 
 The ranks agree on the step in two exchanges: each rank lists the steps of the slots it can read
 (its own, and rank 0's when it needs them: stage 0 keeps every parameter on rank 0, and frozen
-parameters are saved by rank 0), up to their index: a torn slot (a writer killed mid-copy) is not
-listed. Then, newest common step first, each rank checks the tensor checksums of that step's
-slots only, before any state changes; a step that fails anywhere (a corrupted slot) is dropped
-and the next older common step is tried. A restore thus reads the bytes it restores twice (the
-checksum pass, then the copy into the parameters and optimizer state), and no other slot.
+parameters are saved by rank 0; at stage 1 and 2 every rank's on this node), up to their index:
+a torn slot (a writer killed mid-copy) is not listed. Then, newest common step first, each rank
+restores that step, checking the tensor checksums of its own slot only; the slots of other ranks
+that it reads (the parameters they own, instead of a broadcast) are the same files, checked by
+their own ranks, and the ranks agree on the outcome.
+  - The newest step is checked while it is copied (SlotReader.read_into): each byte leaves memory
+    once. A step that fails anywhere has then partly overwritten the state: the next older common
+    step is restored over it, and without one that restores, the persisted checkpoints; with
+    neither, the job stops (PartialRestoreError) instead of training on a mix of two states.
+  - The oldest common step, and any restore followed by a broadcast (stage 3, or slots of other
+    nodes), is checked before any state changes: a step that fails is dropped untouched.
 Without a common step in memory (the whole node was restarted, or the world size changed), the
 persisted checkpoints are tried newest first; one that fails its checksums is skipped with a
 warning.

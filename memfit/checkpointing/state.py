@@ -169,7 +169,7 @@ def restore_rank_state(engine, source: StateSource, load_optimizer_states: bool 
                 )
             _copy(source, base_rank, f"buffers/{name}", buffer)
         if getattr(source, "every_rank", False) and engine.stage in (1, 2):
-            _copy_unowned_params(engine, source, by_name)
+            _copy_unowned_params(engine, source)
         else:
             engine.sync_params()  # owners hand the restored values to every rank
     if load_optimizer_states:
@@ -197,7 +197,7 @@ def restore_rank_state(engine, source: StateSource, load_optimizer_states: bool 
     return base["client_state"]
 
 
-def _copy_unowned_params(engine, source: StateSource, by_name: dict) -> None:
+def _copy_unowned_params(engine, source: StateSource) -> None:
     """What sync_params would broadcast, read from the owners' payloads instead (snapshot slots of
     every rank on this node): the values each owner copied into its own parameters just now."""
     owned = set(engine.masters.names)
@@ -205,7 +205,7 @@ def _copy_unowned_params(engine, source: StateSource, by_name: dict) -> None:
         if name not in owned:
             owner_rank, path = source.owner_of[name], f"params/{name}"
             _check_shape(name, source.tensor(owner_rank, path), param, source)
-            _copy(source, owner_rank, path, by_name[name])
+            _copy(source, owner_rank, path, param)
 
 
 def _check_names(engine, source: StateSource) -> None:
