@@ -5,11 +5,17 @@ persisted snapshot.
 
 The ranks agree on the step in two exchanges: each rank lists the steps of the slots it can read
 (its own, and rank 0's when it needs them: stage 0 keeps every parameter on rank 0, and frozen
-parameters are saved by rank 0), up to their index: a torn slot (a writer killed mid-copy) is not
-listed. Then, newest common step first, each rank checks the tensor checksums of that step's
-slots only, before any state changes; a step that fails anywhere (a corrupted slot) is dropped
-and the next older common step is tried. A restore thus reads the bytes it restores twice (the
-checksum pass, then the copy into the parameters and optimizer state), and no other slot.
+parameters are saved by rank 0; at stage 1 and 2 every rank's on this node), up to their index:
+a torn slot (a writer killed mid-copy) is not listed. Then, newest common step first, each rank
+restores that step, checking the tensor checksums of its own slot only; the slots of other ranks
+that it reads (the parameters they own, instead of a broadcast) are the same files, checked by
+their own ranks, and the ranks agree on the outcome.
+  - The newest step is checked while it is copied (SlotReader.read_into): each byte leaves memory
+    once. A step that fails anywhere has then partly overwritten the state: the next older common
+    step is restored over it, and without one that restores, the persisted checkpoints; with
+    neither, the job stops (PartialRestoreError) instead of training on a mix of two states.
+  - The oldest common step, and any restore followed by a broadcast (stage 3, or slots of other
+    nodes), is checked before any state changes: a step that fails is dropped untouched.
 Without a common step in memory (the whole node was restarted, or the world size changed), the
 persisted checkpoints are tried newest first; one that fails its checksums is skipped with a
 warning.
@@ -28,6 +34,7 @@ from memfit.checkpointing.parity import parity_problems
 from memfit.checkpointing.parity_exchange import ParityGroups, plan_restore, rebuild_member, usable_parity
 from memfit.checkpointing.slots import (
     SLOTS_PER_RANK,
+    SlotDataError,
     SlotFile,
     SlotReader,
     SlotSource,
@@ -104,9 +111,16 @@ def _gather(engine, value) -> list:
     return values
 
 
+class PartialRestoreError(CheckpointError):
+    """A snapshot failed its checksums while being copied into the state, and no older snapshot in
+    memory could be restored over it: the state is neither the fresh one nor a snapshot's."""
+
+
 def restore_from_memory(engine, shm_dir: str, groups: ParityGroups | None = None) -> tuple[int, int] | None:
     """(step, slot of this rank) restored from shared memory, or None when no step is common (or,
-    with parity groups, none is rebuildable either)."""
+    with parity groups, none is rebuildable either). PartialRestoreError when a snapshot that
+    failed its checksums while being copied was left in the state (restore_latest then needs
+    another tier)."""
     needs_rank0 = engine.stage == 0 or any(not p.requires_grad for p in engine.module.parameters())
     needed = sorted({engine.rank, 0} if needs_rank0 else {engine.rank})
     if groups is not None:
@@ -114,31 +128,90 @@ def restore_from_memory(engine, shm_dir: str, groups: ParityGroups | None = None
     mismatches = []
     listed = {rank: _listed_slots(engine, shm_dir, rank, mismatches) for rank in needed}
     local_steps = set.intersection(*(set(steps) for steps in listed.values()))
-    reports = _gather(engine, (sorted(local_steps), mismatches[:1]))
-    common = set.intersection(*(set(steps) for steps, _ in reports))
+    # stage 1 and 2 also read every other rank's slot on this node, for the parameters those ranks
+    # own (instead of a broadcast after the restore); stage 3 gathers its parameters as it runs
+    if engine.stage in (1, 2) and engine.world_size > 1:
+        for rank in set(range(engine.world_size)) - set(needed):
+            listed[rank] = _listed_slots(engine, shm_dir, rank, log=False)
+    sequences = {
+        step: {rank: steps[step].sequence for rank, steps in listed.items() if step in steps} for step in local_steps
+    }
+    reports = _gather(engine, (sorted(local_steps), mismatches[:1], sequences))
+    common = set.intersection(*(set(steps) for steps, _, _ in reports))
     if not common:
-        refused = [mismatch for _, found in reports for mismatch in found]
+        refused = [mismatch for _, found, _ in reports for mismatch in found]
         if refused:  # the snapshot there is another configuration's: starting fresh would hide it
             raise CheckpointError(refused[0])
         return None
+    failed_while_copied = None  # the step whose failed restore the state may still hold
     for step in sorted(common, reverse=True):
-        readers = {rank: listed[rank][step] for rank in needed}
-        if not any(_gather(engine, _verified(list(readers.values())))):
-            return _restore_step(engine, step, readers)
+        if not _same_files(step, reports):
+            continue
+        every_rank = _read_everywhere(engine, step, reports)
+        readers = {rank: listed[rank][step] for rank in (range(engine.world_size) if every_rank else needed)}
+        # with a broadcast after the copy, every rank must check its slot first: a rank whose check
+        # fails in the middle of the copy would leave the others waiting in the broadcast
+        without_broadcast = every_rank or engine.stage == 0 or engine.world_size == 1
+        # checking while copying reads each byte once; a failure is then repaired by restoring the
+        # next older step over it, so the oldest step is always checked first
+        check_as_read = without_broadcast and step != min(common)
+        if not check_as_read and any(_gather(engine, _verified([readers[engine.rank]]))):
+            continue
+        source = SlotSource(readers, {engine.rank}, check_as_read, every_rank)
+        if _restore_step(engine, step, readers, source, repairable=check_as_read):
+            return step, int(readers[engine.rank].path[-1])
+        failed_while_copied = step
+    if failed_while_copied is not None:
+        raise PartialRestoreError(
+            f"the snapshot of step {failed_while_copied} in {shm_dir} failed its checksums while it was being "
+            "restored, and no older snapshot in memory could be restored over it"
+        )
     return None
 
 
-def _restore_step(engine, step: int, readers: dict[int, SlotReader]) -> tuple[int, int]:
-    """Restores `step` from the verified slots of the needed ranks, on every rank at once."""
+def _same_files(step: int, reports: list) -> bool:
+    """Whether each rank lists, for step, the same slot (the same sequence) of every rank as that
+    rank itself, which checks it."""
+    return all(
+        sequence == reports[rank][2][step].get(rank)
+        for _, _, sequences in reports
+        for rank, sequence in sequences[step].items()
+    )
+
+
+def _read_everywhere(engine, step: int, reports: list) -> bool:
+    """Whether every rank holds the slot of every rank for step (one node, stage 1 or 2)."""
+    if engine.stage not in (1, 2) or engine.world_size == 1:
+        return False
+    return all(len(sequences[step]) == engine.world_size for _, _, sequences in reports)
+
+
+def _restore_step(engine, step: int, readers: dict[int, SlotReader], source=None, repairable=False) -> bool:
+    """Restores `step` from the slots of the needed ranks, on every rank at once; True when it was
+    restored. Each rank checks its own slot (before, or with repairable, while it copies). A
+    checksum mismatch anywhere in a repairable restore returns False (logged), the state partly
+    overwritten; any other failure raises CheckpointError on every rank."""
+    if source is None:
+        source = SlotSource(readers)
     error = None
     try:
-        engine.client_state = restore_rank_state(engine, SlotSource(readers))
+        engine.client_state = restore_rank_state(engine, source)
+    except SlotDataError as failure:
+        error = ("checksum", str(failure))
+        logger.warning("snapshot slot skipped: %s", failure)
     except CheckpointError as failure:
-        error = str(failure)
-    failures = [message for message in _gather(engine, error) if message]
-    if failures:
-        raise CheckpointError(f"restoring the snapshot of step {step} failed: {failures[0]}")
-    return step, int(readers[engine.rank].path[-1])
+        error = ("other", str(failure))
+    failures = [found for found in _gather(engine, error) if found]
+    if failures and (not repairable or any(kind != "checksum" for kind, _ in failures)):
+        message = next(message for kind, message in failures if kind != "checksum" or not repairable)
+        raise CheckpointError(f"restoring the snapshot of step {step} failed: {message}")
+    if failures and engine.rank == 0:
+        logger.warning(
+            "snapshot of step %d: a checksum failed while it was being restored (%s); restoring an older step over it",
+            step,
+            failures[0][1],
+        )
+    return not failures
 
 
 def _restore_with_parity(engine, shm_dir: str, groups: ParityGroups, needed: list[int]) -> tuple[int, int] | None:
@@ -182,7 +255,8 @@ def _restore_with_parity(engine, shm_dir: str, groups: ParityGroups, needed: lis
     failures = [message for message in _gather(engine, problem) if message]
     if failures:
         raise CheckpointError(f"restoring the snapshot of step {step} failed: {failures[0]}")
-    return _restore_step(engine, step, readers)
+    _restore_step(engine, step, readers)
+    return step, int(readers[engine.rank].path[-1])
 
 
 def _slot_of_step(engine, shm_dir: str, rank: int, step: int) -> SlotReader | None:
@@ -268,12 +342,22 @@ def restore_from_disk(engine, persist_path: str) -> int | None:
 
 def restore_latest(engine, snapshotter) -> int | None:
     """Restores the newest snapshot every rank can restore; returns its step, or None."""
-    restored = restore_from_memory(engine, snapshotter.shm_dir, snapshotter.parity_groups)
+    persist_path = snapshotter.config.persist.path
+    try:
+        restored = restore_from_memory(engine, snapshotter.shm_dir, snapshotter.parity_groups)
+    except PartialRestoreError as error:
+        if not persist_path:  # starting fresh would train on the half-restored state
+            raise CheckpointError(f"{error}; no persisted snapshot is configured: the job cannot resume") from None
+        logger.warning("%s; trying the persisted snapshots", error)
+        if restore_from_disk(engine, persist_path) is None:
+            raise CheckpointError(f"{error}, nor any persisted snapshot: the job cannot resume") from None
+        restored = (engine.global_step, None)
+        where = f"disk ({persist_path})"
+    else:
+        where = f"shared memory ({snapshotter.shm_dir})"
     if restored is not None:
         step, slot = restored
-        where = f"shared memory ({snapshotter.shm_dir})"
     else:
-        persist_path = snapshotter.config.persist.path
         step, slot = (restore_from_disk(engine, persist_path) if persist_path else None), None
         where = f"disk ({persist_path})"
     if step is None:

@@ -37,6 +37,7 @@ TENSOR_MARK = "__memfit_tensor__"
 SLOTS_PER_RANK = 2
 NEVER_WRITTEN = "empty (reserved, never written)"
 INDEX_ALLOWANCE_BYTES = 1 << 16  # room kept for the index beyond its size at the last estimate
+READ_CHUNK_BYTES = 512 << 10  # a read_into chunk: hashed while it is still in a core's L2 cache
 
 
 def slot_path(shm_dir: str, rank: int, slot: int) -> str:
@@ -76,6 +77,10 @@ def _with_tensors(tree, tensor_of):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_with_tensors(value, tensor_of) for value in tree)
     return tree
+
+
+class SlotDataError(CheckpointError):
+    """A tensor of a slot does not match its checksum, or the file ends inside it."""
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -165,23 +170,48 @@ class SlotFile(MappedFile):
 def map_copy_on_write(path: str, min_bytes: int, what: str) -> tuple[mmap.mmap, int]:
     """Maps a file for reading, copy-on-write, and its size; CheckpointError naming the path when
     it cannot be read or is shorter than a header."""
+    with _open_for_reading(path, min_bytes, what) as file:
+        return _map(file, path)
+
+
+def _open_for_reading(path: str, min_bytes: int, what: str):
+    """The file opened for reading, unbuffered; CheckpointError as map_copy_on_write."""
     try:
-        with os.fdopen(open_existing(path, os.O_RDONLY), "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size < min_bytes:
-                raise CheckpointError(f"{path}: {size} bytes, too short for a {what}")
-            return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY), size
+        file = os.fdopen(open_existing(path, os.O_RDONLY), "rb", buffering=0)
+    except OSError as error:
+        raise CheckpointError(f"{path}: {error.strerror}" if error.strerror else str(error)) from None
+    size = os.fstat(file.fileno()).st_size
+    if size < min_bytes:
+        file.close()
+        raise CheckpointError(f"{path}: {size} bytes, too short for a {what}")
+    return file
+
+
+def _map(file, path: str) -> tuple[mmap.mmap, int]:
+    size = os.fstat(file.fileno()).st_size
+    try:
+        return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY), size
     except OSError as error:
         raise CheckpointError(f"{path}: {error.strerror}" if error.strerror else str(error)) from None
 
 
 class SlotReader:
     """A committed slot, mapped copy-on-write: tensors are views of the file's pages (zero-copy)
-    until written. Raises CheckpointError for an empty, torn or corrupted slot."""
+    until written. Raises CheckpointError for an empty, torn or corrupted slot.
+
+    A restore copies tensors out with read_into instead: large reads of the open file straight into
+    the target tensor, hashed chunk by chunk while each chunk is still in the CPU's cache. The
+    mapping's 4 KiB shared-memory pages are then never faulted in, and each byte leaves memory once
+    (a checksum pass over the mapping followed by a copy reads it twice)."""
 
     def __init__(self, path: str):
         self.path = path
-        self._map, size = map_copy_on_write(path, DATA_OFFSET, "slot")
+        self._file = _open_for_reading(path, DATA_OFFSET, "slot")
+        try:
+            self._map, size = _map(self._file, path)
+        except CheckpointError:
+            self._file.close()
+            raise
         magic, self.sequence, self.step, index_offset, index_bytes, digest = HEADER.unpack_from(self._map, 0)
         if magic == bytes(len(MAGIC)):
             raise CheckpointError(f"{path}: {NEVER_WRITTEN}")
@@ -217,8 +247,44 @@ class SlotReader:
     def _check(self, path: str) -> None:
         _, _, _, offset, num_bytes, digest = self._entries[path]
         if xxhash.xxh3_64_hexdigest(self._bytes[offset : offset + num_bytes].numpy()) != digest:
-            raise CheckpointError(f"{self.path}: checksum mismatch in tensor {path!r} (corrupted data)")
+            raise SlotDataError(f"{self.path}: checksum mismatch in tensor {path!r} (corrupted data)")
         self._verified.add(path)
+
+    def can_read_into(self, path: str, target: torch.Tensor) -> bool:
+        """Whether read_into can fill target byte for byte (same dtype and size, contiguous, CPU)."""
+        entry = self._entries.get(path)
+        return (
+            entry is not None
+            and target.device.type == "cpu"
+            and target.is_contiguous()
+            and str(target.dtype) == entry[1]
+            and list(target.shape) == list(entry[2])
+        )
+
+    def read_into(self, path: str, target: torch.Tensor, verify: bool = True) -> None:
+        """Reads the tensor at path into target (can_read_into must hold), hashing it on the way
+        when verify and not checked yet; CheckpointError on a mismatch, with target already
+        overwritten: the caller restores another step over it."""
+        _, _, _, offset, num_bytes, digest = self._entries[path]
+        verify = verify and path not in self._verified
+        hasher = xxhash.xxh3_64() if verify else None
+        view = memoryview(target.detach().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < num_bytes:
+            chunk = view[done : done + READ_CHUNK_BYTES]
+            try:
+                got = os.preadv(self._file.fileno(), [chunk], offset + done)
+            except OSError as error:
+                raise SlotDataError(f"{self.path}: reading tensor {path!r}: {error.strerror or error}") from None
+            if got <= 0:  # the file shrank after it was opened
+                raise SlotDataError(f"{self.path}: ends inside tensor {path!r} (truncated)")
+            if hasher is not None:
+                hasher.update(chunk[:got])  # still in the cache the read just filled
+            done += got
+        if hasher is not None:
+            if hasher.hexdigest() != digest:
+                raise SlotDataError(f"{self.path}: checksum mismatch in tensor {path!r} (corrupted data)")
+            self._verified.add(path)
 
     def data(self) -> torch.Tensor:
         """The slot's committed bytes (header, tensors, index), as parity covers them."""
@@ -277,16 +343,32 @@ def newest_committed(shm_dir: str, rank: int, problems: list | None = None) -> l
 
 
 class SlotSource:
-    """Committed slots of one step, one per rank, as a StateSource for restore_rank_state."""
+    """Committed slots of one step, one per rank, as a StateSource for restore_rank_state.
 
-    def __init__(self, readers: dict[int, SlotReader]):
+    checked_here are the ranks whose slots this process checks (default: all of readers); the
+    others' slots are checked by their own ranks, and the ranks agree on the outcome before the
+    restore counts. With check_as_read those checks happen while the tensors are copied out
+    (copy_into), and finish() checks what no copy read: a mismatch then leaves the state partly
+    overwritten, and the caller restores another step over it. every_rank: the slot of every rank
+    is here, so each parameter can be read from its owner's slot instead of being broadcast."""
+
+    def __init__(
+        self,
+        readers: dict[int, SlotReader],
+        checked_here: set[int] | None = None,
+        check_as_read: bool = False,
+        every_rank: bool = False,
+    ):
         any_reader = next(iter(readers.values()))
         self.world_size = any_reader.index["world_size"]
         self.owner_of = any_reader.index["owner_of"]
         self.fingerprint = any_reader.index.get("fingerprint")
         self.step = any_reader.step
         self.description = f"snapshot of step {self.step} in {os.path.dirname(any_reader.path)}"
+        self.every_rank = every_rank and len(readers) == self.world_size
         self._readers = readers
+        self._checked_here = set(readers) if checked_here is None else set(checked_here)
+        self._check_as_read = check_as_read
         self._payloads: dict[int, dict] = {}
 
     def _reader(self, rank: int) -> SlotReader:
@@ -304,4 +386,19 @@ class SlotSource:
         return self._payloads[rank]
 
     def tensor(self, rank: int, path: str) -> torch.Tensor:
-        return self._reader(rank).tensor(path)
+        """A view of the tensor in the slot; checked first unless another rank checks it, or
+        finish() will."""
+        return self._reader(rank).tensor(path, verify=rank in self._checked_here and not self._check_as_read)
+
+    def copy_into(self, rank: int, path: str, target: torch.Tensor) -> None:
+        """Copies the tensor at path into target (same shape), converting its dtype if needed."""
+        reader = self._reader(rank)
+        if reader.can_read_into(path, target):
+            reader.read_into(path, target, verify=rank in self._checked_here)
+        else:
+            target.copy_(self.tensor(rank, path))
+
+    def finish(self) -> None:
+        """Checks the tensors of the slots checked here that no copy has checked yet."""
+        for rank in sorted(self._checked_here):
+            self._readers[rank].verify()

@@ -44,6 +44,16 @@ class StateSource(Protocol):
         """The file that holds the rank's payload, for messages."""
 
 
+def _copy(source: StateSource, rank: int, path: str, target: torch.Tensor) -> None:
+    """target.copy_(source.tensor(rank, path)), through the source's own copy where it has one (a
+    snapshot slot reads straight into target, checking the bytes on the way)."""
+    copy_into = getattr(source, "copy_into", None)
+    if copy_into is not None:
+        copy_into(rank, path, target)
+    else:
+        target.copy_(source.tensor(rank, path))
+
+
 def export_rank_state(engine, client_state: dict) -> dict:
     optimizer = engine.optimizer
     saved = optimizer.state_dict()
@@ -132,19 +142,20 @@ def restore_rank_state(engine, source: StateSource, load_optimizer_states: bool 
     restore_master = getattr(engine._update, "restore_master", None)  # the NVMe tier's swapped masters
     with torch.no_grad():
         for name, master in zip(engine.masters.names, engine.masters.masters):
-            value = source.tensor(source.owner_of[name], f"params/{name}")
+            owner_rank, path = source.owner_of[name], f"params/{name}"
+            value = source.tensor(owner_rank, path)
             _check_shape(name, value, master, source)
             if restore_master is not None:
                 restore_master(name, value)
             else:
-                master.copy_(value)
+                _copy(source, owner_rank, path, master)
             if by_name[name] is not master:
-                by_name[name].copy_(value)
+                _copy(source, owner_rank, path, by_name[name])
         for name, param in engine.module.named_parameters():
             if not param.requires_grad:
                 value = source.tensor(0, f"frozen/{name}")
                 _check_shape(name, value, param, source)
-                param.copy_(value)
+                _copy(source, 0, f"frozen/{name}", param)
         buffers = base["buffers"]
         for name, buffer in engine.module.named_buffers():
             if name not in buffers:
@@ -156,10 +167,16 @@ def restore_rank_state(engine, source: StateSource, load_optimizer_states: bool 
                     f"{source.file_of(base_rank)}: module buffer {name!r} has shape {tuple(value.shape)} there, "
                     f"{tuple(buffer.shape)} in the model"
                 )
-            buffer.copy_(value)
-    engine.sync_params()  # owners hand the restored values to every rank
+            _copy(source, base_rank, f"buffers/{name}", buffer)
+        if getattr(source, "every_rank", False) and engine.stage in (1, 2):
+            _copy_unowned_params(engine, source)
+        else:
+            engine.sync_params()  # owners hand the restored values to every rank
     if load_optimizer_states:
         _restore_optimizer(engine, source, same_world)
+    finish = getattr(source, "finish", None)
+    if finish is not None:  # before the step, scheduler and RNG change
+        finish()
     set_master = getattr(engine.optimizer, "set_master", None)
     if set_master is not None:  # an optimizer that keeps the fp32 master of each 16-bit tensor
         for name, master in zip(engine.masters.names, engine.masters.masters):
@@ -178,6 +195,17 @@ def restore_rank_state(engine, source: StateSource, load_optimizer_states: bool 
     engine.skipped_steps = base.get("skipped_steps", 0)
     set_rng_state(_verified_tree(source, base_rank, base["rng"], "rng"))
     return base["client_state"]
+
+
+def _copy_unowned_params(engine, source: StateSource) -> None:
+    """What sync_params would broadcast, read from the owners' payloads instead (snapshot slots of
+    every rank on this node): the values each owner copied into its own parameters just now."""
+    owned = set(engine.masters.names)
+    for name, param in engine._named_params:
+        if name not in owned:
+            owner_rank, path = source.owner_of[name], f"params/{name}"
+            _check_shape(name, source.tensor(owner_rank, path), param, source)
+            _copy(source, owner_rank, path, param)
 
 
 def _check_names(engine, source: StateSource) -> None:
@@ -207,8 +235,11 @@ def _verified_tree(source: StateSource, rank: int, tree, prefix: str, into=None)
     if torch.is_tensor(tree):
         value = source.tensor(rank, prefix)
         if torch.is_tensor(into) and (into.shape, into.dtype, into.device) == (value.shape, value.dtype, value.device):
-            return into.copy_(value)
-        return value.clone()
+            _copy(source, rank, prefix, into)
+            return into
+        copied = torch.empty_like(value, memory_format=torch.contiguous_format)
+        _copy(source, rank, prefix, copied)
+        return copied
     if isinstance(tree, dict):
         into = into if isinstance(into, dict) else {}
         return {

@@ -1,6 +1,7 @@
 """The slot format: a payload round-trips bit for bit (sizes 0 and 1, every dtype the state uses);
 a torn slot, a flipped byte, a truncated file or an index naming a class is refused with the file
-(and the tensor) named; `memfit snapshot verify` exits 2 on each."""
+(and the tensor) named; `memfit snapshot verify` exits 2 on each. A restore's large reads into a
+tensor check it on the way."""
 
 import os
 import struct
@@ -12,12 +13,14 @@ from memfit.checkpointing.agent import preallocate
 from memfit.checkpointing.integrity import CheckpointError
 from memfit.checkpointing.slots import (
     DATA_OFFSET,
+    SlotDataError,
     SlotFile,
     SlotReader,
     SlotSource,
     index_for,
     layout,
     needed_bytes,
+    slot_path,
     tensor_entry,
 )
 from memfit.launcher.cli import main as memfit_main
@@ -148,3 +151,33 @@ def test_index_naming_a_class_is_not_executed(tmp_path):
 def test_missing_slot_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="rank3.slot1"):
         SlotReader(str(tmp_path / "rank3.slot1"))
+
+
+def test_reading_into_a_tensor_checks_it_and_names_it(tmp_path):
+    payload = {"params": {"a": torch.randn(1000, 300), "b": torch.arange(7, dtype=torch.int64)}}
+    path = slot_path(str(tmp_path), 0, 0)
+    with open(path, "wb") as file:
+        file.truncate(needed_bytes(payload))
+    slot = SlotFile(path)
+    placed, _ = layout(payload)
+    entries = [tensor_entry(name, tensor, offset, slot.copy_tensor(tensor, offset)) for name, tensor, offset in placed]
+    slot.commit(1, 1, index_for(payload, 1, 1, 0, {}, entries))
+    slot.close()
+    reader = SlotReader(path)
+    for name, tensor, _ in placed:
+        target = torch.empty_like(tensor)
+        assert reader.can_read_into(name, target)
+        reader.read_into(name, target)
+        assert torch.equal(target, tensor)
+    assert not reader.can_read_into("params/a", torch.empty(1000, 300, dtype=torch.bfloat16))
+    assert not reader.can_read_into("params/a", torch.empty(300, 1000).t())
+    last_byte = placed[0][2] + 1000 * 300 * 4 - 1  # of "params/a"
+    with open(path, "r+b") as file:
+        file.seek(last_byte)
+        value = file.read(1)[0]
+        file.seek(last_byte)
+        file.write(bytes([value ^ 0x80]))
+    damaged = SlotReader(path)
+    with pytest.raises(SlotDataError, match=r"checksum mismatch in tensor 'params/a'"):
+        damaged.read_into("params/a", torch.empty(1000, 300))
+    damaged.read_into("params/a", torch.empty(1000, 300), verify=False)  # its owner checks it
