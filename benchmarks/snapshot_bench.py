@@ -11,9 +11,11 @@ Measured in one job, interleaved (A B A B ...), medians over --reps:
     persisted snapshots use).
 With --parity xor the two ranks play two nodes (one rank each, a shared-memory directory each),
 and the script measures instead, interleaved the same way:
-  - the parity round: its time and the bytes each rank sends, against the snapshot's size;
-  - step time with snapshots every 10 steps without parity, and every 10 and every 50 steps with
-    parity every snapshot (parity_every 1), against none, over PARITY_STEPS steps or --steps;
+  - the parity round: its time, the CPU time of the rank's process during it (all threads) and
+    the bytes each rank sends, against the snapshot's size;
+  - step time with snapshots every 10 and every 50 steps without parity, and every 10 and every
+    50 steps with parity every snapshot (parity_every 1), against none, over PARITY_STEPS steps or
+    --steps; the rounds at snapshot.parity_nice (its default, or --parity-nice);
   - rebuilding a lost node's slot from the other node's data and parity (then restoring from
     memory) against engine.load_checkpoint of the same state from disk.
 
@@ -38,6 +40,7 @@ PARITY_MODES = {
     "none": (0, False),
     "every 10": (10, False),
     "every 10 + parity": (10, True),
+    "every 50": (50, False),
     "every 50 + parity": (50, True),
 }
 PARITY_STEPS = 100  # two snapshots at the longest interval
@@ -51,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per step-time measurement (default 20)")
     parser.add_argument("--disk-dir", default=None, help="directory on the disk under test (default: a temp dir)")
     parser.add_argument("--parity", choices=["none", "xor"], default="none", help="measure XOR parity (two nodes)")
+    parser.add_argument(
+        "--parity-nice", type=int, default=None, help="snapshot.parity_nice for the rounds (default: the config's)"
+    )
     parser.add_argument("--quick", action="store_true", help="16 MB, 2 reps, 10 steps; no results file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -76,6 +82,8 @@ def build_engine(args, shm_dir, parity="none"):
         "zero_optimization": {"stage": 2},
         "snapshot": {"interval_steps": 1, "shm_dir": shm_dir, "parity": parity},
     }
+    if args.parity_nice is not None:
+        config["snapshot"]["parity_nice"] = args.parity_nice
     return memfit.initialize(model, config), width
 
 
@@ -201,10 +209,12 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
     snapshotter.close()  # joins the copy and the parity round in flight
     newest = newest_committed(shm_dir, rank)[0]
     data = newest.data()
-    round_s = []
+    round_s, round_cpu_s = [], []
     for _ in range(args.reps):
         dist.barrier()
+        cpu_before = time.process_time()
         round_s.append(timed(lambda: rounds.run(data, newest.step)))
+        round_cpu_s.append(time.process_time() - cpu_before)
 
     num_steps = max(args.steps, PARITY_STEPS)
     step_times, cpu_times, waits = ({mode: [] for mode in PARITY_MODES} for _ in range(3))
@@ -246,6 +256,7 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
         "snapshot_bytes": data.numel(),
         "sent_bytes": rounds.last_sent_bytes,
         "round_s": statistics.median(round_s),
+        "round_cpu_s": statistics.median(round_cpu_s),
         "step_s": {key: statistics.median(values) for key, values in step_times.items()},
         "cpu_s": {key: statistics.median(values) for key, values in cpu_times.items()},
         "wait_s": {key: statistics.median(values) for key, values in waits.items()},
@@ -297,13 +308,14 @@ def parity_report(args, results: list[dict]) -> str:
         "XOR parity across 2 simulated nodes (1 gloo rank each, on one machine); medians of "
         f"{args.reps} interleaved repetitions, slowest rank.",
         "",
-        "| rank | snapshot (MB) | parity round (s) | sent per round (MB) | sent / snapshot |",
-        "| --- | --- | --- | --- | --- |",
+        "| rank | snapshot (MB) | parity round (s) | its CPU time (s) | sent per round (MB) | sent / snapshot |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for rank, result in enumerate(results):
         lines.append(
             f"| {rank} | {result['snapshot_bytes'] / 1e6:.1f} | {result['round_s']:.4f} | "
-            f"{result['sent_bytes'] / 1e6:.1f} | {result['sent_bytes'] / result['snapshot_bytes']:.2f} |"
+            f"{result['round_cpu_s']:.4f} | {result['sent_bytes'] / 1e6:.1f} | "
+            f"{result['sent_bytes'] / result['snapshot_bytes']:.2f} |"
         )
     lines += [
         "",
@@ -341,7 +353,9 @@ def main(argv=None) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += [os.path.abspath(__file__), "--worker", "--state-mb", str(args.state_mb), "--reps", str(args.reps)]
     command += ["--steps", str(args.steps)] + (["--disk-dir", args.disk_dir] if args.disk_dir else [])
-    command += ["--parity", args.parity]
+    command += ["--parity", args.parity] + (
+        ["--parity-nice", str(args.parity_nice)] if args.parity_nice is not None else []
+    )
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     if line is None:
