@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,12 @@ def parse_args(argv=None):
     parser.add_argument("--parity", choices=["none", "xor"], default="none", help="measure XOR parity (two nodes)")
     parser.add_argument(
         "--parity-nice", type=int, default=None, help="snapshot.parity_nice for the rounds (default: the config's)"
+    )
+    parser.add_argument(
+        "--compare-nice-0",
+        action="store_true",
+        help="also the parity rows at parity_nice 0, interleaved (resets the nice value of the parity group's "
+        "gloo threads between rows: needs root or CAP_SYS_NICE)",
     )
     parser.add_argument("--quick", action="store_true", help="16 MB, 2 reps, 10 steps; no results file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -189,6 +196,15 @@ def worker(args) -> None:
         print("RESULT " + json.dumps(gathered), flush=True)
 
 
+def _threads_at_nice(nice: int) -> list[int]:
+    """Ids of this process's threads, other than the calling one, whose nice value is nice."""
+    found = []
+    for thread_id in map(int, os.listdir("/proc/self/task")):
+        if thread_id != threading.get_native_id() and os.getpriority(os.PRIO_PROCESS, thread_id) == nice:
+            found.append(thread_id)
+    return found
+
+
 def parity_worker(args, rank: int, shm_dir: str) -> None:
     """Each rank is a node of its own, with its own agent and shared-memory directory."""
     import torch.distributed as dist
@@ -217,13 +233,25 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
         round_cpu_s.append(time.process_time() - cpu_before)
 
     num_steps = max(args.steps, PARITY_STEPS)
-    step_times, cpu_times, waits = ({mode: [] for mode in PARITY_MODES} for _ in range(3))
-    for _ in range(args.reps):
+    default_nice = snapshotter.parity_nice
+    modes = {mode: (interval, with_parity, default_nice) for mode, (interval, with_parity) in PARITY_MODES.items()}
+    # after close(), the parity group's gloo threads are the only ones at parity_nice
+    gloo_threads = _threads_at_nice(default_nice) if args.compare_nice_0 else []
+    if args.compare_nice_0:
+        assert default_nice > 0 and gloo_threads, "--compare-nice-0: no thread runs at snapshot.parity_nice"
         for mode, (interval, with_parity) in PARITY_MODES.items():
+            if with_parity:
+                modes[f"{mode} (parity_nice 0)"] = (interval, True, 0)
+    step_times, cpu_times, waits = ({mode: [] for mode in modes} for _ in range(3))
+    for _ in range(args.reps):
+        for mode, (interval, with_parity, nice) in modes.items():
             snapshotter.wait_for_copy()
             snapshotter.close()
             snapshotter.interval_steps = interval
             snapshotter.parity = rounds if with_parity else None
+            snapshotter.parity_nice = nice
+            for thread_id in gloo_threads:
+                os.setpriority(os.PRIO_PROCESS, thread_id, nice)
             dist.barrier()
             cpu_before, waited_before = time.process_time(), snapshotter.stall_s
             step_times[mode].append(timed(lambda: [train_step(engine, width) for _ in range(num_steps)]) / num_steps)
@@ -302,7 +330,8 @@ def report(args, results: list[dict]) -> str:
 
 
 def parity_report(args, results: list[dict]) -> str:
-    step, cpu, wait = ({key: max(r[group][key] for r in results) for key in PARITY_MODES} for group in PER_STEP)
+    modes = list(results[0]["step_s"])
+    step, cpu, wait = ({key: max(r[group][key] for r in results) for key in modes} for group in PER_STEP)
     restore = {key: max(result["restore_s"][key] for result in results) for key in results[0]["restore_s"]}
     lines = [
         "XOR parity across 2 simulated nodes (1 gloo rank each, on one machine); medians of "
@@ -326,7 +355,7 @@ def parity_report(args, results: list[dict]) -> str:
         "| snapshots | step time (s) | overhead | CPU time (s) | CPU overhead | waited (s) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for key in PARITY_MODES:
+    for key in modes:
         lines.append(
             f"| {key} | {step[key]:.4f} | {step[key] / step['none'] - 1:+.1%} | {cpu[key]:.4f} | "
             f"{cpu[key] / cpu['none'] - 1:+.1%} | {wait[key]:.4f} |"
@@ -356,6 +385,7 @@ def main(argv=None) -> int:
     command += ["--parity", args.parity] + (
         ["--parity-nice", str(args.parity_nice)] if args.parity_nice is not None else []
     )
+    command += ["--compare-nice-0"] if args.compare_nice_0 else []
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     if line is None:

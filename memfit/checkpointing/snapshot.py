@@ -108,6 +108,7 @@ class Snapshotter:
         )
         self.protected_slot = self._parity_protected_slot()
         self._parity_thread: threading.Thread | None = None
+        self.parity_nice = config.parity_nice  # what each round's thread adds to its nice value
         # Reserve the slots now, so a tmpfs without room fails the start, not the first snapshot.
         self._slot(self.next_slot, estimated_bytes(engine))
         atexit.register(self.close)  # before the process group goes: a parity round may be running
@@ -236,7 +237,7 @@ class Snapshotter:
         """A failed round costs redundancy, not training: the previous round stays usable, and the
         error is logged (a node that died fails the training collectives on its own)."""
         try:
-            lower_thread_priority(self.config.parity_nice)
+            lower_thread_priority(self.parity_nice)
             self.parity.run(slot_file.bytes[: slot_file.used_bytes()], step)
         except Exception as error:
             logger.warning(
