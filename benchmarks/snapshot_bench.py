@@ -59,6 +59,14 @@ def parse_args(argv=None):
         "--parity-nice", type=int, default=None, help="snapshot.parity_nice for the rounds (default: the config's)"
     )
     parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        help="with --parity xor: instead of the long runs per row, N turns of one 10-step window per row "
+        "(none, every 10, every 10 + parity), each window opening with its snapshot; overhead = median over "
+        "turns of the window's step time over the same turn's 'none' window",
+    )
+    parser.add_argument(
         "--compare-nice-0",
         action="store_true",
         help="also the parity rows at parity_nice 0, interleaved (resets the nice value of the parity group's "
@@ -205,6 +213,82 @@ def _threads_at_nice(nice: int) -> list[int]:
     return found
 
 
+PAIRED_INTERVAL = 10
+
+
+def paired_windows(args, engine, width, snapshotter, rounds) -> dict:
+    """{"wall": {row: [per-step seconds per turn]}, "cpu": ...}: args.paired turns of one window of
+    PAIRED_INTERVAL steps per row, in an order that rotates each turn; a window opens with its snapshot
+    step and closes once its copy and parity round are done (a round that outlasts the window counts)."""
+    import torch.distributed as dist
+
+    default_nice = getattr(snapshotter, "parity_nice", None)  # None: a build without parity_nice
+    rows = {
+        "none": (0, False, default_nice),
+        "every 10": (PAIRED_INTERVAL, False, default_nice),
+        "every 10 + parity": (PAIRED_INTERVAL, True, default_nice),
+    }
+    gloo_threads = []
+    if args.compare_nice_0:
+        gloo_threads = _threads_at_nice(default_nice)
+        assert default_nice and gloo_threads, "--compare-nice-0: no thread runs at snapshot.parity_nice"
+        rows["every 10 + parity (parity_nice 0)"] = (PAIRED_INTERVAL, True, 0)
+    snapshotter.interval_steps = 0
+    while engine.global_step % PAIRED_INTERVAL != PAIRED_INTERVAL - 1:  # the next step is a snapshot step
+        train_step(engine, width)
+    names = list(rows)
+    wall, cpu = ({name: [] for name in names} for _ in range(2))
+    for turn in range(args.paired):
+        shift = turn % len(names)
+        for name in names[shift:] + names[:shift]:
+            interval, with_parity, nice = rows[name]
+            snapshotter.interval_steps = interval
+            snapshotter.parity = rounds if with_parity else None
+            if nice is not None:
+                snapshotter.parity_nice = nice
+                for thread_id in gloo_threads:
+                    os.setpriority(os.PRIO_PROCESS, thread_id, nice)
+            dist.barrier()
+            cpu_before, started = time.process_time(), time.perf_counter()
+            for _ in range(PAIRED_INTERVAL):
+                train_step(engine, width)
+            snapshotter.wait_for_copy()
+            if snapshotter._parity_thread is not None:
+                snapshotter._parity_thread.join()
+            wall[name].append((time.perf_counter() - started) / PAIRED_INTERVAL)
+            cpu[name].append((time.process_time() - cpu_before) / PAIRED_INTERVAL)
+    snapshotter.parity_nice = default_nice
+    for thread_id in gloo_threads:
+        os.setpriority(os.PRIO_PROCESS, thread_id, default_nice)
+    return {"wall": wall, "cpu": cpu}
+
+
+def paired_report(results: list[dict], turns: int) -> list[str]:
+    """Per row: median per-step time, and the median over turns of its ratio to the same turn's
+    'none' window, minus 1 (the slowest rank's)."""
+    lines = [
+        f"Overhead in turns: {turns} turns of one {PAIRED_INTERVAL}-step window per row, the order rotating, "
+        "each window opening with its snapshot and closing once its copy and parity round are done; overhead = "
+        "median over turns of the window's time over the same turn's 'none' window, minus 1; slowest rank. "
+        f"At interval 50 a snapshot costs the same, spread over 5x the steps: about 1/5 of the interval-10 figure.",
+        "",
+        "| snapshots | step time (s) | overhead | CPU time (s) | CPU overhead |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in results[0]["paired"]["wall"]:
+        row = []
+        for kind in ("wall", "cpu"):
+            per_rank = [result["paired"][kind] for result in results]
+            median_s = max(statistics.median(times[name]) for times in per_rank)
+            ratios = [
+                statistics.median(t / n - 1 for t, n in zip(times[name], times["none"], strict=True))
+                for times in per_rank
+            ]
+            row.append(f"{median_s:.4f} | {max(ratios):+.1%}")
+        lines.append(f"| {name} | {row[0]} | {row[1]} |")
+    return lines
+
+
 def parity_worker(args, rank: int, shm_dir: str) -> None:
     """Each rank is a node of its own, with its own agent and shared-memory directory."""
     import torch.distributed as dist
@@ -232,31 +316,36 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
         round_s.append(timed(lambda: rounds.run(data, newest.step)))
         round_cpu_s.append(time.process_time() - cpu_before)
 
-    num_steps = max(args.steps, PARITY_STEPS)
-    default_nice = snapshotter.parity_nice
-    modes = {mode: (interval, with_parity, default_nice) for mode, (interval, with_parity) in PARITY_MODES.items()}
-    # after close(), the parity group's gloo threads are the only ones at parity_nice
-    gloo_threads = _threads_at_nice(default_nice) if args.compare_nice_0 else []
-    if args.compare_nice_0:
-        assert default_nice > 0 and gloo_threads, "--compare-nice-0: no thread runs at snapshot.parity_nice"
-        for mode, (interval, with_parity) in PARITY_MODES.items():
-            if with_parity:
-                modes[f"{mode} (parity_nice 0)"] = (interval, True, 0)
-    step_times, cpu_times, waits = ({mode: [] for mode in modes} for _ in range(3))
-    for _ in range(args.reps):
-        for mode, (interval, with_parity, nice) in modes.items():
-            snapshotter.wait_for_copy()
-            snapshotter.close()
-            snapshotter.interval_steps = interval
-            snapshotter.parity = rounds if with_parity else None
-            snapshotter.parity_nice = nice
-            for thread_id in gloo_threads:
-                os.setpriority(os.PRIO_PROCESS, thread_id, nice)
-            dist.barrier()
-            cpu_before, waited_before = time.process_time(), snapshotter.stall_s
-            step_times[mode].append(timed(lambda: [train_step(engine, width) for _ in range(num_steps)]) / num_steps)
-            cpu_times[mode].append((time.process_time() - cpu_before) / num_steps)
-            waits[mode].append((snapshotter.stall_s - waited_before) / num_steps)
+    paired = paired_windows(args, engine, width, snapshotter, rounds) if args.paired else None
+    step_times, cpu_times, waits = {}, {}, {}
+    if not args.paired:
+        num_steps = max(args.steps, PARITY_STEPS)
+        default_nice = snapshotter.parity_nice
+        modes = {mode: (interval, with_parity, default_nice) for mode, (interval, with_parity) in PARITY_MODES.items()}
+        # after close(), the parity group's gloo threads are the only ones at parity_nice
+        gloo_threads = _threads_at_nice(default_nice) if args.compare_nice_0 else []
+        if args.compare_nice_0:
+            assert default_nice > 0 and gloo_threads, "--compare-nice-0: no thread runs at snapshot.parity_nice"
+            for mode, (interval, with_parity) in PARITY_MODES.items():
+                if with_parity:
+                    modes[f"{mode} (parity_nice 0)"] = (interval, True, 0)
+        step_times, cpu_times, waits = ({mode: [] for mode in modes} for _ in range(3))
+        for _ in range(args.reps):
+            for mode, (interval, with_parity, nice) in modes.items():
+                snapshotter.wait_for_copy()
+                snapshotter.close()
+                snapshotter.interval_steps = interval
+                snapshotter.parity = rounds if with_parity else None
+                snapshotter.parity_nice = nice
+                for thread_id in gloo_threads:
+                    os.setpriority(os.PRIO_PROCESS, thread_id, nice)
+                dist.barrier()
+                cpu_before, waited_before = time.process_time(), snapshotter.stall_s
+                step_times[mode].append(
+                    timed(lambda: [train_step(engine, width) for _ in range(num_steps)]) / num_steps
+                )
+                cpu_times[mode].append((time.process_time() - cpu_before) / num_steps)
+                waits[mode].append((snapshotter.stall_s - waited_before) / num_steps)
     snapshotter.interval_steps = 0
     snapshotter.wait_for_copy()
     snapshotter.close()
@@ -289,6 +378,7 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
         "cpu_s": {key: statistics.median(values) for key, values in cpu_times.items()},
         "wait_s": {key: statistics.median(values) for key, values in waits.items()},
         "restore_s": {key: statistics.median(values) for key, values in restores.items()},
+        "paired": paired,
     }
     gathered = [None] * engine.world_size
     dist.all_gather_object(gathered, result)
@@ -330,8 +420,6 @@ def report(args, results: list[dict]) -> str:
 
 
 def parity_report(args, results: list[dict]) -> str:
-    modes = list(results[0]["step_s"])
-    step, cpu, wait = ({key: max(r[group][key] for r in results) for key in modes} for group in PER_STEP)
     restore = {key: max(result["restore_s"][key] for result in results) for key in results[0]["restore_s"]}
     lines = [
         "XOR parity across 2 simulated nodes (1 gloo rank each, on one machine); medians of "
@@ -346,8 +434,21 @@ def parity_report(args, results: list[dict]) -> str:
             f"{result['round_cpu_s']:.4f} | {result['sent_bytes'] / 1e6:.1f} | "
             f"{result['sent_bytes'] / result['snapshot_bytes']:.2f} |"
         )
-    lines += [
-        "",
+    lines += [""] + (paired_report(results, args.paired) if args.paired else per_step_report(results))
+    lines += ["", "| after losing a node | seconds | / disk |", "| --- | --- | --- |"]
+    for key, name in (
+        ("rebuild", "rebuild the lost slot from parity"),
+        ("rebuild+restore", "rebuild, then restore from memory"),
+        ("disk", "load_checkpoint from disk"),
+    ):
+        lines.append(f"| {name} | {restore[key]:.4f} | {restore[key] / restore['disk']:.3f} |")
+    return "\n".join(lines)
+
+
+def per_step_report(results: list[dict]) -> list[str]:
+    modes = list(results[0]["step_s"])
+    step, cpu, wait = ({key: max(r[group][key] for r in results) for key in modes} for group in PER_STEP)
+    lines = [
         "Per step: wall time; CPU time of the rank's process (all its threads: what the snapshot copy and "
         "the parity round take from training on a machine without spare cores); time the training "
         "thread waited for a snapshot copy (and through it for a parity round).",
@@ -360,14 +461,7 @@ def parity_report(args, results: list[dict]) -> str:
             f"| {key} | {step[key]:.4f} | {step[key] / step['none'] - 1:+.1%} | {cpu[key]:.4f} | "
             f"{cpu[key] / cpu['none'] - 1:+.1%} | {wait[key]:.4f} |"
         )
-    lines += ["", "| after losing a node | seconds | / disk |", "| --- | --- | --- |"]
-    for key, name in (
-        ("rebuild", "rebuild the lost slot from parity"),
-        ("rebuild+restore", "rebuild, then restore from memory"),
-        ("disk", "load_checkpoint from disk"),
-    ):
-        lines.append(f"| {name} | {restore[key]:.4f} | {restore[key] / restore['disk']:.3f} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> int:
@@ -386,6 +480,7 @@ def main(argv=None) -> int:
         ["--parity-nice", str(args.parity_nice)] if args.parity_nice is not None else []
     )
     command += ["--compare-nice-0"] if args.compare_nice_0 else []
+    command += ["--paired", str(args.paired)] if args.paired else []
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     if line is None:
