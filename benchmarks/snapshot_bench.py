@@ -18,9 +18,13 @@ and the script measures instead, interleaved the same way:
     --steps; the rounds at snapshot.parity_nice (its default, or --parity-nice);
   - rebuilding a lost node's slot from the other node's data and parity (then restoring from
     memory) against engine.load_checkpoint of the same state from disk.
+On a shared machine whose load drifts, --paired N replaces the long runs per row with N turns of one
+10-step window per row, the order rotating, and takes the median over turns of each window's time
+over the same turn's window without snapshots (--compare-nice-0 adds parity at parity_nice 0).
 
     python benchmarks/snapshot_bench.py                 # 512 MB of state per rank
     python benchmarks/snapshot_bench.py --parity xor    # parity across two simulated nodes
+    python benchmarks/snapshot_bench.py --parity xor --state-mb 128 --paired 20 --compare-nice-0
     python benchmarks/snapshot_bench.py --quick         # a small check that the script runs
 """
 
