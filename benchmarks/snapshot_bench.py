@@ -11,14 +11,20 @@ Measured in one job, interleaved (A B A B ...), medians over --reps:
     persisted snapshots use).
 With --parity xor the two ranks play two nodes (one rank each, a shared-memory directory each),
 and the script measures instead, interleaved the same way:
-  - the parity round: its time and the bytes each rank sends, against the snapshot's size;
-  - step time with snapshots every 10 steps without parity, and every 10 and every 50 steps with
-    parity every snapshot (parity_every 1), against none, over PARITY_STEPS steps or --steps;
+  - the parity round: its time, the CPU time of the rank's process during it (all threads) and
+    the bytes each rank sends, against the snapshot's size;
+  - step time with snapshots every 10 and every 50 steps without parity, and every 10 and every
+    50 steps with parity every snapshot (parity_every 1), against none, over PARITY_STEPS steps or
+    --steps; the rounds at snapshot.parity_nice (its default, or --parity-nice);
   - rebuilding a lost node's slot from the other node's data and parity (then restoring from
     memory) against engine.load_checkpoint of the same state from disk.
+On a shared machine whose load drifts, --paired N replaces the long runs per row with N turns of one
+10-step window per row, the order rotating, and takes the median over turns of each window's time
+over the same turn's window without snapshots (--compare-nice-0 adds parity at parity_nice 0).
 
     python benchmarks/snapshot_bench.py                 # 512 MB of state per rank
     python benchmarks/snapshot_bench.py --parity xor    # parity across two simulated nodes
+    python benchmarks/snapshot_bench.py --parity xor --state-mb 128 --paired 20 --compare-nice-0
     python benchmarks/snapshot_bench.py --quick         # a small check that the script runs
 """
 
@@ -30,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +45,7 @@ PARITY_MODES = {
     "none": (0, False),
     "every 10": (10, False),
     "every 10 + parity": (10, True),
+    "every 50": (50, False),
     "every 50 + parity": (50, True),
 }
 PARITY_STEPS = 100  # two snapshots at the longest interval
@@ -51,6 +59,23 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per step-time measurement (default 20)")
     parser.add_argument("--disk-dir", default=None, help="directory on the disk under test (default: a temp dir)")
     parser.add_argument("--parity", choices=["none", "xor"], default="none", help="measure XOR parity (two nodes)")
+    parser.add_argument(
+        "--parity-nice", type=int, default=None, help="snapshot.parity_nice for the rounds (default: the config's)"
+    )
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        help="with --parity xor: instead of the long runs per row, N turns of one 10-step window per row "
+        "(none, every 10, every 10 + parity), each window opening with its snapshot; overhead = median over "
+        "turns of the window's step time over the same turn's 'none' window",
+    )
+    parser.add_argument(
+        "--compare-nice-0",
+        action="store_true",
+        help="also the parity rows at parity_nice 0, interleaved (resets the nice value of the parity group's "
+        "gloo threads between rows: needs root or CAP_SYS_NICE)",
+    )
     parser.add_argument("--quick", action="store_true", help="16 MB, 2 reps, 10 steps; no results file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -76,6 +101,8 @@ def build_engine(args, shm_dir, parity="none"):
         "zero_optimization": {"stage": 2},
         "snapshot": {"interval_steps": 1, "shm_dir": shm_dir, "parity": parity},
     }
+    if args.parity_nice is not None:
+        config["snapshot"]["parity_nice"] = args.parity_nice
     return memfit.initialize(model, config), width
 
 
@@ -187,6 +214,91 @@ def worker(args) -> None:
         print("RESULT " + json.dumps(gathered), flush=True)
 
 
+def _threads_at_nice(nice: int) -> list[int]:
+    """Ids of this process's threads, other than the calling one, whose nice value is nice."""
+    found = []
+    for thread_id in map(int, os.listdir("/proc/self/task")):
+        if thread_id != threading.get_native_id() and os.getpriority(os.PRIO_PROCESS, thread_id) == nice:
+            found.append(thread_id)
+    return found
+
+
+PAIRED_INTERVAL = 10
+
+
+def paired_windows(args, engine, width, snapshotter, rounds) -> dict:
+    """{"wall": {row: [per-step seconds per turn]}, "cpu": ...}: args.paired turns of one window of
+    PAIRED_INTERVAL steps per row, in an order that rotates each turn; a window opens with its snapshot
+    step and closes once its copy and parity round are done (a round that outlasts the window counts)."""
+    import torch.distributed as dist
+
+    default_nice = getattr(snapshotter, "parity_nice", None)  # None: a build without parity_nice
+    rows = {
+        "none": (0, False, default_nice),
+        "every 10": (PAIRED_INTERVAL, False, default_nice),
+        "every 10 + parity": (PAIRED_INTERVAL, True, default_nice),
+    }
+    gloo_threads = []
+    if args.compare_nice_0:
+        gloo_threads = _threads_at_nice(default_nice)
+        assert default_nice and gloo_threads, "--compare-nice-0: no thread runs at snapshot.parity_nice"
+        rows["every 10 + parity (parity_nice 0)"] = (PAIRED_INTERVAL, True, 0)
+    snapshotter.interval_steps = 0
+    while engine.global_step % PAIRED_INTERVAL != PAIRED_INTERVAL - 1:  # the next step is a snapshot step
+        train_step(engine, width)
+    names = list(rows)
+    wall, cpu = ({name: [] for name in names} for _ in range(2))
+    for turn in range(args.paired):
+        shift = turn % len(names)
+        for name in names[shift:] + names[:shift]:
+            interval, with_parity, nice = rows[name]
+            snapshotter.interval_steps = interval
+            snapshotter.parity = rounds if with_parity else None
+            if nice is not None:
+                snapshotter.parity_nice = nice
+                for thread_id in gloo_threads:
+                    os.setpriority(os.PRIO_PROCESS, thread_id, nice)
+            dist.barrier()
+            cpu_before, started = time.process_time(), time.perf_counter()
+            for _ in range(PAIRED_INTERVAL):
+                train_step(engine, width)
+            snapshotter.wait_for_copy()
+            if snapshotter._parity_thread is not None:
+                snapshotter._parity_thread.join()
+            wall[name].append((time.perf_counter() - started) / PAIRED_INTERVAL)
+            cpu[name].append((time.process_time() - cpu_before) / PAIRED_INTERVAL)
+    snapshotter.parity_nice = default_nice
+    for thread_id in gloo_threads:
+        os.setpriority(os.PRIO_PROCESS, thread_id, default_nice)
+    return {"wall": wall, "cpu": cpu}
+
+
+def paired_report(results: list[dict], turns: int) -> list[str]:
+    """Per row: median per-step time, and the median over turns of its ratio to the same turn's
+    'none' window, minus 1 (the slowest rank's)."""
+    lines = [
+        f"Overhead in turns: {turns} turns of one {PAIRED_INTERVAL}-step window per row, the order rotating, "
+        "each window opening with its snapshot and closing once its copy and parity round are done; overhead = "
+        "median over turns of the window's time over the same turn's 'none' window, minus 1; slowest rank. "
+        f"At interval 50 a snapshot costs the same, spread over 5x the steps: about 1/5 of the interval-10 figure.",
+        "",
+        "| snapshots | step time (s) | overhead | CPU time (s) | CPU overhead |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in results[0]["paired"]["wall"]:
+        row = []
+        for kind in ("wall", "cpu"):
+            per_rank = [result["paired"][kind] for result in results]
+            median_s = max(statistics.median(times[name]) for times in per_rank)
+            ratios = [
+                statistics.median(t / n - 1 for t, n in zip(times[name], times["none"], strict=True))
+                for times in per_rank
+            ]
+            row.append(f"{median_s:.4f} | {max(ratios):+.1%}")
+        lines.append(f"| {name} | {row[0]} | {row[1]} |")
+    return lines
+
+
 def parity_worker(args, rank: int, shm_dir: str) -> None:
     """Each rank is a node of its own, with its own agent and shared-memory directory."""
     import torch.distributed as dist
@@ -207,24 +319,43 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
     snapshotter.close()  # joins the copy and the parity round in flight
     newest = newest_committed(shm_dir, rank)[0]
     data = newest.data()
-    round_s = []
+    round_s, round_cpu_s = [], []
     for _ in range(args.reps):
         dist.barrier()
+        cpu_before = time.process_time()
         round_s.append(timed(lambda: rounds.run(data, newest.step)))
+        round_cpu_s.append(time.process_time() - cpu_before)
 
-    num_steps = max(args.steps, PARITY_STEPS)
-    step_times, cpu_times, waits = ({mode: [] for mode in PARITY_MODES} for _ in range(3))
-    for _ in range(args.reps):
-        for mode, (interval, with_parity) in PARITY_MODES.items():
-            snapshotter.wait_for_copy()
-            snapshotter.close()
-            snapshotter.interval_steps = interval
-            snapshotter.parity = rounds if with_parity else None
-            dist.barrier()
-            cpu_before, waited_before = time.process_time(), snapshotter.stall_s
-            step_times[mode].append(timed(lambda: [train_step(engine, width) for _ in range(num_steps)]) / num_steps)
-            cpu_times[mode].append((time.process_time() - cpu_before) / num_steps)
-            waits[mode].append((snapshotter.stall_s - waited_before) / num_steps)
+    paired = paired_windows(args, engine, width, snapshotter, rounds) if args.paired else None
+    step_times, cpu_times, waits = {}, {}, {}
+    if not args.paired:
+        num_steps = max(args.steps, PARITY_STEPS)
+        default_nice = snapshotter.parity_nice
+        modes = {mode: (interval, with_parity, default_nice) for mode, (interval, with_parity) in PARITY_MODES.items()}
+        # after close(), the parity group's gloo threads are the only ones at parity_nice
+        gloo_threads = _threads_at_nice(default_nice) if args.compare_nice_0 else []
+        if args.compare_nice_0:
+            assert default_nice > 0 and gloo_threads, "--compare-nice-0: no thread runs at snapshot.parity_nice"
+            for mode, (interval, with_parity) in PARITY_MODES.items():
+                if with_parity:
+                    modes[f"{mode} (parity_nice 0)"] = (interval, True, 0)
+        step_times, cpu_times, waits = ({mode: [] for mode in modes} for _ in range(3))
+        for _ in range(args.reps):
+            for mode, (interval, with_parity, nice) in modes.items():
+                snapshotter.wait_for_copy()
+                snapshotter.close()
+                snapshotter.interval_steps = interval
+                snapshotter.parity = rounds if with_parity else None
+                snapshotter.parity_nice = nice
+                for thread_id in gloo_threads:
+                    os.setpriority(os.PRIO_PROCESS, thread_id, nice)
+                dist.barrier()
+                cpu_before, waited_before = time.process_time(), snapshotter.stall_s
+                step_times[mode].append(
+                    timed(lambda: [train_step(engine, width) for _ in range(num_steps)]) / num_steps
+                )
+                cpu_times[mode].append((time.process_time() - cpu_before) / num_steps)
+                waits[mode].append((snapshotter.stall_s - waited_before) / num_steps)
     snapshotter.interval_steps = 0
     snapshotter.wait_for_copy()
     snapshotter.close()
@@ -252,10 +383,12 @@ def parity_worker(args, rank: int, shm_dir: str) -> None:
         "snapshot_bytes": data.numel(),
         "sent_bytes": rounds.last_sent_bytes,
         "round_s": statistics.median(round_s),
+        "round_cpu_s": statistics.median(round_cpu_s),
         "step_s": {key: statistics.median(values) for key, values in step_times.items()},
         "cpu_s": {key: statistics.median(values) for key, values in cpu_times.items()},
         "wait_s": {key: statistics.median(values) for key, values in waits.items()},
         "restore_s": {key: statistics.median(values) for key, values in restores.items()},
+        "paired": paired,
     }
     gathered = [None] * engine.world_size
     dist.all_gather_object(gathered, result)
@@ -300,34 +433,21 @@ def report(args, results: list[dict]) -> str:
 
 
 def parity_report(args, results: list[dict]) -> str:
-    step, cpu, wait = ({key: max(r[group][key] for r in results) for key in PARITY_MODES} for group in PER_STEP)
     restore = {key: max(result["restore_s"][key] for result in results) for key in results[0]["restore_s"]}
     lines = [
         "XOR parity across 2 simulated nodes (1 gloo rank each, on one machine); medians of "
         f"{args.reps} interleaved repetitions, slowest rank.",
         "",
-        "| rank | snapshot (MB) | parity round (s) | sent per round (MB) | sent / snapshot |",
-        "| --- | --- | --- | --- | --- |",
+        "| rank | snapshot (MB) | parity round (s) | its CPU time (s) | sent per round (MB) | sent / snapshot |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for rank, result in enumerate(results):
         lines.append(
             f"| {rank} | {result['snapshot_bytes'] / 1e6:.1f} | {result['round_s']:.4f} | "
-            f"{result['sent_bytes'] / 1e6:.1f} | {result['sent_bytes'] / result['snapshot_bytes']:.2f} |"
+            f"{result['round_cpu_s']:.4f} | {result['sent_bytes'] / 1e6:.1f} | "
+            f"{result['sent_bytes'] / result['snapshot_bytes']:.2f} |"
         )
-    lines += [
-        "",
-        "Per step: wall time; CPU time of the rank's process (all its threads: what the snapshot copy and "
-        "the parity round take from training on a machine without spare cores); time the training "
-        "thread waited for a snapshot copy (and through it for a parity round).",
-        "",
-        "| snapshots | step time (s) | overhead | CPU time (s) | CPU overhead | waited (s) |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for key in PARITY_MODES:
-        lines.append(
-            f"| {key} | {step[key]:.4f} | {step[key] / step['none'] - 1:+.1%} | {cpu[key]:.4f} | "
-            f"{cpu[key] / cpu['none'] - 1:+.1%} | {wait[key]:.4f} |"
-        )
+    lines += [""] + (paired_report(results, args.paired) if args.paired else per_step_report(results))
     lines += ["", "| after losing a node | seconds | / disk |", "| --- | --- | --- |"]
     for key, name in (
         ("rebuild", "rebuild the lost slot from parity"),
@@ -336,6 +456,25 @@ def parity_report(args, results: list[dict]) -> str:
     ):
         lines.append(f"| {name} | {restore[key]:.4f} | {restore[key] / restore['disk']:.3f} |")
     return "\n".join(lines)
+
+
+def per_step_report(results: list[dict]) -> list[str]:
+    modes = list(results[0]["step_s"])
+    step, cpu, wait = ({key: max(r[group][key] for r in results) for key in modes} for group in PER_STEP)
+    lines = [
+        "Per step: wall time; CPU time of the rank's process (all its threads: what the snapshot copy and "
+        "the parity round take from training on a machine without spare cores); time the training "
+        "thread waited for a snapshot copy (and through it for a parity round).",
+        "",
+        "| snapshots | step time (s) | overhead | CPU time (s) | CPU overhead | waited (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key in modes:
+        lines.append(
+            f"| {key} | {step[key]:.4f} | {step[key] / step['none'] - 1:+.1%} | {cpu[key]:.4f} | "
+            f"{cpu[key] / cpu['none'] - 1:+.1%} | {wait[key]:.4f} |"
+        )
+    return lines
 
 
 def main(argv=None) -> int:
@@ -350,7 +489,11 @@ def main(argv=None) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += [os.path.abspath(__file__), "--worker", "--state-mb", str(args.state_mb), "--reps", str(args.reps)]
     command += ["--steps", str(args.steps)] + (["--disk-dir", args.disk_dir] if args.disk_dir else [])
-    command += ["--parity", args.parity]
+    command += ["--parity", args.parity] + (
+        ["--parity-nice", str(args.parity_nice)] if args.parity_nice is not None else []
+    )
+    command += ["--compare-nice-0"] if args.compare_nice_0 else []
+    command += ["--paired", str(args.paired)] if args.paired else []
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     if line is None:

@@ -125,15 +125,17 @@ class ParityFile(MappedFile):
             raise CheckpointError(f"{self.path}: {self.num_bytes} bytes, too small for a part of {part_bytes}")
         return self.bytes[DATA_OFFSET : DATA_OFFSET + part_bytes]
 
-    def commit(self, step: int, sequence: int, metadata: dict) -> None:
-        """Writes the metadata and the checksums, then the sequence last."""
+    def commit(self, step: int, sequence: int, metadata: dict, parity_digest: int | None = None) -> None:
+        """Writes the metadata and the checksums, then the sequence last. parity_digest: the XXH3 of
+        the parity bytes where the caller hashed them as they were written, else computed here."""
         part_bytes = metadata["part_bytes"]
         text = json.dumps(metadata).encode()
         metadata_offset = DATA_OFFSET + part_bytes
         if metadata_offset + len(text) > self.num_bytes:
             raise CheckpointError(f"{self.path}: parity metadata does not fit")
         self._map[metadata_offset : metadata_offset + len(text)] = text
-        parity_digest = xxhash.xxh3_64_intdigest(self.parity(part_bytes).numpy())
+        if parity_digest is None:
+            parity_digest = xxhash.xxh3_64_intdigest(self.parity(part_bytes).numpy())
         metadata_digest = xxhash.xxh3_64_intdigest(text)
         HEADER.pack_into(self._map, 0, MAGIC, 0, step, metadata_offset, len(text), metadata_digest, parity_digest)
         struct.pack_into("<Q", self._map, 8, sequence)

@@ -11,6 +11,16 @@ committed its parity (a last all-reduce): an interrupted round leaves the previo
 The data slot of the last complete round is kept (the snapshotter writes new snapshots into the
 other slot), so that round stays rebuildable until the next one completes.
 
+What a round costs, and where it runs. Its CPU time is the kernel's copies of the sends and
+receives (gloo's TCP loop thread), one XXH3 pass over the data and one over the parity, and with
+three or more members the XORs. Parts move in chunks of CHUNK_BYTES: each chunk of parity is
+XORed and hashed right after it arrives, while it is still in cache, and the second and later
+members' chunks land in RECEIVE_DEPTH chunk buffers kept across rounds (no allocation, no page
+faults per round). The round runs at a lower priority than training (snapshot.parity_nice): the
+parity thread lowers its own nice value, and the group's gloo threads (its TCP loop and run
+loops) are created by a thread at that nice value, which they inherit, so on a machine without
+spare cores training gets them first.
+
 Restore (plan_restore): a step is restorable when, in every group, every member holds a verified
 slot of it, or all but one do and every survivor holds verified parity of that step made from
 exactly the bytes it holds now (the data digests in the parity metadata). The newest such step
@@ -18,6 +28,11 @@ wins; all ranks compute the same plan from one all-gather.
 """
 
 import logging
+import os
+import sys
+import threading
+import warnings
+from collections import deque
 from datetime import timedelta
 
 import torch
@@ -29,6 +44,7 @@ from memfit.checkpointing.faults import fault_point
 from memfit.checkpointing.integrity import CheckpointError
 from memfit.checkpointing.parity import (
     PARITY_SLOTS_PER_RANK,
+    PART_ALIGN,
     ParityFile,
     committed_parity,
     data_part,
@@ -41,13 +57,55 @@ from memfit.checkpointing.parity import (
 logger = logging.getLogger("memfit")
 
 GROUP_TIMEOUT = timedelta(minutes=10)
+CHUNK_BYTES = 4 << 20  # a multiple of PART_ALIGN; a chunk stays in L2/L3 between its arrival, XOR and hash
+RECEIVE_DEPTH = 4  # chunks of the second and later members' parts in flight at once
+MAX_NICE = 19
+
+
+def lower_thread_priority(increment: int) -> bool:
+    """Adds increment to the calling thread's nice value (at most 19), not the process's: on Linux
+    the nice value is per thread, and threads the calling thread starts later inherit it. Returns
+    False, with a warning, where that is not so (setpriority would lower the whole process)."""
+    if increment <= 0:
+        return True
+    if not sys.platform.startswith("linux"):
+        warnings.warn(
+            f"snapshot.parity_nice {increment} is ignored on {sys.platform}: only Linux sets a nice value per thread",
+            stacklevel=2,
+        )
+        return False
+    thread_id = threading.get_native_id()
+    current = os.getpriority(os.PRIO_PROCESS, thread_id)
+    os.setpriority(os.PRIO_PROCESS, thread_id, min(MAX_NICE, current + increment))
+    return True
+
+
+def _on_thread_at_lower_priority(increment: int, action):
+    """action() on a new thread whose nice value is increment above this one's: the threads that
+    action starts (gloo's, for a new group) keep that nice value for their whole life."""
+    outcome = {}
+
+    def run() -> None:
+        try:
+            lower_thread_priority(increment)
+            outcome["value"] = action()
+        except BaseException as error:  # raised again on the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="memfit-parity-setup")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class ParityGroups:
     """The parity groups of a job: group g holds ranks g, g + L, g + 2L, ... (L ranks per node),
-    one gloo group each. Every rank must build it, in the same order (dist.new_group)."""
+    one gloo group each. Every rank must build it, in the same order (dist.new_group). nice: how
+    much lower than the caller's the priority of the groups' gloo threads is."""
 
-    def __init__(self, world_size: int, local_world_size: int, rank: int):
+    def __init__(self, world_size: int, local_world_size: int, rank: int, nice: int = 0):
         self.rank = rank
         self.local_world_size = local_world_size
         self.num_nodes = world_size // local_world_size
@@ -56,11 +114,16 @@ class ParityGroups:
         ]
         self.members = self.members_of[rank % local_world_size]
         self.member = self.members.index(rank)
-        self.group = None
+        self.group = _on_thread_at_lower_priority(nice, self._new_groups)
+
+    def _new_groups(self):
+        """Every rank creates every group, in the same order; returns this rank's."""
+        own = None
         for members in self.members_of:
             group = dist.new_group(members, backend="gloo", timeout=GROUP_TIMEOUT)
-            if rank in members:
-                self.group = group
+            if self.rank in members:
+                own = group
+        return own
 
     def group_of(self, rank: int) -> list[int]:
         return self.members_of[rank % self.local_world_size]
@@ -71,10 +134,14 @@ def _int64(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class ParityRounds:
-    """One rank's parity rounds: the slot files it writes, and its sequence numbers."""
+    """One rank's parity rounds: the slot files it writes, its sequence numbers, and the chunk
+    buffers its rounds receive into (kept from one round to the next)."""
 
-    def __init__(self, groups: ParityGroups, shm_dir: str, world_size: int):
+    def __init__(self, groups: ParityGroups, shm_dir: str, world_size: int, chunk_bytes: int = CHUNK_BYTES):
+        if chunk_bytes <= 0 or chunk_bytes % PART_ALIGN:
+            raise ValueError(f"chunk_bytes must be a positive multiple of {PART_ALIGN}, got {chunk_bytes}")
         self.groups = groups
+        self.chunk_bytes = chunk_bytes
         self.shm_dir = shm_dir
         self.world_size = world_size
         committed = committed_parity(shm_dir, groups.rank)
@@ -84,6 +151,8 @@ class ParityRounds:
         self.newest_step = committed[0].step if committed else None
         self._files: list[ParityFile | None] = [None] * PARITY_SLOTS_PER_RANK
         self.last_sent_bytes = 0  # bytes this rank sent in its last round
+        self._receive_buffers: list[torch.Tensor] = []  # RECEIVE_DEPTH x chunk_bytes (uint8), with 3+ members
+        self._zeros: torch.Tensor | None = None  # what a part holds beyond the end of the data
 
     def _file(self, slot: int, num_bytes: int) -> ParityFile:
         current = self._files[slot]
@@ -109,7 +178,7 @@ class ParityRounds:
         slot = self.next_slot
         parity_file = self._file(slot, slot_file_bytes(part_bytes))
         parity_file.invalidate()
-        self._exchange(data, part_bytes, parity_file.parity(part_bytes))
+        parity_digest = self._exchange(data, part_bytes, parity_file.parity(part_bytes))
         fault_point("parity-exchanged", groups.rank)
         self.sequence += 1
         metadata = {
@@ -121,36 +190,87 @@ class ParityRounds:
             "data_bytes": [info[1] for info in infos],
             "data_digests": [info[2] for info in infos],
         }
-        parity_file.commit(step, self.sequence, metadata)
+        parity_file.commit(step, self.sequence, metadata, parity_digest)
         done = torch.ones(1, dtype=torch.int64)
         dist.all_reduce(done, op=dist.ReduceOp.MIN, group=group)  # everyone committed: the round is complete
         self.next_slot = (slot + 1) % PARITY_SLOTS_PER_RANK
         self.newest_step = step
         self.last_sent_bytes = (num_members - 1) * part_bytes
 
-    def _exchange(self, data: torch.Tensor, part_bytes: int, parity: torch.Tensor) -> None:
+    def _exchange(self, data: torch.Tensor, part_bytes: int, parity: torch.Tensor) -> int:
         """Sends each other member the part of data its parity covers, and XORs the parts the
-        others send into parity: a reduce-scatter with BXOR, each byte sent once (gloo's
-        reduce-scatter passes every input through an all-reduce, three times the bytes and time)."""
-        groups = self.groups
+        others send into parity; returns the XXH3 digest of parity. A reduce-scatter with BXOR, each
+        byte sent once (gloo's reduce-scatter passes every input through an all-reduce, three times
+        the bytes and time), in chunks: chunk c of every part travels with tag c. The first other
+        member's chunks land in parity itself; the later members' go through the chunk buffers,
+        each XORed in as it arrives, and each chunk of parity is hashed once it is complete."""
+        groups, group = self.groups, self.groups.group
         num_members = len(groups.members)
-        others = [holder for holder in range(num_members) if holder != groups.member]
-        received = [parity] + [torch.empty_like(parity) for _ in others[1:]]
-        works = []
-        for holder, into in zip(others, received):
-            part = data_part(data, part_index(groups.member, holder, num_members), part_bytes)
-            works.append(dist.isend(part, groups.members[holder], group=groups.group))
-            works.append(dist.irecv(into, groups.members[holder], group=groups.group))
-        for work in works:
+        holders = [holder for holder in range(num_members) if holder != groups.member]
+        chunk_bytes = self.chunk_bytes
+        bounds = [(start, min(start + chunk_bytes, part_bytes)) for start in range(0, part_bytes, chunk_bytes)]
+        sends = []
+        for holder in holders:
+            part_start = part_index(groups.member, holder, num_members) * part_bytes
+            for tag, (start, end) in enumerate(bounds):
+                chunk = self._data_chunk(data, part_start + start, end - start)
+                sends.append(dist.isend(chunk, groups.members[holder], group=group, tag=tag))
+        first, *later = [groups.members[holder] for holder in holders]
+        direct = [dist.irecv(parity[start:end], first, group=group, tag=tag) for tag, (start, end) in enumerate(bounds)]
+        # (chunk, sender) in the order they are XORed; buffer i % depth serves the i-th
+        to_receive = [(chunk, sender) for chunk in range(len(bounds)) for sender in later]
+        buffers = self._buffers(min(RECEIVE_DEPTH, len(to_receive)))
+        in_flight = deque()
+
+        def post(number: int) -> None:
+            chunk, sender = to_receive[number]
+            start, end = bounds[chunk]
+            buffer = buffers[number % len(buffers)][: end - start]
+            in_flight.append((buffer, dist.irecv(buffer, sender, group=group, tag=chunk)))
+
+        for number in range(len(buffers)):
+            post(number)
+        next_to_post = len(buffers)
+        digest = xxhash.xxh3_64()
+        for chunk, (start, end) in enumerate(bounds):
+            direct[chunk].wait()
+            into = parity[start:end]
+            for _ in later:
+                buffer, work = in_flight.popleft()
+                work.wait()
+                _int64(into).bitwise_xor_(_int64(buffer))
+                if next_to_post < len(to_receive):  # the buffer just XORed takes the next chunk
+                    post(next_to_post)
+                    next_to_post += 1
+            digest.update(into.numpy())
+        for work in sends:
             work.wait()
-        for extra in received[1:]:
-            _int64(parity).bitwise_xor_(_int64(extra))
+        return digest.intdigest()
+
+    def _data_chunk(self, data: torch.Tensor, start: int, num_bytes: int) -> torch.Tensor:
+        """num_bytes of data from start, padded with zeros: a view where they lie inside the data."""
+        end = start + num_bytes
+        if end <= data.numel():
+            return data[start:end]
+        if start >= data.numel():
+            if self._zeros is None or self._zeros.numel() < num_bytes:
+                self._zeros = torch.zeros(self.chunk_bytes, dtype=torch.uint8)
+            return self._zeros[:num_bytes]
+        padded = torch.zeros(num_bytes, dtype=torch.uint8)
+        padded[: data.numel() - start] = data[start:]
+        return padded
+
+    def _buffers(self, count: int) -> list[torch.Tensor]:
+        while len(self._receive_buffers) < count:
+            self._receive_buffers.append(torch.empty(self.chunk_bytes, dtype=torch.uint8))
+        return self._receive_buffers[:count]
 
     def close(self) -> None:
         for parity_file in self._files:
             if parity_file is not None:
                 parity_file.close()
         self._files = [None] * PARITY_SLOTS_PER_RANK
+        self._receive_buffers, self._zeros = [], None
 
 
 # ---- restore ------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ optimizer step:
      step's records are complete (memfit/monitor/master.py), so every step a restore resumes
      past has its metrics written.
   4. with snapshot.parity "xor", every `parity_every`-th snapshot is followed by a parity round
-     (parity_exchange.py) on a thread of its own, from the committed slot; the next snapshot's
-     copy waits for it (not the training thread, unless a round outlasts a snapshot interval).
+     (parity_exchange.py) on a thread of its own, at a lower priority (parity_nice), from the
+     committed slot; the next snapshot's copy waits for it (not the training thread, unless a
+     round outlasts a snapshot interval).
 Invariant: at most one snapshot is in flight, and a slot is written only after the agent says it
 is not being persisted. With parity, a snapshot never overwrites the slot of the last complete
 parity round (it takes the other slot), so that round stays rebuildable until the next one.
@@ -38,7 +39,7 @@ from memfit.checkpointing.client_state import check_client_state
 from memfit.checkpointing.faults import fault_point
 from memfit.checkpointing.identity import JOB_ID_ENV, job_id
 from memfit.checkpointing.integrity import CheckpointError, walk_tensors
-from memfit.checkpointing.parity_exchange import ParityGroups, ParityRounds
+from memfit.checkpointing.parity_exchange import ParityGroups, ParityRounds, lower_thread_priority
 from memfit.checkpointing.slots import (
     SLOTS_PER_RANK,
     SlotFile,
@@ -107,6 +108,7 @@ class Snapshotter:
         )
         self.protected_slot = self._parity_protected_slot()
         self._parity_thread: threading.Thread | None = None
+        self.parity_nice = config.parity_nice  # what each round's thread adds to its nice value
         # Reserve the slots now, so a tmpfs without room fails the start, not the first snapshot.
         self._slot(self.next_slot, estimated_bytes(engine))
         atexit.register(self.close)  # before the process group goes: a parity round may be running
@@ -235,6 +237,7 @@ class Snapshotter:
         """A failed round costs redundancy, not training: the previous round stays usable, and the
         error is logged (a node that died fails the training collectives on its own)."""
         try:
+            lower_thread_priority(self.parity_nice)
             self.parity.run(slot_file.bytes[: slot_file.used_bytes()], step)
         except Exception as error:
             logger.warning(
@@ -282,7 +285,7 @@ def parity_setup(config, shm_dir: str, world_size: int, local_world_size: int, r
             stacklevel=2,
         )
         return None, None
-    groups = ParityGroups(world_size, local_world_size, rank)
+    groups = ParityGroups(world_size, local_world_size, rank, nice=config.parity_nice)
     return groups, ParityRounds(groups, shm_dir, world_size)
 
 

@@ -50,6 +50,11 @@ class SnapshotConfig(Section):
     parity_every: Integer(minimum=1, limit=MAX_COUNT) = Field(
         1, description="Compute the parity of every Nth in-memory snapshot (parity rounds per local snapshots)."
     )
+    parity_nice: Integer(minimum=0, maximum=19) = Field(
+        10,
+        description="How much higher than training's the nice value of a parity round's threads is (Linux), so "
+        "that training gets the CPU cores first when none is spare; 0 runs the rounds at training's priority.",
+    )
 
     @field_validator("shm_dir")
     @classmethod

@@ -1,7 +1,9 @@
 """Parity rounds over gloo between real processes, each "node" with its own agent and shared-memory
-directory: the parity each member stores equals the single-process reference, a second round
-leaves the first one readable, and the lost member of each group is rebuilt bit for bit from the
-survivors' data and parity."""
+directory: the parity each member stores equals the single-process reference (in one chunk, and in
+many chunks with a short last one, the chunk buffers reused), its checksum verifies, a second round
+leaves the first one readable, the lost member of each group is rebuilt bit for bit from the
+survivors' data and parity, and the parity group's gloo threads run at the lower priority asked
+for while the caller's stays."""
 
 import os
 import tempfile
@@ -11,7 +13,7 @@ import torch
 
 from memfit.checkpointing import agent
 from memfit.checkpointing.parity import committed_parity, encode
-from memfit.checkpointing.parity_exchange import ParityGroups, ParityRounds, rebuild_member
+from memfit.checkpointing.parity_exchange import CHUNK_BYTES, ParityGroups, ParityRounds, rebuild_member
 from tests.distributed.harness import run_ranks
 
 LENGTHS = [5000, 1, 4099, 0]
@@ -22,11 +24,30 @@ def member_data(rank: int, step: int) -> torch.Tensor:
     return torch.randint(0, 256, (LENGTHS[rank],), dtype=torch.uint8, generator=generator)
 
 
-def _exchange(rank, world_size, local_world_size, directory, lost_node):
+NICE = 3
+
+
+def _thread_nice() -> dict[str, int]:
+    """{thread id: nice value} of this process's threads."""
+    nice = {}
+    for thread_id in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{thread_id}/stat") as stat:
+                nice[thread_id] = int(stat.read().rsplit(")", 1)[1].split()[16])
+        except OSError:
+            continue  # a thread that ended
+    return nice
+
+
+def _exchange(rank, world_size, local_world_size, directory, lost_node, chunk_bytes):
     shm_dir = os.path.join(directory, f"node{rank // local_world_size}")
     agent.ensure_agent(shm_dir, os.getpid())
-    groups = ParityGroups(world_size, local_world_size, rank)
-    rounds = ParityRounds(groups, shm_dir, world_size)
+    before = _thread_nice()
+    groups = ParityGroups(world_size, local_world_size, rank, nice=NICE)
+    started = {thread: nice for thread, nice in _thread_nice().items() if thread not in before}
+    assert started and set(started.values()) == {NICE}, started  # gloo's threads of the parity group
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # the caller (training) keeps its priority
+    rounds = ParityRounds(groups, shm_dir, world_size, chunk_bytes=chunk_bytes)
     for step in (4, 6):
         rounds.run(member_data(rank, step), step)
     newest, previous = committed_parity(shm_dir, rank)
@@ -62,12 +83,13 @@ def _group_reports(groups, rank, lost, newest):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    "world_size, local_world_size, lost_node",
-    [(3, 1, 1), (2, 1, 0), pytest.param(4, 2, 1, marks=pytest.mark.slow)],
+    "world_size, local_world_size, lost_node, chunk_bytes",
+    # parts of 2560 (three nodes) and 5056 bytes (two): 20 chunks of 128, or 26 of 192 and one of 64
+    [(3, 1, 1, 128), (2, 1, 0, CHUNK_BYTES), pytest.param(4, 2, 1, 192, marks=pytest.mark.slow)],
 )
-def test_round_and_rebuild(world_size, local_world_size, lost_node):
+def test_round_and_rebuild(world_size, local_world_size, lost_node, chunk_bytes):
     with tempfile.TemporaryDirectory() as directory:
-        sent = run_ranks(_exchange, world_size, local_world_size, directory, lost_node)
+        sent = run_ranks(_exchange, world_size, local_world_size, directory, lost_node, chunk_bytes)
     num_nodes = world_size // local_world_size
     for rank, sent_bytes in enumerate(sent):
         group_lengths = [LENGTHS[m] for m in range(rank % local_world_size, world_size, local_world_size)]

@@ -1,5 +1,5 @@
 """The snapshot section: defaults (off), every key checked with its JSON path, parity "none" or
-"xor" with its frequency, and the shared-memory directory's precedence."""
+"xor" with its frequency and priority, and the shared-memory directory's precedence."""
 
 import pytest
 
@@ -15,7 +15,7 @@ def snapshot_config(section: dict):
 def test_off_by_default():
     config = load_config({"train_micro_batch_size_per_gpu": 1}).snapshot
     assert config.interval_steps == 0 and config.persist.path is None and config.parity == "none"
-    assert config.parity_every == 1
+    assert config.parity_every == 1 and config.parity_nice == 10
 
 
 def test_a_full_section_parses():
@@ -27,11 +27,12 @@ def test_a_full_section_parses():
             "keep_shm": True,
             "parity": "xor",
             "parity_every": 4,
+            "parity_nice": 0,
         }
     )
     assert (config.interval_steps, config.persist.every_snapshots, config.persist.keep) == (10, 5, 3)
     assert config.shm_dir == "/dev/shm/x" and config.keep_shm
-    assert (config.parity, config.parity_every) == ("xor", 4)
+    assert (config.parity, config.parity_every, config.parity_nice) == ("xor", 4, 0)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,8 @@ def test_a_full_section_parses():
         ({"parity": True}, "snapshot.parity: expected one of"),
         ({"parity_every": 0}, "snapshot.parity_every: expected an integer >= 1, got 0"),
         ({"parity_every": "2"}, "snapshot.parity_every: expected an integer"),
+        ({"parity_nice": 20}, "snapshot.parity_nice: expected an integer from 0 to 19, got 20"),
+        ({"parity_nice": -1}, "snapshot.parity_nice: expected an integer from 0 to 19, got -1"),
         ({"shm_dir": "relative/dir"}, "snapshot.shm_dir: expected an absolute path"),
         ({"keep_shm": "yes"}, "snapshot.keep_shm: expected true or false"),
     ],

@@ -1,10 +1,13 @@
 """XOR parity of snapshot slots: the rotated layout (no member holds parity of its own data, parity
 is 1/(N-1) of the data), exact rebuild of any one lost member for any group size and any data
-lengths (0 and 1 byte included), the restore plan across groups, and parity slot files that are
-refused when torn, truncated or corrupted."""
+lengths (0 and 1 byte included), the restore plan across groups, parity slot files that are
+refused when torn, truncated or corrupted (a digest handed to commit included), and the lower
+priority of a parity round's thread."""
 
 import os
 import random
+import sys
+import threading
 
 import pytest
 import torch
@@ -25,7 +28,7 @@ from memfit.checkpointing.parity import (
     rebuild,
     slot_file_bytes,
 )
-from memfit.checkpointing.parity_exchange import plan_restore, usable_parity
+from memfit.checkpointing.parity_exchange import ParityRounds, lower_thread_priority, plan_restore, usable_parity
 from memfit.checkpointing.snapshot import parity_setup
 from memfit.config import load_config
 from memfit.launcher.cli import main as memfit_main
@@ -253,3 +256,59 @@ def test_parity_is_usable_only_for_the_bytes_it_was_made_from(tmp_path):
     assert usable_parity(str(tmp_path), 1, [0, 1, 2], {4: data.flip(0)}) == {}  # the slot changed since
     assert usable_parity(str(tmp_path), 1, [0, 1, 2], {6: data}) == {}  # no slot of that step
     assert usable_parity(str(tmp_path), 1, [1, 3, 5], {4: data}) == {}  # another layout of the job
+
+
+def test_commit_takes_the_digest_hashed_while_writing(tmp_path):
+    """A round hashes each chunk of parity as it arrives; a digest that does not match the bytes
+    makes the slot unreadable, as a flipped byte would."""
+    path = parity_path(str(tmp_path), 1, 0)
+    with open(path, "wb") as file:
+        file.truncate(slot_file_bytes(128))
+    parity_file = ParityFile(path)
+    parity = parity_file.parity(128)
+    parity.copy_(torch.arange(128, dtype=torch.uint8))
+    streamed = xxhash.xxh3_64()
+    for start in range(0, 128, 48):  # uneven pieces, as a short last chunk
+        streamed.update(parity[start : start + 48].numpy())
+    parity_file.commit(4, 1, metadata(), streamed.intdigest())
+    assert torch.equal(ParityReader(path).parity, torch.arange(128, dtype=torch.uint8))
+    parity_file.commit(4, 2, metadata(), streamed.intdigest() ^ 1)
+    parity_file.close()
+    with pytest.raises(CheckpointError, match="parity checksum mismatch"):
+        ParityReader(path)
+
+
+@pytest.mark.parametrize("chunk_bytes", [0, 100, -64])
+def test_chunks_are_whole_int64_words_and_cache_lines(tmp_path, chunk_bytes):
+    with pytest.raises(ValueError, match="chunk_bytes must be a positive multiple of 64"):
+        ParityRounds(None, str(tmp_path), 2, chunk_bytes=chunk_bytes)
+
+
+def _nice_on_a_thread(increment: int) -> int:
+    seen = {}
+
+    def run():
+        lower_thread_priority(increment)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return seen["nice"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_a_round_lowers_its_own_thread_only():
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert _nice_on_a_thread(5) == min(19, base + 5)
+    assert _nice_on_a_thread(19) == 19  # capped
+    assert _nice_on_a_thread(0) == base
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling (training) thread keeps its own
+
+
+def test_nice_is_ignored_with_a_warning_where_it_would_lower_the_process(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with pytest.warns(UserWarning, match="parity_nice 10 is ignored on darwin"):
+        assert lower_thread_priority(10) is False
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
