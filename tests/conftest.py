@@ -33,7 +33,7 @@ SLOW_TIER_VARIANTS = {
     "distributed/test_stage3.py::test_checkpoints_move_between_stages_and_world_sizes[bfloat16]",
     "distributed/test_nvme_offload.py::test_checkpoints_move_between_nvme_and_host_tiers[GaLoreAdamW]",
     "distributed/test_nvme_offload.py::test_staged_nvme_tier_equals_staged_host_tier",
-    "distributed/test_snapshot_parity.py::test_round_and_rebuild[3-1-1]",
+    "distributed/test_snapshot_parity.py::test_round_and_rebuild[3-1-1-128]",
     "integration/test_job_identity.py::test_a_persisted_snapshot_is_private_and_refused_to_another_optimizer",
     "integration/test_job_identity.py::test_slots_of_another_configuration_are_refused",
     "integration/test_launcher.py::test_memfit_run_checks_the_batch_sizes_for_the_world_it_launches[launch1-6]",
