@@ -139,12 +139,12 @@ def test_collective_timeout_s_reaches_the_group_through_initialize(tmp_path):
     healthy rank has failed, naming the stopped one, and exited, the stopped rank is resumed so that torchrun's
     30 s grace before it SIGKILLs a process that ignores SIGTERM does not lengthen the test (the
     slow test above waits it out)."""
-    config = {**CONFIG, "collective_timeout_s": 10}
+    config = {**CONFIG, "collective_timeout_s": 3}
     with Job(tmp_path, "memfit run", config) as job:
         workers = job.pids("training")
         os.kill(workers[1], signal.SIGSTOP)
-        named = "memfit: rank 0: collective timed out after 10 s (collective_timeout_s); rank 1 stopped answering"
-        wait_until(lambda: named in job.stderr(), 10 + 20, "rank 0 names the stopped rank")
+        named = "memfit: rank 0: collective timed out after 3 s (collective_timeout_s); rank 1 stopped answering"
+        wait_until(lambda: named in job.stderr(), 3 + 20, "rank 0 names the stopped rank")
         wait_until(lambda: not is_alive(workers[0]), 20, "rank 0 exits")  # its error file is written
         os.kill(workers[1], signal.SIGCONT)
         returncode = job.proc.wait(timeout=60)
@@ -152,7 +152,7 @@ def test_collective_timeout_s_reaches_the_group_through_initialize(tmp_path):
     assert returncode == 1, stderr[-3000:]
     summary = [line for line in stderr.splitlines() if line.startswith("memfit run: ")]
     assert summary[0].startswith("memfit run: rank 0 failed first"), stderr[-3000:]
-    assert "collective timed out after 10 s (collective_timeout_s); rank 1 stopped answering" in summary[0]
+    assert "collective timed out after 3 s (collective_timeout_s); rank 1 stopped answering" in summary[0]
 
 
 FAILING_SCRIPT = """
