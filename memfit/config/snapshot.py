@@ -51,9 +51,10 @@ class SnapshotConfig(Section):
         1, description="Compute the parity of every Nth in-memory snapshot (parity rounds per local snapshots)."
     )
     parity_nice: Integer(minimum=0, maximum=19) = Field(
-        10,
+        0,
         description="How much higher than training's the nice value of a parity round's threads is (Linux), so "
-        "that training gets the CPU cores first when none is spare; 0 runs the rounds at training's priority.",
+        "that training gets the CPU cores first when none is spare; 0 (the default) runs the rounds at training's "
+        "priority: a round at a lower one can fall behind training, leaving the newest parity older.",
     )
 
     @field_validator("shm_dir")

@@ -15,7 +15,7 @@ def snapshot_config(section: dict):
 def test_off_by_default():
     config = load_config({"train_micro_batch_size_per_gpu": 1}).snapshot
     assert config.interval_steps == 0 and config.persist.path is None and config.parity == "none"
-    assert config.parity_every == 1 and config.parity_nice == 10
+    assert config.parity_every == 1 and config.parity_nice == 0
 
 
 def test_a_full_section_parses():
