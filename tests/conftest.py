@@ -35,8 +35,6 @@ SLOW_TIER_VARIANTS = {
     "distributed/test_nvme_offload.py::test_staged_nvme_tier_equals_staged_host_tier",
     "distributed/test_snapshot_parity.py::test_round_and_rebuild[3-1-1-128]",
     "integration/test_job_identity.py::test_a_persisted_snapshot_is_private_and_refused_to_another_optimizer",
-    "integration/test_restart.py::test_restarted_workers_finish_after_a_sigkill[memfit run]",
-    "integration/test_snapshot_parity_nodes.py::test_lost_node_is_rebuilt_from_parity[2-1]",
     "unit/test_config_cli.py::test_memfit_run_refuses_what_initialize_refuses_before_starting_workers",
     "unit/test_deepspeed_api.py::test_memfit_run_checks_deepspeed_config_before_launch",
     "integration/test_job_identity.py::test_slots_of_another_configuration_are_refused",

@@ -37,7 +37,6 @@ def test_fp16_reaches_the_bf16_loss(tmp_path):
     assert abs(fp16[-1]["val_loss"] - bf16[-1]["val_loss"]) <= 0.05
 
 
-@pytest.mark.slow  # the fast tier trains the example with zero2.json (test_example_optimizers.py)
 def test_fp16_example_records_its_loss_scale(tmp_path):
     """A short fp16 run: every step reports its loss scale, from 2^initial_scale_power (16) down
     by halvings only, and the losses are finite."""
