@@ -40,12 +40,13 @@ class BackwardUpdate:
         self.chunks = {index: [pieces for _, pieces in chunks] for index, chunks in self.chunks.items()}
         self.order: list[int] = list(reversed(range(len(update.params))))  # expected order of updates
         self.done_now: list[int] = []  # updated in this step, in order
+        self._done: set[int] = set()  # the same, for the hooks' lookups
         self.writes = [[] for _ in update.ring]  # per ring buffer: the writes of what it last held
         self.next_buffer = 0
         self.read_ahead = None  # (chunk, buffer index, its reads) started before it was due
 
     def updated(self, param) -> bool:
-        return self.update.index_of[id(param)] in self.done_now
+        return self.update.index_of[id(param)] in self._done
 
     def run(self, param, grad: torch.Tensor) -> None:
         """Updates param (its weights in param.data) with its final gradient."""
@@ -58,6 +59,7 @@ class BackwardUpdate:
         constants = {key: group_constants(update.optimizer.param_groups[group_index], state["step"], 1.0)}
         grads = {index: grad if grad.is_contiguous() else grad.contiguous()}
         self.done_now.append(index)
+        self._done.add(index)
         for chunk in self.chunks[index]:
             buffer_index, reads = self._reads_of(chunk)
             self._read_ahead(index, chunk)
@@ -95,7 +97,7 @@ class BackwardUpdate:
             following = None
             upcoming = self.order[self.order.index(index) + 1 :] if index in self.order else []
             for candidate in upcoming:
-                if candidate not in self.done_now and candidate in self.chunks:
+                if candidate not in self._done and candidate in self.chunks:
                     following = self.chunks[candidate][0]
                     break
         if following is not None:
@@ -113,6 +115,6 @@ class BackwardUpdate:
     def end_step(self) -> None:
         """After the step: this step's order is the next one's guess."""
         if self.done_now:
-            rest = [index for index in self.order if index not in self.done_now]
+            rest = [index for index in self.order if index not in self._done]
             self.order = self.done_now + rest
-        self.done_now = []
+        self.done_now, self._done = [], set()
