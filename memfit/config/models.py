@@ -151,7 +151,9 @@ class ZeroConfig(Section):
         500_000_000, description='Elements per gradient communication bucket. "auto": 500000000.'
     )
     overlap_comm: Boolean = Field(
-        False, description="Launch gradient communication from backward hooks as buckets fill."
+        False,
+        description="Launch gradient communication from backward hooks as buckets fill. Unset: true at stage 3 "
+        "and false below, as in DeepSpeed.",
     )
     contiguous_gradients: Boolean = Field(
         True, description="Pack gradients into contiguous buckets before communicating."
@@ -186,6 +188,14 @@ class ZeroConfig(Section):
         description="Stage 3: save_16bit_model gathers every tensor (one at a time) and writes the whole model; "
         "false: it writes nothing and says so, as DeepSpeed.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def overlap_follows_stage(cls, data):
+        """DeepSpeed's default for overlap_comm: true at stage 3, false below."""
+        if isinstance(data, dict) and "overlap_comm" not in data:
+            data = {**data, "overlap_comm": data.get("stage") == 3}
+        return data
 
     @field_validator("stage")
     @classmethod

@@ -136,14 +136,13 @@ def place_in_host_tier(owned: list, cfg, device) -> HostTier:
     return tier
 
 
-def streams_the_step(cfg, world_size: int, device) -> bool:
-    """Stage 3 on one rank with offload_param and offload_optimizer both "nvme", on the CPU:
-    gradients and the update stream through the swap files (offload/streamed_step.py) instead of
-    all being in memory for the step, for any optimizer."""
+def streams_the_step(cfg, device) -> bool:
+    """Stage 3 with offload_param and offload_optimizer both "nvme", on the CPU: gradients and the
+    update stream through the swap files (offload/streamed_step.py) instead of all being in memory
+    for the step, for any optimizer."""
     zero = cfg.zero_optimization
     return (
         zero.stage == 3
-        and world_size == 1
         and zero.offload_param.device == "nvme"
         and zero.offload_optimizer.device == "nvme"
         and device.type == "cpu"

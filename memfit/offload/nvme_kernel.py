@@ -126,7 +126,7 @@ class NvmeKernelUpdate:
         self.ring = [self.arena.alloc((buffer_elements,), torch.float32) for _ in range(num_buffers)]
         self.pipeline_read = check_pipeline(offload.buffer_count, offload.pipeline_read) and num_buffers >= 2
         self.pipeline_write = offload.pipeline_write
-        # stage 3 on one rank: 16-bit weights and gradients rest in the parameter swap file, and the
+        # stage 3 with everything on NVMe: 16-bit weights and gradients rest in the parameter swap file, and the
         # update reads them per sub-group (streamed_step.py; set by the build)
         self.streamed = None
 
@@ -142,7 +142,9 @@ class NvmeKernelUpdate:
         for param in self.params:
             if streamed is not None and streamed.has_grad(param):
                 grads.append(streamed.stored[id(param)])
-            elif param.grad is not None and (id(param) in touched_ids or streamed is not None):
+            elif param.grad is not None and (
+                id(param) in touched_ids or (streamed is not None and streamed.takes_from_backward)
+            ):
                 grads.append(param.grad)
             else:
                 param.grad = None

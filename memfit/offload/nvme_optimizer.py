@@ -64,7 +64,7 @@ class NvmeOptimizerUpdate:
         self.buffer_count = offload.buffer_count
         self.pipeline_read = check_pipeline(offload.buffer_count, offload.pipeline_read)
         self.pipeline_write = offload.pipeline_write
-        # stage 3 on one rank: 16-bit weights and gradients rest in the parameter swap file, and
+        # stage 3 with everything on NVMe: 16-bit weights and gradients rest in the parameter swap file, and
         # each sub-group's are read for its step (streamed_step.py; set by the build)
         self.streamed = None
 
@@ -80,7 +80,9 @@ class NvmeOptimizerUpdate:
         for param in self.masters.compute:
             if streamed is not None and streamed.has_grad(param):
                 grads.append(streamed.stored[id(param)])
-            elif param.grad is not None and (id(param) in touched_ids or streamed is not None):
+            elif param.grad is not None and (
+                id(param) in touched_ids or (streamed is not None and streamed.takes_from_backward)
+            ):
                 grads.append(param.grad)
             else:
                 param.grad = None

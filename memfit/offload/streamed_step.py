@@ -1,4 +1,4 @@
-"""ZeRO stage 3 on one rank with parameters and optimizer state on NVMe (offload_param and
+"""ZeRO stage 3 with parameters and optimizer state on NVMe (offload_param and
 offload_optimizer "nvme", any optimizer): gradients and weights stream through the step instead
 of all being in memory at once.
 
@@ -13,7 +13,11 @@ So from backward to the end of the step a rank holds one sub-group of weights an
 all of them. The arithmetic is the resident path's: the same additions, norms and kernel, so the
 result is the same bit for bit.
 
-Only on one rank: on several, gradients are reduced to their owner in buckets (grad_sync.py)."""
+On several ranks a gradient is reduced to its owner in buckets first (grad_sync.py). The owner
+sends, as stage 2 does, what it would hold in its bucket buffer: its own gradient added to what
+an earlier micro-step stored (contribution); the reduced sum goes to the swap file when the
+bucket's reduce completes (take_reduced), and the bucket's memory with it. A tensor that no rank
+gave a gradient in a backward keeps what it had (after_backward), as a stage-2 owner's has_grad."""
 
 import torch
 
@@ -56,6 +60,9 @@ class StreamedStep:
         self._final_backward = True  # the backward running is the step's last micro-step
         self._writing: list[tuple] = []  # (request, gradient) of writes in flight
         self._brought: dict[int, list] = {}  # id -> [tensor, weights, gradient, their reads] for the update
+        # on one rank the post-accumulate-grad hook takes each gradient; on several the reduce does
+        self.takes_from_backward = stage3.world_size == 1
+        self._stored_before: set[int] = set()  # ids stored when the running backward began
 
     # ---- around backward ------------------------------------------------------------------------
     def before_backward(self, final: bool) -> None:
@@ -66,6 +73,7 @@ class StreamedStep:
             )
         self.reconcile()
         self._final_backward = final
+        self._stored_before = set(self.stored)
         for stored in self.stored.values():
             stored.param.grad = None
 
@@ -75,9 +83,25 @@ class StreamedStep:
         grad = param.grad
         if grad is None:
             return
-        key = id(param)
-        if key in self.stored:
+        if id(param) in self.stored:
             grad = self.read_grad(param).add_(grad)
+        self.take_reduced(param, grad)
+
+    def contribution(self, param) -> torch.Tensor:
+        """On several ranks, what the owner sends to the reduce of a tensor's bucket: its own
+        gradient added to what an earlier micro-step stored, as autograd adds into a stage-2 bucket
+        buffer (zeros where neither is). Its own .grad is let go."""
+        grad, param.grad = param.grad, None
+        if id(param) in self.stored:
+            stored = self.read_grad(param)
+            return stored if grad is None else stored.add_(grad)
+        if grad is None:
+            return torch.zeros(self.stage3.shape_of[id(param)], dtype=param.dtype, device=param.device)
+        return grad
+
+    def take_reduced(self, param, grad) -> None:
+        """The tensor's gradient of this backward, with what was stored before added in, goes to
+        the swap file, or on the boundary micro-step with update_in_backward into the update."""
         self._reap_writes()
         if self.backward_update is not None and self._final_backward:
             self._update_now(param, grad)
@@ -87,7 +111,7 @@ class StreamedStep:
         if self._final_backward:
             norm = self.norm_of(grad) if self.needs_norm else None
             finite = bool(torch.isfinite(grad).all()) if self.needs_finite else None
-        self.stored[key] = StoredGradient(self, param, norm, finite)
+        self.stored[id(param)] = StoredGradient(self, param, norm, finite)
         self._mark(param)
 
     def _update_now(self, param, grad) -> None:
@@ -109,7 +133,16 @@ class StreamedStep:
             param.data = self.stage3.released_value(param)
         self._mark(param)  # so that a later change to .grad is seen, and refused at the step
 
-    def after_backward(self) -> None:
+    def after_backward(self, got_grad_anywhere=None) -> None:
+        """got_grad_anywhere(param) -> whether any rank gave the tensor a gradient in this backward
+        (several ranks); where none did, a gradient the reduce stored as zeros is dropped again."""
+        if got_grad_anywhere is not None:
+            for param in self.params:
+                key = id(param)
+                if key in self.stored and key not in self._stored_before and not got_grad_anywhere(param):
+                    del self.stored[key]
+                    param.grad = None
+                    self._markers.pop(key, None)
         if self.backward_update is not None:
             self.backward_update.settle()
         for key, stored in self.stored.items():

@@ -24,9 +24,9 @@ from memfit.offload.swap_space import nvme_path_problem
 from memfit.optim.groups import model_layout
 from memfit.runtime.activation_checkpointing import wrap_blocks
 from memfit.runtime.activations import host_check_activations
-from memfit.runtime.distributed import init_distributed, seed_everything
+from memfit.runtime.distributed import init_distributed, second_group, seed_everything
 from memfit.runtime.engine import Engine, fp32_norm
-from memfit.runtime.estimate import host_check_applies, host_memory_problem
+from memfit.runtime.estimate import host_check_applies, host_memory_problem, stage3_managed
 from memfit.runtime.logs import setup_logging
 from memfit.runtime.loss_scale import build_loss_scaler
 from memfit.runtime.schedulers import build_scheduler
@@ -111,7 +111,10 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     stage = cfg.zero_optimization.stage
     plan = plan_ownership(named_params, world_size if stage > 0 else 1)
     owned_names = set(plan.owned(rank)) if stage > 0 else set(plan.names)
-    buckets = build_buckets(named_params, plan, cfg.zero_optimization.reduce_bucket_size)
+    streams = streams_the_step(cfg, device)
+    # under the streamed step the gradients of the tensors stage 3 moves go to the swap file
+    streamed = stage3_managed(named_params, cfg.zero_optimization, world_size) if streams else set()
+    buckets = build_buckets(named_params, plan, cfg.zero_optimization.reduce_bucket_size, streamed)
     if not cfg.zero_optimization.contiguous_gradients:
         warnings.warn(
             "zero_optimization.contiguous_gradients=false is ignored: memfit always keeps gradients in "
@@ -137,10 +140,19 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")
     if world_size > 1 and stage in (1, 2):
         flatten_params(buckets)  # owners broadcast each bucket in place
-    streams = streams_the_step(cfg, world_size, device)
-    # a streamed step keeps no gradient buffers: each gradient goes to the swap file as produced
-    attach_grad_buffers([] if streams else [b for b in buckets if stage < 2 or b.owner_rank == rank])
-    reducer = GradientReducer(stage, rank, staging_numel(buckets, stage, rank))
+    # a streamed step keeps no gradient buffers for the streamed tensors (on one rank for none: the
+    # small ones' gradients are autograd's, dropped with the step)
+    attach_grad_buffers(
+        [
+            b
+            for b in buckets
+            if (stage < 2 or b.owner_rank == rank) and not (streams and (world_size == 1 or b.names[0] in streamed))
+        ]
+    )
+    # stage 3 gathers during backward too: the reduces get a group of their own, so that a bucket
+    # launched at a different moment on each rank (overlap_comm) is never matched with a gather
+    reduce_group = second_group(device) if stage == 3 and world_size > 1 else None
+    reducer = GradientReducer(stage, rank, staging_numel(buckets, stage, rank), reduce_group)
     grad_sync = GradientSync(
         named_params, buckets, reducer, stage=stage, world_size=world_size, overlap=cfg.zero_optimization.overlap_comm
     )
@@ -168,7 +180,10 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     if stage3 is not None:
         stage3.update_master = master_updater(masters, opt)
     in_backward = updates_in_backward(
-        cfg, streams and stage3 is not None and stage3.store is not None, isinstance(update, NvmeKernelUpdate)
+        cfg,
+        streams and stage3 is not None and stage3.store is not None,
+        isinstance(update, NvmeKernelUpdate),
+        world_size,
     )
     if streams and stage3.store is not None:
         stage3.streamed = update.streamed = StreamedStep(
@@ -178,6 +193,8 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
             needs_finite=cfg.fp16.enabled,
             backward_update=BackwardUpdate(update) if in_backward else None,
         )
+        if world_size > 1:
+            reducer.streamed = stage3.streamed
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     engine = Engine(
         model=model,
@@ -280,7 +297,7 @@ def make_scheduler(lr_scheduler, cfg, optimizer):
     return None
 
 
-def updates_in_backward(cfg, streams: bool, on_kernel: bool) -> bool:
+def updates_in_backward(cfg, streams: bool, on_kernel: bool, world_size: int) -> bool:
     """Whether memfit.update_in_backward applies; when asked for where it cannot, a warning says why."""
     if not cfg.memfit.update_in_backward:
         return False
@@ -290,8 +307,12 @@ def updates_in_backward(cfg, streams: bool, on_kernel: bool) -> bool:
             ("gradient_clipping needs every gradient's norm before any update", cfg.gradient_clipping > 0),
             ("fp16 needs every gradient checked for overflow before any update", cfg.fp16.enabled),
             (
-                "it needs the streamed step (stage 3 on one rank, offload_param and offload_optimizer on NVMe)",
+                "it needs the streamed step (stage 3, offload_param and offload_optimizer on NVMe)",
                 not streams,
+            ),
+            (
+                "on several ranks, whether any rank gave a tensor a gradient is known only when backward ends",
+                world_size > 1,
             ),
             ("it needs AdamW on the fused kernel (the config's optimizer, not one passed in)", not on_kernel),
         )

@@ -61,16 +61,16 @@ def estimate(
     trainable = [(name, torch.empty(shape, device="meta")) for name, shape, grad in shapes if grad]
     frozen_numel = sum(_numel(shape) for _, shape, grad in shapes if not grad)
     plan = plan_ownership(trainable, world_size if zero.stage > 0 else 1)
-    buckets = build_buckets(trainable, plan, zero.reduce_bucket_size)
+    managed = stage3_managed(trainable, zero, world_size)
+    managed_tensors = [t for name, t in trainable if name in managed]
+    # the streamed step (offload/streamed_step.py): gradients of the managed tensors rest in the
+    # parameter swap file, which has a slot for each; only the others have buffers (several ranks)
+    streams = streams_the_step(cfg, torch.device(device_type))
+    buckets = build_buckets(trainable, plan, zero.reduce_bucket_size, managed if streams else set())
     all_numel = sum(t.numel() for _, t in trainable)
     offload = zero.offload_optimizer
     offloaded = offload.device in ("cpu", "nvme")
     keep_masters = reduced or (offloaded and stages_through_host(torch.device(device_type)))
-    managed = stage3_managed(trainable, zero, world_size)
-    managed_tensors = [t for name, t in trainable if name in managed]
-    # the streamed step (offload/streamed_step.py): no gradient buffers; gradients of the managed
-    # tensors rest in the parameter swap file, which has a slot for each
-    streams = streams_the_step(cfg, world_size, torch.device(device_type))
     estimates = []
     for rank in range(world_size):
         owned_names = set(plan.owned(rank)) if zero.stage > 0 else set(plan.names)
@@ -78,8 +78,10 @@ def estimate(
         owned_numel = sum(t.numel() for _, t in owned)
         staging = staging_numel(buckets, zero.stage, rank)
         grads = owned_numel + staging if zero.stage >= 2 else all_numel
-        if streams:  # between steps none is held: the small ones' are dropped with the step
+        if streams and world_size == 1:  # between steps none is held: the small ones' go with the step
             grads = 0  # (the kept tensors' buffers are added below, once kept is known)
+        elif streams:  # the small tensors' buckets have buffers; the staging buffer
+            grads = sum(t.numel() for name, t in owned if name not in managed) + staging
         result = RankEstimate(rank, grad_staging=compute_bytes * staging, owned_numel=owned_numel)
         state, note = _optimizer_state_bytes(cfg, owned, trainable, offloaded, client_optimizer)
         if note:

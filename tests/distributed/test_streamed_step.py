@@ -6,6 +6,7 @@ clipping, and what scripts do to .grad (zero_grad mid-accumulation, two backward
 a step with no backward, a gradient assigned by hand)."""
 
 import itertools
+import os
 import uuid
 
 import pytest
@@ -13,13 +14,14 @@ import torch
 
 import memfit
 from tests.distributed.equivalence import Case, batches, config, micro_batches, pieces
+from tests.distributed.harness import run_ranks
 from tests.distributed.models import make_model
 
 NVME = {"buffer_size": 3 * 4096, "buffer_count": 3}  # small sub-groups: tensors split across them
 
 
-def nvme_config(case: Case, stage: int, path: str, fp16: bool = False) -> dict:
-    cfg = config(case, 1)
+def nvme_config(case: Case, stage: int, path: str, fp16: bool = False, world_size: int = 1) -> dict:
+    cfg = config(case, world_size)
     cfg["zero_optimization"]["stage"] = stage
     cfg["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": path, **NVME}
     if stage == 3:
@@ -29,23 +31,25 @@ def nvme_config(case: Case, stage: int, path: str, fp16: bool = False) -> dict:
     return cfg
 
 
-def train(case: Case, stage: int, path: str, fp16: bool = False, assign_at: int | None = None) -> dict:
-    engine = memfit.initialize(make_model(case.model), nvme_config(case, stage, path, fp16))
+def train(
+    case: Case, stage: int, path: str, fp16: bool = False, assign_at: int | None = None, rank: int = 0, world_size=1
+) -> dict:
+    engine = memfit.initialize(make_model(case.model), nvme_config(case, stage, path, fp16, world_size))
     if stage == 3:
         assert engine._stage3.streamed is not None, "the streamed step is not in use"
     dtype = torch.float16 if fp16 else getattr(torch, case.dtype)
     if case.habit == "no_backward":
         for _ in range(case.accumulation):
             engine.step()
-    for step, batch in enumerate(batches(case, 1)):
-        for micro_index, (inputs, targets) in enumerate(micro_batches(batch, 0, 1, case.accumulation)):
+    for step, batch in enumerate(batches(case, world_size)):
+        for micro_index, (inputs, targets) in enumerate(micro_batches(batch, rank, world_size, case.accumulation)):
             if case.habit == "zero_start" and micro_index == 0:
                 engine.module.zero_grad()
                 engine.optimizer.zero_grad()
             if case.habit == "zero_mid" and micro_index == 1:
                 engine.module.zero_grad(set_to_none=step % 2 == 0)  # both ways of discarding
             for piece_inputs, piece_targets in pieces(case, inputs, targets):
-                output = engine(piece_inputs.to(dtype), route=0, step=step).float()
+                output = engine(piece_inputs.to(dtype), route=rank, step=step).float()
                 engine.backward(torch.nn.functional.mse_loss(output, piece_targets))
             if assign_at == step and micro_index == case.accumulation - 1:
                 for param in engine.module.parameters():
@@ -74,6 +78,53 @@ FAST = [
 @pytest.mark.parametrize("case", FAST, ids=str)
 def test_streamed_step_equals_stage2(tmp_path, case):
     assert_same(case, tmp_path)
+
+
+def two_rank_runs(rank, world_size, root, cases):
+    """Per case: the parameters after stage 2 and after the streamed stage 3, on this rank."""
+    path = os.path.join(root, f"rank{rank}")
+    os.makedirs(path, exist_ok=True)
+    return [
+        (train(case, 2, path, rank=rank, world_size=world_size), train(case, 3, path, rank=rank, world_size=world_size))
+        for case in cases
+    ]
+
+
+def assert_same_on_two_ranks(cases: list[Case], tmp_path) -> None:
+    for rank, runs in enumerate(run_ranks(two_rank_runs, 2, str(tmp_path), cases)):
+        for case, (expected, got) in zip(cases, runs):
+            for name, value in expected.items():
+                assert torch.equal(got[name], value), f"rank {rank}, {case}: {name} differs"
+
+
+def test_streamed_step_on_two_ranks_equals_stage2(tmp_path):
+    """Each owner's reduced gradients go to its swap file as the bucket's reduce completes: tied
+    weights with accumulation, a layer no rank uses on some steps with zero_grad between
+    micro-steps."""
+    assert_same_on_two_ranks(
+        [
+            Case("tied", 3, True, 3, 0.5, "AdamW", "bfloat16"),
+            Case("sometimes", 3, True, 2, 0.5, "AdamW", "float32", habit="zero_mid"),
+        ],
+        tmp_path,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [True, False])
+def test_streamed_step_on_two_ranks_every_case(tmp_path, overlap):
+    cases = [
+        Case(model, 3, overlap, accumulation, 0.5, optimizer, dtype, habit=habit)
+        for model, optimizer, dtype, accumulation, habit in [
+            ("tied", "AdamW", "float32", 3, "none"),
+            ("frozen", "AdamW", "bfloat16", 2, "twice"),
+            ("sometimes", "FRUGAL", "bfloat16", 2, "none"),
+            ("single", "AdamW", "float32", 2, "zero_start"),
+            ("frozen", "GaLoreAdamW", "float32", 2, "no_backward"),
+            ("tied", "SGD", "bfloat16", 1, "zero_mid"),
+        ]
+    ]
+    assert_same_on_two_ranks(cases, tmp_path)
 
 
 @pytest.mark.slow

@@ -30,14 +30,18 @@ class Bucket:
         return self.param_buffer if self.param_buffer is not None else self.params[0].data.view(-1)
 
 
-def build_buckets(named_params, plan, bucket_numel: int) -> list[Bucket]:
+def build_buckets(named_params, plan, bucket_numel: int, streamed: set[str] = frozenset()) -> list[Bucket]:
+    """streamed: the names whose reduced gradients go to the owner's swap file (the streamed step
+    on several ranks); a bucket holds only such tensors or none of them, so that the others keep a
+    gradient buffer."""
     by_name = dict(named_params)
     buckets: list[Bucket] = []
     for owner_rank in range(plan.world_size):
         current = None
         for name in plan.owned(owner_rank):
             param = by_name[name]
-            if current is None or current.numel + param.numel() > bucket_numel:
+            apart = current is not None and (name in streamed) != (current.names[0] in streamed)
+            if current is None or apart or current.numel + param.numel() > bucket_numel:
                 current = Bucket(owner_rank, [], [])
                 buckets.append(current)
             current.params.append(param)

@@ -3,7 +3,10 @@
 Gradients arrive pre-divided by the world size (the engine scales the loss), so a sum is the
 mean. A bucket with a gradient buffer is reduced in place; a stage-2 bucket this rank does not
 own has none: a single tensor is sent from its .grad, several are staged through one reusable
-buffer, and the gradients are dropped once sent."""
+buffer, and the gradients are dropped once sent. Under the streamed step (streamed_step.py) an
+owned bucket of streamed tensors has none either: the owner's contributions are reduced in a
+buffer of the bucket's own, and each tensor's reduced gradient goes to the swap file when the
+reduce completes."""
 
 import torch
 import torch.distributed as dist
@@ -28,8 +31,11 @@ def release_kept_works() -> None:
 
 
 class PendingReduce:
-    def __init__(self, bucket: Bucket, work, drop_grads: bool):
+    def __init__(self, bucket: Bucket, work, drop_grads: bool, streamed=None, reduced=None):
+        """streamed, reduced: the StreamedStep that takes the owner's reduced gradients, and the
+        tensors (one per parameter) the reduce sums into."""
         self.bucket, self.work, self.drop_grads = bucket, work, drop_grads
+        self.streamed, self.reduced = streamed, reduced
         self.done = False
 
     def finish(self) -> None:
@@ -41,16 +47,27 @@ class PendingReduce:
         if self.drop_grads:
             for param in self.bucket.params:
                 param.grad = None  # stage 2, not the owner: this rank never needs the gradient
+        if self.streamed is not None:
+            for param, grad in zip(self.bucket.params, self.reduced):
+                self.streamed.take_reduced(param, grad)
+            self.reduced = None
+
+    def completed(self) -> bool:
+        return self.done or self.work.is_completed()
 
 
 class GradientReducer:
-    def __init__(self, stage: int, rank: int, staging_numel: int):
-        self.stage, self.rank = stage, rank
+    def __init__(self, stage: int, rank: int, staging_numel: int, group=None):
+        """group: where the reduces run (None: the default group)."""
+        self.stage, self.rank, self.group = stage, rank, group
+        self.streamed = None  # the StreamedStep on several ranks (set by the build)
         self._staging_numel = staging_numel
         self._staging: torch.Tensor | None = None
         self._staged: PendingReduce | None = None  # the reduce currently sending from staging
 
     def start(self, bucket: Bucket) -> PendingReduce:
+        if self.streamed is not None and bucket.owner_rank == self.rank and bucket.grad_buffer is None:
+            return self._start_streamed(bucket)
         staged = False
         if bucket.grad_buffer is not None:
             flat = bucket.grad_buffer
@@ -62,13 +79,27 @@ class GradientReducer:
         else:
             flat, staged = self._stage(bucket), True
         if self.stage >= 2:
-            work = dist.reduce(flat, dst=bucket.owner_rank, async_op=True)
+            work = dist.reduce(flat, dst=bucket.owner_rank, group=self.group, async_op=True)
             pending = PendingReduce(bucket, work, drop_grads=self.rank != bucket.owner_rank)
         else:
-            pending = PendingReduce(bucket, dist.all_reduce(flat, async_op=True), drop_grads=False)
+            pending = PendingReduce(bucket, dist.all_reduce(flat, group=self.group, async_op=True), drop_grads=False)
         if staged:
             self._staged = pending
         return pending
+
+    def _start_streamed(self, bucket: Bucket) -> PendingReduce:
+        """An owned bucket of streamed tensors: reduced in a buffer of its own (one tensor: in its
+        contribution), freed once its gradients are written."""
+        contributions = [self.streamed.contribution(param) for param in bucket.params]
+        if len(contributions) == 1:
+            flat = contributions[0].view(-1)
+            reduced = contributions
+        else:
+            flat = torch.cat([c.view(-1) for c in contributions])
+            pieces = flat.split([c.numel() for c in contributions])
+            reduced = [piece.view(c.shape) for piece, c in zip(pieces, contributions)]
+        work = dist.reduce(flat, dst=self.rank, group=self.group, async_op=True)
+        return PendingReduce(bucket, work, drop_grads=False, streamed=self.streamed, reduced=reduced)
 
     @property
     def staging_bytes(self) -> int:

@@ -25,8 +25,8 @@ Design note.
   other ranks.
 - With a store (offload_param "nvme", memfit/offload/param_store.py) the owner releases its copy too: its
   gather reads the tensor back, and it holds its tensors only around the optimizer step and
-  checkpoints (owned_in_memory), on its own. Prefetching follows gather_schedule.py. On one rank
-  with the optimizer on NVMe too, gradients and the step stream as well (streamed_step.py).
+  checkpoints (owned_in_memory), on its own. Prefetching follows gather_schedule.py. With the
+  optimizer on NVMe too, gradients and the step stream as well (streamed_step.py).
 - Activation checkpointing runs a block's forward again inside backward: there gathers go to
   backward's list (autograd keeps the parameters until the block's backward is done) and the
   checkpoint's own saved-tensor hooks, not ours, keep what the block saves.
@@ -297,8 +297,9 @@ class Stage3Params:
         return values.as_strided(saved.size, saved.stride, values.storage_offset() + saved.offset)
 
     def _after_grad(self, param) -> None:
-        if self.streamed is not None and id(param) in self.streamed.streamed_ids:
-            self.streamed.take(param)
+        streamed = self.streamed
+        if streamed is not None and streamed.takes_from_backward and id(param) in streamed.streamed_ids:
+            streamed.take(param)
         if id(param) not in self.absent and not self._frames:
             self._release(param)
 
