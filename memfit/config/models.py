@@ -285,7 +285,7 @@ class MemfitOwnConfig(Section):
     )
     update_in_backward: Boolean = Field(
         False,
-        description="Under the streamed step (stage 3 on one rank, offload_param and offload_optimizer on NVMe, "
+        description="Under the streamed step (stage 3, offload_param and offload_optimizer on NVMe, "
         "AdamW on the fused kernel), with gradient_clipping 0 and fp16 off: update each tensor as soon as backward "
         "has its final gradient, so gradients never reach the swap file (Fuyou's overlap; the same result bit for "
         "bit). The script must call backward once per micro-step and leave gradients alone until step.",

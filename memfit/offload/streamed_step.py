@@ -17,7 +17,8 @@ On several ranks a gradient is reduced to its owner in buckets first (grad_sync.
 sends, as stage 2 does, what it would hold in its bucket buffer: its own gradient added to what
 an earlier micro-step stored (contribution); the reduced sum goes to the swap file when the
 bucket's reduce completes (take_reduced), and the bucket's memory with it. A tensor that no rank
-gave a gradient in a backward keeps what it had (after_backward), as a stage-2 owner's has_grad."""
+gave a gradient in a backward keeps what it had, as a stage-2 owner's has_grad: the ranks' marks
+are reduced with the bucket."""
 
 import torch
 
@@ -99,9 +100,13 @@ class StreamedStep:
             return torch.zeros(self.stage3.shape_of[id(param)], dtype=param.dtype, device=param.device)
         return grad
 
-    def take_reduced(self, param, grad) -> None:
+    def take_reduced(self, param, grad, got_grad_anywhere: bool = True) -> None:
         """The tensor's gradient of this backward, with what was stored before added in, goes to
-        the swap file, or on the boundary micro-step with update_in_backward into the update."""
+        the swap file, or on the boundary micro-step with update_in_backward into the update.
+        got_grad_anywhere: some rank gave it a gradient in this backward; where none did and none
+        is stored, it has no gradient (as stage 2's has_grad) and the zeros are dropped."""
+        if not got_grad_anywhere and id(param) not in self._stored_before:
+            return
         self._reap_writes()
         if self.backward_update is not None and self._final_backward:
             self._update_now(param, grad)
@@ -133,16 +138,7 @@ class StreamedStep:
             param.data = self.stage3.released_value(param)
         self._mark(param)  # so that a later change to .grad is seen, and refused at the step
 
-    def after_backward(self, got_grad_anywhere=None) -> None:
-        """got_grad_anywhere(param) -> whether any rank gave the tensor a gradient in this backward
-        (several ranks); where none did, a gradient the reduce stored as zeros is dropped again."""
-        if got_grad_anywhere is not None:
-            for param in self.params:
-                key = id(param)
-                if key in self.stored and key not in self._stored_before and not got_grad_anywhere(param):
-                    del self.stored[key]
-                    param.grad = None
-                    self._markers.pop(key, None)
+    def after_backward(self) -> None:
         if self.backward_update is not None:
             self.backward_update.settle()
         for key, stored in self.stored.items():

@@ -183,7 +183,6 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         cfg,
         streams and stage3 is not None and stage3.store is not None,
         isinstance(update, NvmeKernelUpdate),
-        world_size,
     )
     if streams and stage3.store is not None:
         stage3.streamed = update.streamed = StreamedStep(
@@ -194,7 +193,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
             backward_update=BackwardUpdate(update) if in_backward else None,
         )
         if world_size > 1:
-            reducer.streamed = stage3.streamed
+            reducer.streamed, reducer.touched = stage3.streamed, grad_sync.touched_now
     scheduler = make_scheduler(lr_scheduler, cfg, opt)
     engine = Engine(
         model=model,
@@ -297,7 +296,7 @@ def make_scheduler(lr_scheduler, cfg, optimizer):
     return None
 
 
-def updates_in_backward(cfg, streams: bool, on_kernel: bool, world_size: int) -> bool:
+def updates_in_backward(cfg, streams: bool, on_kernel: bool) -> bool:
     """Whether memfit.update_in_backward applies; when asked for where it cannot, a warning says why."""
     if not cfg.memfit.update_in_backward:
         return False
@@ -309,10 +308,6 @@ def updates_in_backward(cfg, streams: bool, on_kernel: bool, world_size: int) ->
             (
                 "it needs the streamed step (stage 3, offload_param and offload_optimizer on NVMe)",
                 not streams,
-            ),
-            (
-                "on several ranks, whether any rank gave a tensor a gradient is known only when backward ends",
-                world_size > 1,
             ),
             ("it needs AdamW on the fused kernel (the config's optimizer, not one passed in)", not on_kernel),
         )

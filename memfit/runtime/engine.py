@@ -133,8 +133,8 @@ class Engine:
             self._grad_sync.after_backward()
             if self._stage3 is not None:
                 self._stage3.after_backward()
-            if streamed is not None:  # on several ranks the reduce took the gradients
-                streamed.after_backward(None if self.world_size == 1 else self._grad_sync.got_grad_in_last_backward)
+            if streamed is not None:
+                streamed.after_backward()
         self._count_grad_bytes()
 
     def _count_grad_bytes(self) -> None:

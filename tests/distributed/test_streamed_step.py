@@ -32,11 +32,22 @@ def nvme_config(case: Case, stage: int, path: str, fp16: bool = False, world_siz
 
 
 def train(
-    case: Case, stage: int, path: str, fp16: bool = False, assign_at: int | None = None, rank: int = 0, world_size=1
+    case: Case,
+    stage: int,
+    path: str,
+    fp16: bool = False,
+    assign_at: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    update_in_backward: bool = False,
 ) -> dict:
-    engine = memfit.initialize(make_model(case.model), nvme_config(case, stage, path, fp16, world_size))
+    cfg = nvme_config(case, stage, path, fp16, world_size)
+    if update_in_backward:
+        cfg["memfit"] = {"update_in_backward": True}
+    engine = memfit.initialize(make_model(case.model), cfg)
     if stage == 3:
         assert engine._stage3.streamed is not None, "the streamed step is not in use"
+        assert (engine._stage3.streamed.backward_update is not None) == update_in_backward
     dtype = torch.float16 if fp16 else getattr(torch, case.dtype)
     if case.habit == "no_backward":
         for _ in range(case.accumulation):
@@ -80,18 +91,19 @@ def test_streamed_step_equals_stage2(tmp_path, case):
     assert_same(case, tmp_path)
 
 
-def two_rank_runs(rank, world_size, root, cases):
+def two_rank_runs(rank, world_size, root, cases, in_backward):
     """Per case: the parameters after stage 2 and after the streamed stage 3, on this rank."""
     path = os.path.join(root, f"rank{rank}")
     os.makedirs(path, exist_ok=True)
+    where = dict(rank=rank, world_size=world_size)
     return [
-        (train(case, 2, path, rank=rank, world_size=world_size), train(case, 3, path, rank=rank, world_size=world_size))
-        for case in cases
+        (train(case, 2, path, **where), train(case, 3, path, update_in_backward=in_backward, **where)) for case in cases
     ]
 
 
-def assert_same_on_two_ranks(cases: list[Case], tmp_path) -> None:
-    for rank, runs in enumerate(run_ranks(two_rank_runs, 2, str(tmp_path), cases)):
+def assert_same_on_two_ranks(cases: list[Case], tmp_path, update_in_backward: bool = False) -> None:
+    runs_per_rank = run_ranks(two_rank_runs, 2, str(tmp_path), cases, update_in_backward)
+    for rank, runs in enumerate(runs_per_rank):
         for case, (expected, got) in zip(cases, runs):
             for name, value in expected.items():
                 assert torch.equal(got[name], value), f"rank {rank}, {case}: {name} differs"
@@ -108,6 +120,29 @@ def test_streamed_step_on_two_ranks_equals_stage2(tmp_path):
         ],
         tmp_path,
     )
+
+
+def test_update_in_backward_on_two_ranks_equals_stage2(tmp_path):
+    """memfit.update_in_backward on two ranks: each owner updates a tensor when its bucket's reduce
+    completes; a tensor no rank used in the boundary micro-step is updated with what an earlier
+    one stored, or not at all when none stored anything."""
+    cases = [
+        Case("sometimes", 3, True, 2, 0.0, "AdamW", "bfloat16", habit="zero_mid"),
+        Case("tied", 3, True, 3, 0.0, "AdamW", "float32"),
+    ]
+    assert_same_on_two_ranks(cases, tmp_path, update_in_backward=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [True, False])
+def test_update_in_backward_on_two_ranks_every_case(tmp_path, overlap):
+    cases = [
+        Case(model, 3, overlap, accumulation, 0.0, "AdamW", dtype)
+        for model, dtype, accumulation in itertools.product(
+            ["tied", "frozen", "sometimes", "single"], ["float32", "bfloat16"], [1, 3]
+        )
+    ]
+    assert_same_on_two_ranks(cases, tmp_path, update_in_backward=True)
 
 
 @pytest.mark.slow

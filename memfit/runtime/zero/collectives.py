@@ -31,43 +31,52 @@ def release_kept_works() -> None:
 
 
 class PendingReduce:
-    def __init__(self, bucket: Bucket, work, drop_grads: bool, streamed=None, reduced=None):
-        """streamed, reduced: the StreamedStep that takes the owner's reduced gradients, and the
-        tensors (one per parameter) the reduce sums into."""
+    def __init__(self, bucket: Bucket, work, drop_grads: bool, flags=None, streamed=None, reduced=None):
+        """flags: (work, tensor) of the reduce of which ranks gave each tensor a gradient (a bucket
+        of streamed tensors); streamed, reduced: the owner's StreamedStep, which takes the reduced
+        gradients, and the tensors (one per parameter) the reduce sums into."""
         self.bucket, self.work, self.drop_grads = bucket, work, drop_grads
-        self.streamed, self.reduced = streamed, reduced
+        self.flags, self.streamed, self.reduced = flags, streamed, reduced
         self.done = False
 
     def finish(self) -> None:
         if self.done:
             return
-        self.work.wait()
-        keep(self.work)
+        for work in (self.work, self.flags[0]) if self.flags is not None else (self.work,):
+            work.wait()
+            keep(work)
         self.done = True
         if self.drop_grads:
             for param in self.bucket.params:
                 param.grad = None  # stage 2, not the owner: this rank never needs the gradient
         if self.streamed is not None:
-            for param, grad in zip(self.bucket.params, self.reduced):
-                self.streamed.take_reduced(param, grad)
+            anywhere = self.flags[1].tolist()
+            for param, grad, ranks in zip(self.bucket.params, self.reduced, anywhere):
+                self.streamed.take_reduced(param, grad, got_grad_anywhere=ranks > 0)
             self.reduced = None
 
     def completed(self) -> bool:
-        return self.done or self.work.is_completed()
+        return self.done or (self.work.is_completed() and (self.flags is None or self.flags[0].is_completed()))
 
 
 class GradientReducer:
     def __init__(self, stage: int, rank: int, staging_numel: int, group=None):
         """group: where the reduces run (None: the default group)."""
         self.stage, self.rank, self.group = stage, rank, group
-        self.streamed = None  # the StreamedStep on several ranks (set by the build)
+        # on several ranks under the streamed step (set by the build): the StreamedStep, and
+        # touched(param) -> whether this rank gave the tensor a gradient in the running backward
+        self.streamed = None
+        self.touched = None
         self._staging_numel = staging_numel
         self._staging: torch.Tensor | None = None
         self._staged: PendingReduce | None = None  # the reduce currently sending from staging
 
     def start(self, bucket: Bucket) -> PendingReduce:
-        if self.streamed is not None and bucket.owner_rank == self.rank and bucket.grad_buffer is None:
+        if self.streamed is not None and id(bucket.params[0]) in self.streamed.stage3.index_of:
             return self._start_streamed(bucket)
+        return self._start_plain(bucket)
+
+    def _start_plain(self, bucket: Bucket) -> PendingReduce:
         staged = False
         if bucket.grad_buffer is not None:
             flat = bucket.grad_buffer
@@ -88,8 +97,15 @@ class GradientReducer:
         return pending
 
     def _start_streamed(self, bucket: Bucket) -> PendingReduce:
-        """An owned bucket of streamed tensors: reduced in a buffer of its own (one tensor: in its
-        contribution), freed once its gradients are written."""
+        """A bucket of streamed tensors. Its owner reduces in a buffer of its own (one tensor: in
+        its contribution), freed once the gradients are written; every rank also sends which
+        tensors it gave a gradient, so that the owner knows, when the reduce completes, which got
+        none from any rank (as stage 2's has_grad), without waiting for backward to end."""
+        flags = torch.tensor([self.touched(param) for param in bucket.params], dtype=torch.int32)
+        if bucket.owner_rank != self.rank:
+            pending = self._start_plain(bucket)
+            pending.flags = (dist.reduce(flags, dst=bucket.owner_rank, group=self.group, async_op=True), flags)
+            return pending
         contributions = [self.streamed.contribution(param) for param in bucket.params]
         if len(contributions) == 1:
             flat = contributions[0].view(-1)
@@ -99,7 +115,8 @@ class GradientReducer:
             pieces = flat.split([c.numel() for c in contributions])
             reduced = [piece.view(c.shape) for piece, c in zip(pieces, contributions)]
         work = dist.reduce(flat, dst=self.rank, group=self.group, async_op=True)
-        return PendingReduce(bucket, work, drop_grads=False, streamed=self.streamed, reduced=reduced)
+        flag_work = dist.reduce(flags, dst=self.rank, group=self.group, async_op=True)
+        return PendingReduce(bucket, work, False, (flag_work, flags), streamed=self.streamed, reduced=reduced)
 
     @property
     def staging_bytes(self) -> int:

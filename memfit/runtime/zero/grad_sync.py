@@ -54,7 +54,6 @@ class GradientSync:
         self.launch_order = sorted(range(len(buckets)), key=lambda b: -min(index_of[id(p)] for p in buckets[b].params))
         self.touched = [False] * len(self.params)  # got a gradient here since the last reduction
         self.has_grad = [False] * len(self.params)  # stage 2: some rank gave one since the step
-        self.got_in_last_backward = [False] * len(self.params)  # stage 2: some rank gave one in it
         self._reducing = False
         self._num_ready = [0] * len(buckets)
         self._next_launch = 0  # position in launch_order
@@ -85,7 +84,6 @@ class GradientSync:
             # Owners learn which of their tensors got a gradient on any rank in this backward;
             # a later zero_grad() on the owner clears it again (reattach_grads).
             anywhere = self._or_across_ranks(self.touched)
-            self.got_in_last_backward = anywhere
             self.has_grad = [had or got for had, got in zip(self.has_grad, anywhere)]
             self.touched = [False] * len(self.params)
 
@@ -97,8 +95,9 @@ class GradientSync:
             self._launch_ready()
             self._finish_completed()
 
-    def got_grad_in_last_backward(self, param) -> bool:
-        return self.got_in_last_backward[self._index_of[id(param)]]
+    def touched_now(self, param) -> bool:
+        """Whether this rank gave the tensor a gradient since the last reduction."""
+        return self.touched[self._index_of[id(param)]]
 
     def _finish_completed(self) -> None:
         """Finishes the reduces already completed, so that what they hold is let go during backward."""
