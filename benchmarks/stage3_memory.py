@@ -14,8 +14,13 @@ model built in memory (eager) and under memfit.zero_init (its parameters go to N
 registered). Both include a fixed part (the config's and the I/O engine's first use, ~90 MiB
 on a small CPU box); the slope over the sizes is what the build holds per parameter.
 
+--nproc 2 runs each setup on two ranks (data parallel, the same model on both) and reports the
+peak RSS of the whole job and per rank: with the streamed step each owner writes its reduced
+gradients to the swap file as a bucket's reduce completes, so no rank holds its gradients.
+
     python benchmarks/stage3_memory.py --path /nvme/dir        # ~20 min, ~17 GB of swap at 1b
     python benchmarks/stage3_memory.py --path /nvme/dir --build
+    python benchmarks/stage3_memory.py --path /nvme/dir --nproc 2 --sizes 400m --setups stage3-nvme-checkpointed
 """
 
 import argparse
@@ -67,14 +72,15 @@ def config(setup: str, path: str) -> dict:
     }
 
 
-def run(setup: str | dict, preset: str, path: str, steps: int, timeout: float) -> dict:
-    """The example under memfit run with a setup's config (or a config dict), its peak RSS sampled."""
+def run(setup: str | dict, preset: str, path: str, steps: int, timeout: float, nproc: int = 1) -> dict:
+    """The example under memfit run with a setup's config (or a config dict), its peak RSS sampled
+    (the launcher and every rank together)."""
     with tempfile.TemporaryDirectory() as directory:
         config_path = os.path.join(directory, "config.json")
         with open(config_path, "w") as file:
             json.dump(setup if isinstance(setup, dict) else config(setup, path), file)
         metrics = os.path.join(directory, "metrics.jsonl")
-        command = [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", "1",
+        command = [sys.executable, "-m", "memfit.launcher.cli", "run", "--nproc-per-node", str(nproc),
                    os.path.join(ROOT, "examples", "train_gpt.py"), "--config", config_path, "--preset", preset,
                    "--max-steps", str(steps), "--eval-every", "1000000", "--metrics", metrics,
                    "--model-out", os.path.join(directory, "model.safetensors")]  # fmt: skip
@@ -200,6 +206,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per run (peak RSS: the whole job's)")
     parser.add_argument("--build", action="store_true", help="measure the build alone, eager and under zero_init")
     parser.add_argument("--build-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -224,7 +231,7 @@ def main() -> None:
         points = []
         for preset in args.sizes:
             count = num_params(preset)
-            result = run(setup, preset, args.path, args.steps, args.timeout)
+            result = run(setup, preset, args.path, args.steps, args.timeout, args.nproc)
             print(setup, preset, result, flush=True)
             if "error" in result:
                 lines.append(f"| {setup} | {preset} | {count / 1e9:.2f}B | failed: {result['error'][-200:]!r} | | | |")
@@ -243,6 +250,7 @@ def main() -> None:
         f"- machine: {machine_description(args.path)}",
         f"- command: `{command_line()}`",
         f"- load average before: {', '.join(f'{x:.1f}' for x in load_before)}",
+        f"- ranks: {args.nproc} (peak RSS: the launcher and every rank together)",
         "",
     ]
     text = "\n".join(header + lines + [""] + fits)
