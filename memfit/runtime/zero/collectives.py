@@ -13,17 +13,23 @@ import torch.distributed as dist
 
 from memfit.runtime.zero.buckets import Bucket
 
-# Finished collectives are kept until the next step, then released here, on the main thread. A
-# gloo worker thread drops its own reference to a collective after signalling completion; were
-# that the last one, the thread would release the tensors' Python objects, which needs the GIL,
-# and a thread that asks for the GIL while the interpreter is finalizing exits inside a noexcept
-# destructor: the process aborts ("terminate called without an active exception") after a
-# training run that had finished.
+# Finished collectives are kept a while, then released here, on the main thread. A gloo worker
+# thread drops its own reference to a collective after signalling completion; were that the last
+# one, the thread would release the tensors' Python objects, which needs the GIL, and a thread
+# that asks for the GIL while the interpreter is finalizing exits inside a noexcept destructor: the
+# process aborts ("terminate called without an active exception") after a training run that had
+# finished. So the newest ones are kept until the next step. Older ones are let go as new ones come:
+# a work holds its tensors (a stage-3 gather's buffer, a bucket's gradients), and keeping every
+# one until the step held a whole model of them on each rank; by the time KEPT_NEWEST later
+# collectives have completed, the worker threads have long dropped theirs.
+KEPT_NEWEST = 8
 _kept_works: list = []
 
 
 def keep(work) -> None:
     _kept_works.append(work)
+    if len(_kept_works) > 2 * KEPT_NEWEST:
+        del _kept_works[:-KEPT_NEWEST]
 
 
 def release_kept_works() -> None:
