@@ -139,7 +139,7 @@ def main() -> None:
             "(8 blocks, width 512, vocabulary 8192, untied head), micro-batch 4 x 128 tokens per rank, bf16 "
             "compute, AdamW (lr 1e-4, no weight decay), no clipping; median over "
             f"{args.rounds} rounds of the median of {args.steps} steps after {args.warmup} warm-up steps. "
-            "memfit-stage3-overlap: overlap_comm true (DeepSpeed's stage-3 default; memfit's is false). "
+            "memfit-stage3: overlap_comm false; memfit-stage3-overlap: overlap_comm true (the stage-3 default in memfit and DeepSpeed). "
             "memfit and DeepSpeed: persistence threshold 100000 elements, prefetch bucket 50M elements. FSDP2: "
             "fully_shard per block then the root, MixedPrecisionPolicy(param_dtype=bfloat16, "
             "reduce_dtype=float32; fsdp2-bf16-reduce: bfloat16, as memfit and DeepSpeed reduce), torch.optim.AdamW. Every setup starts from the same bf16-rounded weights. "

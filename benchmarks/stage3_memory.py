@@ -54,6 +54,9 @@ def config(setup: str, path: str) -> dict:
         zero.update(stage=3, offload_param=nvme, stage3_prefetch_bucket_size=0)
     if setup == "stage3-nvme-prefetch":  # reads ahead (DeepSpeed's default prefetch bucket)
         zero.update(stage=3, offload_param=nvme)
+    # gradient buckets of 20M elements (40 MB in bf16): on several ranks a rank holds a bucket's
+    # gradients at a time, and the default of 500M would be the whole model's at these sizes
+    zero["reduce_bucket_size"] = 20_000_000
     own = {}
     if setup == "stage3-nvme-checkpointed":  # and activation checkpointing: what grows is the streamed state's
         zero.update(stage=3, offload_param=nvme, stage3_prefetch_bucket_size=0)

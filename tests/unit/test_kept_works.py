@@ -22,7 +22,7 @@ def test_only_the_newest_works_are_kept_until_the_step():
     gc.collect()
     kept = [ref() is not None for ref in alive]
     assert all(kept[-collectives.KEPT_NEWEST :]), "a recent work was let go before the step"
-    assert sum(kept) <= 2 * collectives.KEPT_NEWEST, f"{sum(kept)} works still held"
+    assert sum(kept) == collectives.KEPT_NEWEST, f"{sum(kept)} works still held"
     collectives.release_kept_works()
     gc.collect()
     assert not any(ref() is not None for ref in alive)

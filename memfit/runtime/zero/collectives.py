@@ -13,23 +13,23 @@ import torch.distributed as dist
 
 from memfit.runtime.zero.buckets import Bucket
 
-# Finished collectives are kept a while, then released here, on the main thread. A gloo worker
-# thread drops its own reference to a collective after signalling completion; were that the last
-# one, the thread would release the tensors' Python objects, which needs the GIL, and a thread
-# that asks for the GIL while the interpreter is finalizing exits inside a noexcept destructor: the
-# process aborts ("terminate called without an active exception") after a training run that had
-# finished. So the newest ones are kept until the next step. Older ones are let go as new ones come:
-# a work holds its tensors (a stage-3 gather's buffer, a bucket's gradients), and keeping every
-# one until the step held a whole model of them on each rank; by the time KEPT_NEWEST later
-# collectives have completed, the worker threads have long dropped theirs.
-KEPT_NEWEST = 8
+# Finished collectives are kept, the newest KEPT_NEWEST of them until the next step, and released
+# here, on the main thread. A gloo worker thread drops its own reference to a collective just after
+# signalling completion; were that the last one, the thread would release the tensors' Python
+# objects, which needs the GIL, and a thread that asks for the GIL while the interpreter is
+# finalizing exits inside a noexcept destructor: the process aborts ("terminate called without an
+# active exception") after a training run that had finished. Older ones are let go as new ones
+# complete (the exit handler's grace period, distributed.py, covers the threads' last moments): a
+# work holds its tensors, a stage-3 gather's buffer or a bucket's gradients, and keeping every one
+# until the step held a whole model of them on each rank.
+KEPT_NEWEST = 4
 _kept_works: list = []
 
 
 def keep(work) -> None:
     _kept_works.append(work)
-    if len(_kept_works) > 2 * KEPT_NEWEST:
-        del _kept_works[:-KEPT_NEWEST]
+    if len(_kept_works) > KEPT_NEWEST:
+        del _kept_works[0]
 
 
 def release_kept_works() -> None:
