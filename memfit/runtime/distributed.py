@@ -70,9 +70,11 @@ def attempt_store(timeout: datetime.timedelta) -> dict:
 def second_group(device: torch.device):
     """A process group over the same ranks with the default group's timeout (torch's new_group
     would take 30 minutes), for collectives whose order differs from the default group's."""
-    backend = dist.distributed_c10d._get_default_group()._get_backend(device)
-    options = getattr(backend, "options", None)
-    return dist.new_group(timeout=getattr(options, "_timeout", None))
+    try:
+        timeout = dist.distributed_c10d._get_default_group()._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):  # a backend that does not say: torch's default
+        timeout = None
+    return dist.new_group(timeout=timeout)
 
 
 EXIT_GRACE_S = 0.1

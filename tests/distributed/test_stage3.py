@@ -169,3 +169,26 @@ def test_parameters_on_nvme_at_world_size_one(tmp_path):
     for run in (engine, resumed):
         for name, value in whole_params(run).items():
             assert torch.equal(value, expected[name]), name
+
+
+def _reduce_group_timeout(rank, world_size, store_path):
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # the harness's group has torch's 30-minute default, as new_group does
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=7)
+    )
+    engine = memfit.initialize(tied_model(), config(3, "bfloat16"))
+    group = engine._grad_sync.reducer.group
+    assert group is not None and group is not dist.group.WORLD
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
+def test_stage3_reduces_run_on_a_group_with_the_default_groups_timeout(tmp_path):
+    """At stage 3 the gradient reduces have a process group of their own (a bucket launched at a
+    different moment on each rank is never matched with a gather): it waits as long as the group
+    the job made (collective_timeout_s), not torch's 30-minute default for a new group."""
+    assert run_ranks(_reduce_group_timeout, 2, str(tmp_path / "store")) == [7.0, 7.0]
