@@ -67,14 +67,22 @@ def attempt_store(timeout: datetime.timedelta) -> dict:
     }
 
 
+_second_group: list = []  # the group second_group made, reused while it exists
+
+
 def second_group(device: torch.device):
     """A process group over the same ranks with the default group's timeout (torch's new_group
-    would take 30 minutes), for collectives whose order differs from the default group's."""
+    would take 30 minutes), for collectives whose order differs from the default group's. One per
+    default group: every engine a process builds shares it (each group holds threads and
+    connections until the default group is destroyed)."""
+    if _second_group and _second_group[0] in dist.distributed_c10d._world.pg_map:
+        return _second_group[0]
     try:
         timeout = dist.distributed_c10d._get_default_group()._get_backend(device).options._timeout
     except (AttributeError, RuntimeError):  # a backend that does not say: torch's default
         timeout = None
-    return dist.new_group(timeout=timeout)
+    _second_group[:] = [dist.new_group(timeout=timeout)]
+    return _second_group[0]
 
 
 EXIT_GRACE_S = 0.1

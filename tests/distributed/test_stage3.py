@@ -179,16 +179,19 @@ def _reduce_group_timeout(rank, world_size, store_path):
     dist.destroy_process_group()  # the harness's group has torch's 30-minute default, as new_group does
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=7)
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=300)
     )
     engine = memfit.initialize(tied_model(), config(3, "bfloat16"))
     group = engine._grad_sync.reducer.group
     assert group is not None and group is not dist.group.WORLD
+    another = memfit.initialize(tied_model(), config(3, "bfloat16"))
+    assert another._grad_sync.reducer.group is group  # one per job, not one per engine
     return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 
 
 def test_stage3_reduces_run_on_a_group_with_the_default_groups_timeout(tmp_path):
     """At stage 3 the gradient reduces have a process group of their own (a bucket launched at a
     different moment on each rank is never matched with a gather): it waits as long as the group
-    the job made (collective_timeout_s), not torch's 30-minute default for a new group."""
-    assert run_ranks(_reduce_group_timeout, 2, str(tmp_path / "store")) == [7.0, 7.0]
+    the job made (collective_timeout_s), not torch's 30-minute default for a new group, and every
+    engine of the process shares it."""
+    assert run_ranks(_reduce_group_timeout, 2, str(tmp_path / "store")) == [300.0, 300.0]
