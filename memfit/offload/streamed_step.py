@@ -81,17 +81,13 @@ class StreamedStep:
     def take(self, param) -> None:
         """The post-accumulate-grad hook of a streamed tensor: .grad goes to the swap file, or on
         the boundary micro-step with update_in_backward, into the tensor's update."""
-        grad = param.grad
-        if grad is None:
-            return
-        if id(param) in self.stored:
-            grad = self.read_grad(param).add_(grad)
-        self.take_reduced(param, grad)
+        if param.grad is not None:
+            self.take_reduced(param, self.contribution(param))
 
     def contribution(self, param) -> torch.Tensor:
-        """On several ranks, what the owner sends to the reduce of a tensor's bucket: its own
-        gradient added to what an earlier micro-step stored, as autograd adds into a stage-2 bucket
-        buffer (zeros where neither is). Its own .grad is let go."""
+        """The tensor's gradient so far: its .grad added to what an earlier micro-step stored, as
+        autograd adds into a stage-2 bucket buffer (zeros where neither is); on several ranks, what
+        the owner sends to the reduce of the tensor's bucket. Its .grad is let go."""
         grad, param.grad = param.grad, None
         if id(param) in self.stored:
             stored = self.read_grad(param)

@@ -140,15 +140,11 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
         raise ConfigError([problem or "host memory: another rank on this node has too little"], "memfit.initialize")
     if world_size > 1 and stage in (1, 2):
         flatten_params(buckets)  # owners broadcast each bucket in place
-    # a streamed step keeps no gradient buffers for the streamed tensors (on one rank for none: the
-    # small ones' gradients are autograd's, dropped with the step)
-    attach_grad_buffers(
-        [
-            b
-            for b in buckets
-            if (stage < 2 or b.owner_rank == rank) and not (streams and (world_size == 1 or b.names[0] in streamed))
-        ]
-    )
+    buffered = [b for b in buckets if stage < 2 or b.owner_rank == rank]
+    if streams:  # no buffers for the streamed tensors; on one rank none at all (the small ones'
+        # gradients are autograd's, dropped with the step)
+        buffered = [b for b in buffered if world_size > 1 and b.names[0] not in streamed]
+    attach_grad_buffers(buffered)
     # stage 3 gathers during backward too: the reduces get a group of their own, so that a bucket
     # launched at a different moment on each rank (overlap_comm) is never matched with a gather
     reduce_group = second_group(device) if stage == 3 and world_size > 1 else None
@@ -180,9 +176,7 @@ def initialize(model: torch.nn.Module, config=None, *, optimizer=None, lr_schedu
     if stage3 is not None:
         stage3.update_master = master_updater(masters, opt)
     in_backward = updates_in_backward(
-        cfg,
-        streams and stage3 is not None and stage3.store is not None,
-        isinstance(update, NvmeKernelUpdate),
+        cfg, streams and stage3 is not None and stage3.store is not None, isinstance(update, NvmeKernelUpdate)
     )
     if streams and stage3.store is not None:
         stage3.streamed = update.streamed = StreamedStep(
